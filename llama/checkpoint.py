@@ -1,0 +1,310 @@
+"""Meta-format checkpoints: ``params.json`` + ``consolidated.NN.pth`` shards.
+
+Loading is strict (every expected key, no unexpected key except the known-unused ``rope.freqs``,
+every shape checked against ``params.json``) and reshards on the fly: a checkpoint saved as N shards
+loads on M model-parallel ranks when M is a multiple of N or N a multiple of M. Each rank memory-maps
+the shard files and copies only its own slice, so peak RAM per rank stays near its share.
+"""
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from llama.model import ModelArgs, Transformer
+
+# Keys present in old (Llama 1/2) checkpoints that the model does not use; dropped by name.
+UNUSED_KEYS = ("rope.freqs",)
+
+# Which dim each tensor is split along across model-parallel shards (None: replicated).
+SHARD_DIMS: dict[str, Optional[int]] = {
+    "tok_embeddings.weight": 0,
+    "attention.wq.weight": 0,
+    "attention.wk.weight": 0,
+    "attention.wv.weight": 0,
+    "attention.wo.weight": 1,
+    "feed_forward.w1.weight": 0,
+    "feed_forward.w3.weight": 0,
+    "feed_forward.w2.weight": 1,
+    "attention_norm.weight": None,
+    "ffn_norm.weight": None,
+    "norm.weight": None,
+    "output.weight": 0,
+}
+
+SHARD_PATTERN = re.compile(r"^consolidated\.(\d+)\.pth$")
+
+
+def shard_dim(key: str) -> Optional[int]:
+    """The split dim of a checkpoint key (``layers.3.attention.wq.weight`` -> 0)."""
+    suffix = re.sub(r"^layers\.\d+\.", "", key)
+    if suffix not in SHARD_DIMS:
+        raise KeyError(key)
+    return SHARD_DIMS[suffix]
+
+
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Full (unsharded) shape of every checkpoint key, in the model's order."""
+    hd, ffn = args.head_dim, args.ffn_hidden_dim
+    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (args.vocab_size, args.dim)}
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        shapes[p + "attention.wq.weight"] = (args.n_heads * hd, args.dim)
+        shapes[p + "attention.wk.weight"] = (args.n_kv_heads * hd, args.dim)
+        shapes[p + "attention.wv.weight"] = (args.n_kv_heads * hd, args.dim)
+        shapes[p + "attention.wo.weight"] = (args.dim, args.n_heads * hd)
+        shapes[p + "feed_forward.w1.weight"] = (ffn, args.dim)
+        shapes[p + "feed_forward.w2.weight"] = (args.dim, ffn)
+        shapes[p + "feed_forward.w3.weight"] = (ffn, args.dim)
+        shapes[p + "attention_norm.weight"] = (args.dim,)
+        shapes[p + "ffn_norm.weight"] = (args.dim,)
+    shapes["norm.weight"] = (args.dim,)
+    shapes["output.weight"] = (args.vocab_size, args.dim)
+    return shapes
+
+
+def load_params(ckpt_dir: str | Path) -> ModelArgs:
+    """``ModelArgs`` from ``ckpt_dir/params.json``, with errors that name the folder."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint folder not found: {ckpt_dir}")
+    return ModelArgs.load(ckpt_dir / "params.json")
+
+
+def find_shards(ckpt_dir: str | Path) -> list[Path]:
+    """``consolidated.00.pth`` ... in rank order; a gap in the numbering is an error naming it."""
+    ckpt_dir = Path(ckpt_dir)
+    found = {}
+    for path in ckpt_dir.iterdir():
+        m = SHARD_PATTERN.match(path.name)
+        if m:
+            found[int(m.group(1))] = path
+    if not found:
+        raise FileNotFoundError(f"no consolidated.NN.pth files in {ckpt_dir}")
+    n = max(found) + 1
+    missing = [f"consolidated.{i:02d}.pth" for i in range(n) if i not in found]
+    if missing:
+        raise FileNotFoundError(
+            f"{ckpt_dir}: shard(s) {missing} missing; found {sorted(p.name for p in found.values())}. "
+            f"A checkpoint with {n} shards needs all of consolidated.00.pth ... consolidated.{n - 1:02d}.pth"
+        )
+    return [found[i] for i in range(n)]
+
+
+def check_layout(args: ModelArgs, n_shards: int, world_size: int) -> None:
+    """Raise unless N shards can run on M ranks with whole heads on every rank."""
+    why = []
+    if world_size % n_shards and n_shards % world_size:
+        why.append("M must be a multiple of N or N a multiple of M")
+    for name, value in (("n_heads", args.n_heads), ("FFN width", args.ffn_hidden_dim), ("vocab_size", args.vocab_size)):
+        if value % world_size:
+            why.append(f"{name}={value} is not divisible by M")
+    if args.n_kv_heads % world_size and world_size % args.n_kv_heads:
+        why.append(f"n_kv_heads={args.n_kv_heads} must divide M or be divisible by it")
+    if why:
+        raise ValueError(
+            f"cannot run a checkpoint of N={n_shards} shards on M={world_size} ranks "
+            f"(n_heads={args.n_heads}, n_kv_heads={args.n_kv_heads}): " + "; ".join(why)
+        )
+
+
+def rank_range(key: str, args: ModelArgs, rank: int, world_size: int) -> Optional[tuple[int, int]]:
+    """Rows/columns [start, end) of a full tensor that ``rank`` of ``world_size`` holds (None: all).
+
+    wk/wv with more ranks than KV heads: each rank holds the one whole KV head its query heads use
+    (rank r's first query head is r*n_heads/M, which belongs to KV head r*n_kv_heads/M).
+    """
+    dim = shard_dim(key)
+    if dim is None or world_size == 1:
+        return None
+    full = expected_shapes(args)[key][dim]
+    if key.endswith(("attention.wk.weight", "attention.wv.weight")) and world_size > args.n_kv_heads:
+        head = rank * args.n_kv_heads // world_size
+        return head * args.head_dim, (head + 1) * args.head_dim
+    size = full // world_size
+    return rank * size, (rank + 1) * size
+
+
+def _take(t: torch.Tensor, dim: Optional[int], rng: Optional[tuple[int, int]]) -> torch.Tensor:
+    return t if rng is None else t.narrow(dim, rng[0], rng[1] - rng[0])
+
+
+def load_state_dict(
+    ckpt_dir: str | Path,
+    args: ModelArgs,
+    rank: int = 0,
+    world_size: int = 1,
+    dtype: Optional[torch.dtype] = None,
+) -> dict[str, torch.Tensor]:
+    """This rank's tensors for ``world_size`` ranks, resharded from however many files there are.
+
+    Files are memory-mapped (``weights_only=True``: a checkpoint is untrusted input); only the
+    slices this rank needs are read, and each is cast to ``dtype`` as it is taken.
+    """
+    paths = find_shards(ckpt_dir)
+    n = len(paths)
+    check_layout(args, n, world_size)
+    shapes = expected_shapes(args)
+    cache: dict[int, dict[str, torch.Tensor]] = {}
+
+    def shard(i: int) -> dict[str, torch.Tensor]:
+        if i not in cache:
+            try:
+                sd = torch.load(paths[i], map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # corrupt file, pickle with code objects, truncated download...
+                raise ValueError(f"cannot load {paths[i]}: {e}") from None
+            if not isinstance(sd, dict):
+                raise ValueError(f"{paths[i]}: expected a dict of tensors, got {type(sd).__name__}")
+            for k in UNUSED_KEYS:
+                sd.pop(k, None)
+            missing = [k for k in shapes if k not in sd]
+            unexpected = [k for k in sd if k not in shapes]
+            if missing or unexpected:
+                raise ValueError(
+                    f"{paths[i]} does not match {Path(ckpt_dir) / 'params.json'}: "
+                    f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)}), "
+                    f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)})"
+                )
+            for k, full in shapes.items():
+                d = shard_dim(k)
+                want = list(full)
+                if d is not None:
+                    if full[d] % n:
+                        raise ValueError(f"{k}: size {full[d]} along dim {d} cannot be split into {n} shards")
+                    want[d] //= n
+                if tuple(sd[k].shape) != tuple(want):
+                    raise ValueError(
+                        f"{paths[i]}: {k} has shape {tuple(sd[k].shape)}, but params.json implies "
+                        f"{tuple(want)} for shard {i} of {n} (full shape {full})"
+                    )
+            cache[i] = sd
+        return cache[i]
+
+    out: dict[str, torch.Tensor] = {}
+    for key, full in shapes.items():
+        d = shard_dim(key)
+        rng = rank_range(key, args, rank, world_size)
+        if d is None or (rng is None and n == 1):
+            t = shard(0)[key]
+        else:
+            lo, hi = rng if rng is not None else (0, full[d])
+            per = full[d] // n
+            pieces = []
+            for i in range(lo // per, (hi - 1) // per + 1):  # only the files this range touches
+                a, b = max(lo, i * per) - i * per, min(hi, (i + 1) * per) - i * per
+                pieces.append(_take(shard(i)[key], d, (a, b)))
+            t = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=d)
+            if not t.is_contiguous():
+                t = t.contiguous()
+        out[key] = t.to(dtype) if dtype is not None else t
+    return out
+
+
+def load_transformer(
+    ckpt_dir: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: Optional[torch.dtype] = None,
+    rank: int = 0,
+    world_size: int = 1,
+    parallelize: Optional[Callable[[Transformer], Transformer]] = None,
+    args: Optional[ModelArgs] = None,
+) -> Transformer:
+    """Construct on ``meta`` (no memory), shard (``parallelize``), load this rank's weights, move.
+
+    ``dtype`` None keeps the checkpoint's dtype. The weights are assigned, not copied, so a
+    checkpoint that is already in the requested dtype stays memory-mapped on CPU.
+    """
+    args = args or load_params(ckpt_dir)
+    state = load_state_dict(ckpt_dir, args, rank, world_size, dtype)
+    model = Transformer(args, device="meta")
+    if parallelize is not None:
+        model = parallelize(model)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(device)
+
+
+def shard_state_dict(
+    full: dict[str, torch.Tensor], args: ModelArgs, n_shards: int
+) -> tuple[list[dict[str, torch.Tensor]], ModelArgs]:
+    """Split full tensors into Meta-format shards; returns the shards and the params to write.
+
+    With more shards than KV heads each KV head is duplicated (as in Meta's 405B MP16 files), and
+    the returned params say so (``n_kv_heads = n_shards``): the model computes the same function.
+    """
+    check_layout(args, 1, n_shards)
+    out_args = args
+    if n_shards > args.n_kv_heads:
+        out_args = ModelArgs(**{**args.to_dict(), "n_kv_heads": n_shards})
+    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(n_shards)]
+    for key, t in full.items():
+        d = shard_dim(key)
+        for r in range(n_shards):
+            rng = rank_range(key, args, r, n_shards)
+            shards[r][key] = _take(t, d, rng).clone() if rng is not None else t.clone()
+    return shards, out_args
+
+
+def md5_file(path: str | Path) -> str:
+    """Hex md5 of a file, read in chunks."""
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checklist(ckpt_dir: str | Path) -> None:
+    """``checklist.chk`` in md5sum format over every file in the folder (as Meta ships it)."""
+    ckpt_dir = Path(ckpt_dir)
+    names = sorted(p.name for p in ckpt_dir.iterdir() if p.is_file() and p.name != "checklist.chk")
+    lines = [f"{md5_file(ckpt_dir / name)}  {name}\n" for name in names]
+    (ckpt_dir / "checklist.chk").write_text("".join(lines))
+
+
+def write_checkpoint(
+    ckpt_dir: str | Path, full: dict[str, torch.Tensor], args: ModelArgs, n_shards: int = 1
+) -> ModelArgs:
+    """Write full tensors as a Meta-format folder with ``n_shards`` files; returns params written."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    shards, out_args = shard_state_dict(full, args, n_shards)
+    for i, sd in enumerate(shards):
+        torch.save(sd, ckpt_dir / f"consolidated.{i:02d}.pth")
+    (ckpt_dir / "params.json").write_text(json.dumps(out_args.to_dict(), indent=2) + "\n")
+    return out_args
+
+
+def random_state_dict(args: ModelArgs, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """Random full-size weights with a scale that keeps activations and logits well conditioned."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, shape in expected_shapes(args).items():
+        if len(shape) == 1:  # norm weights near 1, not exactly 1, so a missed norm weight shows
+            t = 1.0 + 0.1 * torch.randn(shape, generator=g)
+        else:
+            t = torch.randn(shape, generator=g) / shape[1] ** 0.5
+        out[key] = t.to(dtype)
+    return out
+
+
+def write_random_checkpoint(
+    ckpt_dir: str | Path,
+    args: ModelArgs,
+    n_shards: int = 1,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    tokenizer_path: Optional[str | Path] = None,
+) -> ModelArgs:
+    """A random-weight checkpoint in Meta's exact on-disk format (tests, benchmarks, examples).
+
+    Copies ``tokenizer_path`` in as ``tokenizer.model`` when given, and writes ``checklist.chk``.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    out_args = write_checkpoint(ckpt_dir, random_state_dict(args, seed, dtype), args, n_shards)
+    if tokenizer_path is not None:
+        (ckpt_dir / "tokenizer.model").write_bytes(Path(tokenizer_path).read_bytes())
+    write_checklist(ckpt_dir)
+    return out_args

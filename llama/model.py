@@ -1,0 +1,331 @@
+"""The Llama 3 / 3.1 Transformer in plain PyTorch.
+
+Reads top to bottom like the paper: ModelArgs -> RMSNorm -> RoPE -> attention -> feed-forward
+-> block -> Transformer. Module names equal the checkpoint keys (``layers.N.attention.wq`` ...), so
+weights load with no renaming. This file imports only torch: no ranks, no devices picked for you,
+no process groups. Model parallelism is applied afterwards by ``llama.parallel``; the math reshapes
+heads with ``-1`` so it never needs to know how many heads live on this rank.
+"""
+
+import json
+import math
+from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Llama 3.1 RoPE scaling constants (the factor is a parameter: 8 for 3.1, 32 for 3.2 1B/3B).
+ROPE_LOW_FREQ_FACTOR = 1.0
+ROPE_HIGH_FREQ_FACTOR = 4.0
+ROPE_ORIGINAL_CONTEXT = 8192
+
+
+@dataclass
+class ModelArgs:
+    """The architecture, mirroring ``params.json`` key for key.
+
+    ``rope_scale_factor`` is ours (Meta hard-codes 8): Llama 3.2 1B/3B need 32. Runtime knobs
+    (max_seq_len, max_batch_size) are not architecture and live in ``Transformer.setup_cache``.
+    """
+
+    dim: int
+    n_layers: int
+    n_heads: int
+    vocab_size: int
+    n_kv_heads: Optional[int] = None
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    use_scaled_rope: bool = False
+    rope_scale_factor: float = 8.0
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ModelArgs.{name} must be a positive integer, got {value!r}")
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if not isinstance(self.n_kv_heads, int) or self.n_kv_heads <= 0:
+            raise ValueError(f"ModelArgs.n_kv_heads must be a positive integer, got {self.n_kv_heads!r}")
+        if self.dim % self.n_heads != 0:
+            raise ValueError(
+                f"dim % n_heads must be 0: dim={self.dim}, n_heads={self.n_heads} "
+                f"(dim % n_heads = {self.dim % self.n_heads})"
+            )
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(
+                f"n_heads % n_kv_heads must be 0: n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads} "
+                f"(n_heads % n_kv_heads = {self.n_heads % self.n_kv_heads})"
+            )
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"head_dim = dim / n_heads = {self.head_dim} must be even for RoPE")
+
+    # Derived sizes, computed in this one place.
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        """SwiGLU width: 2/3 of 4*dim, times ffn_dim_multiplier, rounded up to multiple_of."""
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    @property
+    def max_context(self) -> int:
+        """Longest sequence the checkpoint was trained for: 131072 with 3.1 scaled RoPE, else 8192."""
+        return 131072 if self.use_scaled_rope else ROPE_ORIGINAL_CONTEXT
+
+    @classmethod
+    def from_dict(cls, params: dict[str, Any], source: str = "params") -> "ModelArgs":
+        """Build from a ``params.json`` dict; unknown or missing keys are errors naming the key."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+        required = [f.name for f in fields(cls) if f.default is MISSING]
+        missing = [k for k in required if k not in params]
+        if missing:
+            raise ValueError(f"{source}: missing required key(s) {missing}")
+        try:
+            return cls(**params)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelArgs":
+        """Read a ``params.json`` file."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"params file not found: {path} (a checkpoint folder holds params.json)")
+        try:
+            params = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(params, dict):
+            raise ValueError(f"{path}: expected a JSON object, got {type(params).__name__}")
+        return cls.from_dict(params, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The params.json form: Meta's keys, plus ``rope_scale_factor`` only when it is not 8."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        if out["rope_scale_factor"] == 8.0:
+            del out["rope_scale_factor"]
+        if not out["use_scaled_rope"]:
+            del out["use_scaled_rope"]
+        return out
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * weight, computed in float32 and cast back."""
+
+    def __init__(self, dim: int, eps: float, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rope_frequencies(args: ModelArgs, device=None) -> torch.Tensor:
+    """RoPE frequencies f_i = theta^(-2i/head_dim), with Llama 3.1 scaling bands; [head_dim/2] fp32."""
+    hd = args.head_dim
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32)[: hd // 2] / hd))
+    if not args.use_scaled_rope:
+        return freqs
+    factor = args.rope_scale_factor
+    wavelen = 2 * math.pi / freqs
+    low_wavelen = ROPE_ORIGINAL_CONTEXT / ROPE_LOW_FREQ_FACTOR  # longer than this: divide by factor
+    high_wavelen = ROPE_ORIGINAL_CONTEXT / ROPE_HIGH_FREQ_FACTOR  # shorter than this: keep
+    smooth = (ROPE_ORIGINAL_CONTEXT / wavelen - ROPE_LOW_FREQ_FACTOR) / (ROPE_HIGH_FREQ_FACTOR - ROPE_LOW_FREQ_FACTOR)
+    blended = (1 - smooth) * freqs / factor + smooth * freqs
+    return torch.where(wavelen < high_wavelen, freqs, torch.where(wavelen > low_wavelen, freqs / factor, blended))
+
+
+def rope_cos_sin(freqs: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Angles position * f_i in float32 -> (cos, sin), each [len(positions), head_dim/2]."""
+    angles = torch.outer(positions.float(), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (2i, 2i+1) of each head (Meta's layout). x: [B, S, H, hd]; cos/sin: [S, hd/2]."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # [B, S, H, hd/2, 2]
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads: [S, 1, hd/2]
+    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values for one layer: [max_batch, n_kv_heads_local, max_seq_len, head_dim].
+
+    Heads come before positions (unlike Meta's [B, S, H, hd]) so attention reads the cache with no
+    transpose or copy. Fixed-size buffers keep shapes static for ``torch.compile``.
+    """
+
+    def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, device, dtype):
+        super().__init__()
+        shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v ([B, H, S, hd]) at start_pos and return the cache up to start_pos + S."""
+        bsz, _, seqlen, _ = k.shape
+        end = start_pos + seqlen
+        self.k[:bsz, :, start_pos:end] = k
+        self.v[:bsz, :, start_pos:end] = v
+        return self.k[:bsz, :, :end], self.v[:bsz, :, :end]
+
+
+class Attention(nn.Module):
+    """Grouped-query attention: n_heads query heads share n_kv_heads key/value heads."""
+
+    def __init__(self, args: ModelArgs, device=None, dtype=None):
+        super().__init__()
+        hd, kw = args.head_dim, {"bias": False, "device": device, "dtype": dtype}
+        self.head_dim = hd
+        self.wq = nn.Linear(args.dim, args.n_heads * hd, **kw)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * hd, **kw)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * hd, **kw)
+        self.wo = nn.Linear(args.n_heads * hd, args.dim, **kw)
+        self.cache: Optional[KVCache] = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        # -1: the number of heads on this rank (all of them without model parallelism).
+        q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)  # [B, S, Hq, hd]
+        k = self.wk(x).view(bsz, seqlen, -1, self.head_dim)  # [B, S, Hkv, hd]
+        v = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, hd]
+        if self.cache is not None:
+            k, v = self.cache.update(start_pos, k, v)  # [B, Hkv, start_pos + S, hd]
+        out = grouped_attention(q, k, v, start_pos)  # [B, Hq, S, hd]
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd) + causal mask) v with each KV head serving n_heads/n_kv_heads queries.
+
+    q: [B, Hq, S, hd]; k, v: [B, Hkv, T, hd] with T = start_pos + S. Query i sits at position
+    start_pos + i and may see key j iff j <= start_pos + i: cached positions before start_pos are
+    all visible, so a one-token decode step needs no mask at all. K/V are never repeated: the
+    query heads of a group are folded into the rows of one matmul.
+    """
+    bsz, n_q, seqlen, hd = q.shape
+    n_kv, total = k.shape[1], k.shape[2]
+    n_rep = n_q // n_kv
+    # Consecutive query heads share a KV head: [B, Hkv, n_rep * S, hd].
+    qg = q.reshape(bsz, n_kv, n_rep * seqlen, hd)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() / math.sqrt(hd)  # [B, Hkv, n_rep*S, T]
+    if seqlen > 1:
+        query_pos = start_pos + torch.arange(seqlen, device=q.device)
+        visible = torch.arange(total, device=q.device)[None, :] <= query_pos[:, None]  # [S, T]
+        scores = scores.view(bsz, n_kv, n_rep, seqlen, total).masked_fill(~visible, float("-inf"))
+        scores = scores.view(bsz, n_kv, n_rep * seqlen, total)
+    probs = torch.softmax(scores, dim=-1).type_as(q)
+    return torch.matmul(probs, v).view(bsz, n_q, seqlen, hd)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, args: ModelArgs, device=None, dtype=None):
+        super().__init__()
+        hidden, kw = args.ffn_hidden_dim, {"bias": False, "device": device, "dtype": dtype}
+        self.w1 = nn.Linear(args.dim, hidden, **kw)
+        self.w2 = nn.Linear(hidden, args.dim, **kw)
+        self.w3 = nn.Linear(args.dim, hidden, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block: h = x + attn(norm(x)); out = h + ffn(norm(h))."""
+
+    def __init__(self, args: ModelArgs, device=None, dtype=None):
+        super().__init__()
+        self.attention = Attention(args, device, dtype)
+        self.feed_forward = FeedForward(args, device, dtype)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps, device, dtype)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps, device, dtype)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Token ids [B, S] -> float32 logits [B, S, vocab] (or [B, 1, vocab] with ``last_only``)."""
+
+    def __init__(self, args: ModelArgs, device=None, dtype=None):
+        super().__init__()
+        self.args = args
+        kw = {"device": device, "dtype": dtype}
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, **kw)
+        self.layers = nn.ModuleList(TransformerBlock(args, **kw) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps, **kw)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False, **kw)
+        self.max_batch_size = 0
+        self.max_seq_len = 0
+        # RoPE tables for every cache position, made by setup_cache: [max_seq_len, head_dim/2] fp32.
+        self._rope_cos: Optional[torch.Tensor] = None
+        self._rope_sin: Optional[torch.Tensor] = None
+
+    def setup_cache(self, max_batch_size: int, max_seq_len: int) -> None:
+        """Allocate the KV cache (and RoPE tables) on the model's device and dtype."""
+        weight = self.tok_embeddings.weight
+        hd = self.args.head_dim
+        for layer in self.layers:
+            # Local KV heads from the (possibly sharded) wk weight: [n_kv_local * hd, dim].
+            n_kv_local = layer.attention.wk.weight.shape[0] // hd
+            layer.attention.cache = KVCache(max_batch_size, max_seq_len, n_kv_local, hd, weight.device, weight.dtype)
+        freqs = rope_frequencies(self.args, device=weight.device)
+        self._rope_cos, self._rope_sin = rope_cos_sin(freqs, torch.arange(max_seq_len, device=weight.device))
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+
+    def clear_cache(self) -> None:
+        """Free the KV cache; forward then runs full sequences only."""
+        for layer in self.layers:
+            layer.attention.cache = None
+        self._rope_cos = self._rope_sin = None
+        self.max_batch_size = self.max_seq_len = 0
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
+        """Prefill (S tokens) or decode (S = 1) at positions start_pos ... start_pos+S-1.
+
+        Without a cache (no ``setup_cache``), ``start_pos`` must be 0 and the whole sequence is given.
+        ``last_only`` computes logits for the final position only (what sampling needs).
+        """
+        bsz, seqlen = tokens.shape
+        if self._rope_cos is None:
+            if start_pos != 0:
+                raise ValueError(f"start_pos={start_pos} needs a KV cache: call setup_cache() first")
+            freqs = rope_frequencies(self.args, device=tokens.device)
+            cos, sin = rope_cos_sin(freqs, torch.arange(seqlen, device=tokens.device))
+        else:
+            if bsz > self.max_batch_size or start_pos + seqlen > self.max_seq_len:
+                raise ValueError(
+                    f"batch {bsz} x positions {start_pos}..{start_pos + seqlen - 1} exceed the KV cache "
+                    f"({self.max_batch_size} x {self.max_seq_len})"
+                )
+            cos, sin = self._rope_cos[start_pos : start_pos + seqlen], self._rope_sin[start_pos : start_pos + seqlen]
+        h = self.tok_embeddings(tokens)  # [B, S, dim]
+        for layer in self.layers:
+            h = layer(h, cos, sin, start_pos)
+        if last_only:
+            h = h[:, -1:]
+        return self.output(self.norm(h)).float()  # [B, S or 1, vocab]
