@@ -1,0 +1,361 @@
+"""``Llama``: build a model + tokenizer from a checkpoint, then complete text and chats.
+
+Meta's API and semantics (``Llama.build``, ``generate``, ``text_completion``, ``chat_completion``)
+on any device: CUDA or CPU, one plain ``python`` process or ``torchrun`` ranks. Only rank 0
+prints; other ranks compute the same thing silently (``Llama.is_main_process``).
+"""
+
+import codecs
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, TypedDict
+
+import torch
+
+from llama.chat_format import ChatFormat
+from llama.checkpoint import load_params, load_transformer
+from llama.datatypes import ChatPrediction, CompletionPrediction, Dialog
+from llama.memory import check_fits, plan_memory
+from llama.model import Transformer
+from llama.parallel import parallelize, setup_model_parallel
+from llama.sampling import sample_next
+from llama.tokenizer import Tokenizer
+
+DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+
+
+class TokenEvent(TypedDict):
+    """One token produced for one batch row by ``generate_stream``.
+
+    ``text`` is the newly completed text (empty while a multi-byte character is still incomplete);
+    ``is_stop`` marks the stop token that ended the row (its text is empty and ``generate`` drops it).
+    """
+
+    row: int
+    token: int
+    text: str
+    is_stop: bool
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX on x86, BF16 on Arm)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return any(flag in flags for flag in (" avx512_bf16", " amx_bf16", " bf16"))
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the hardware runs it fast; fp16 on GPUs without bf16; fp32 on other CPUs."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return torch.float16
+
+
+def resolve_dtype(dtype: Optional[str | torch.dtype], device: torch.device) -> torch.dtype:
+    """A torch dtype from None (default for the device), a torch.dtype, or a name like "bf16"."""
+    if dtype is None:
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class Llama:
+    """A loaded model and tokenizer with Meta's generation API."""
+
+    @staticmethod
+    def build(
+        ckpt_dir: str,
+        tokenizer_path: Optional[str] = None,
+        max_seq_len: int = 512,
+        max_batch_size: int = 4,
+        model_parallel_size: Optional[int] = None,
+        seed: int = 1,
+        device: Optional[str | torch.device] = None,
+        dtype: Optional[str | torch.dtype] = None,
+    ) -> "Llama":
+        """Load ``ckpt_dir`` (params.json + consolidated.NN.pth) and its tokenizer, ready to generate.
+
+        Runs as a plain process (one rank) or under ``torchrun`` (one rank per process; any shard
+        count that divides or is divided by the number of ranks). ``tokenizer_path`` defaults to
+        ``ckpt_dir/tokenizer.model``. Fails before allocating when the weights plus a KV cache of
+        ``max_batch_size x max_seq_len`` do not fit in the device's free memory.
+        """
+        start = time.time()
+        device = torch.device(device) if device is not None else default_device()
+        rank, world_size, local_rank = setup_model_parallel(model_parallel_size, device.type)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local_rank)
+        dtype = resolve_dtype(dtype, device)
+        torch.manual_seed(seed)  # the same seed on every rank: ranks must sample the same tokens
+
+        args = load_params(ckpt_dir)
+        tokenizer = Tokenizer(Path(tokenizer_path) if tokenizer_path else Path(ckpt_dir) / "tokenizer.model")
+        if args.vocab_size != tokenizer.n_words:
+            raise ValueError(
+                f"{Path(ckpt_dir) / 'params.json'} has vocab_size={args.vocab_size}, but the tokenizer "
+                f"{tokenizer_path} has {tokenizer.n_words} tokens: is it the tokenizer of this checkpoint?"
+            )
+        if not 2 <= max_seq_len <= args.max_context:
+            raise ValueError(
+                f"max_seq_len={max_seq_len} must be between 2 and the model's context of {args.max_context} tokens"
+                + ("" if args.use_scaled_rope else " (Llama 3.0; 3.1 checkpoints with use_scaled_rope allow 131072)")
+            )
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size={max_batch_size} must be at least 1")
+        check_fits(plan_memory(args, max_seq_len, max_batch_size, dtype, world_size), device)
+
+        model = load_transformer(
+            ckpt_dir, device, dtype, rank, world_size, parallelize if world_size > 1 else None, args=args
+        )
+        model.setup_cache(max_batch_size, max_seq_len)
+        llama = Llama(model, tokenizer, rank=rank, seed=seed)
+        llama.log(f"Loaded {ckpt_dir} on {device} as {dtype} ({world_size} rank(s)) in {time.time() - start:.2f} s")
+        return llama
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, rank: int = 0, seed: int = 1):
+        if model.max_seq_len == 0:
+            raise ValueError("the model has no KV cache: call model.setup_cache(max_batch_size, max_seq_len) first")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.formatter = ChatFormat(tokenizer)
+        self.rank = rank
+        self.device = model.tok_embeddings.weight.device
+        # Sampling draws from this generator only, seeded identically on every rank.
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+
+    @property
+    def is_main_process(self) -> bool:
+        """Rank 0: the one process that prints."""
+        return self.rank == 0
+
+    def log(self, message: str) -> None:
+        """Print on rank 0 only (to stderr, so stdout carries only generated text)."""
+        if self.is_main_process:
+            print(message, file=sys.stderr, flush=True)
+
+    def _check_request(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len: int, temperature: float, top_p: float) -> None:
+        bsz, limits = len(prompt_tokens), (self.model.max_batch_size, self.model.max_seq_len)
+        if bsz == 0:
+            raise ValueError("empty batch: give at least one prompt")
+        if bsz > limits[0]:
+            raise ValueError(f"batch of {bsz} prompts exceeds max_batch_size={limits[0]}; rebuild with a larger one")
+        for i, p in enumerate(prompt_tokens):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty")
+            if len(p) >= limits[1]:
+                raise ValueError(
+                    f"prompt {i} has {len(p)} tokens; it must be shorter than max_seq_len={limits[1]} "
+                    f"to leave room for generation"
+                )
+            if min(p) < 0 or max(p) >= self.tokenizer.n_words:
+                raise ValueError(f"prompt {i} has token ids outside 0..{self.tokenizer.n_words - 1}")
+        if max_gen_len < 1:
+            raise ValueError(f"max_gen_len={max_gen_len} must be at least 1")
+        if temperature < 0:
+            raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy)")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p={top_p} must be in (0, 1]")
+
+    @torch.inference_mode()
+    def _steps(
+        self,
+        prompt_tokens: Sequence[Sequence[int]],
+        max_gen_len: int,
+        temperature: float,
+        top_p: float,
+        logprobs: bool,
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
+        """The decode loop. Yields (pos, tokens [B, total], is_new [B], stopped [B], logprobs [B, total]).
+
+        Prompts are left-aligned in one [B, total] tensor; the first step prefills the shortest
+        prompt's length, then each step feeds one position for every row. A row still inside its
+        prompt keeps its prompt token, so each row computes exactly what it would alone.
+        """
+        self._check_request(prompt_tokens, max_gen_len, temperature, top_p)
+        bsz = len(prompt_tokens)
+        lens = torch.tensor([len(p) for p in prompt_tokens], device=self.device)
+        min_len, max_len = min(len(p) for p in prompt_tokens), max(len(p) for p in prompt_tokens)
+        total = min(self.model.max_seq_len, max_gen_len + max_len)
+        tokens = torch.zeros((bsz, total), dtype=torch.long, device=self.device)
+        for i, p in enumerate(prompt_tokens):
+            tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        positions = torch.arange(total, device=self.device)
+        in_prompt = positions[None, :] < lens[:, None]  # [B, total]
+        token_logprobs = torch.zeros((bsz, total), device=self.device) if logprobs else None
+        limit = lens + max_gen_len  # a row generates positions len(prompt) ... limit - 1
+        stop_tokens = torch.tensor(sorted(self.tokenizer.stop_tokens), device=self.device)
+        stopped = torch.zeros(bsz, dtype=torch.bool, device=self.device)
+
+        prev = 0
+        for cur in range(min_len, total):
+            logits = self.model(tokens[:, prev:cur], prev, last_only=not logprobs)  # [B, S or 1, V]
+            nxt = sample_next(logits[:, -1], temperature, top_p, self.generator)
+            is_new = ~in_prompt[:, cur] & ~stopped & (cur < limit)
+            tokens[:, cur] = torch.where(in_prompt[:, cur], tokens[:, cur], nxt)
+            if token_logprobs is not None:
+                # Log-probability of each next token under the logits that predicted it.
+                targets = tokens[:, prev + 1 : cur + 1]
+                token_logprobs[:, prev + 1 : cur + 1] = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None])[..., 0]
+            stopped_now = is_new & torch.isin(nxt, stop_tokens)
+            stopped |= stopped_now
+            yield cur, tokens, is_new, stopped_now, token_logprobs
+            prev = cur
+            if bool((stopped | (cur + 1 >= limit)).all()):
+                break
+
+    def generate(
+        self,
+        prompt_tokens: list[list[int]],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        logprobs: bool = False,
+        echo: bool = False,
+    ) -> tuple[list[list[int]], Optional[list[list[float]]]]:
+        """Continue each prompt; returns (tokens, logprobs) per row, the stop token not included.
+
+        ``echo`` includes the prompt (its first token has logprob 0.0). Rows end at the first
+        ``<|end_of_text|>``/``<|eot_id|>``/``<|eom_id|>``, after ``max_gen_len`` tokens, or at max_seq_len.
+        """
+        out_tokens, out_logprobs, _ = self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
+        return out_tokens, (out_logprobs if logprobs else None)
+
+    def _generate(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo):
+        """generate() plus the stop token of each row (None when it ran out of tokens)."""
+        end, tokens, token_logprobs = 0, None, None
+        stop_at: dict[int, tuple[int, int]] = {}
+        for cur, tokens, _is_new, stopped_now, token_logprobs in self._steps(
+            prompt_tokens, max_gen_len, temperature, top_p, logprobs
+        ):
+            end = cur + 1
+            for row in stopped_now.nonzero().flatten().tolist():
+                stop_at[row] = (cur, int(tokens[row, cur]))
+        if tokens is None:  # only when the prompts already fill the cache: _check_request prevents it
+            raise RuntimeError("no generation step ran")
+        rows_tokens, rows_logprobs, stops = [], [], []
+        all_tokens = tokens[:, :end].tolist()
+        all_logprobs = token_logprobs[:, :end].tolist() if token_logprobs is not None else None
+        for row, prompt in enumerate(prompt_tokens):
+            start = 0 if echo else len(prompt)
+            stop = stop_at.get(row)
+            finish = stop[0] if stop else min(end, len(prompt) + max_gen_len)
+            rows_tokens.append(all_tokens[row][start:finish])
+            rows_logprobs.append(all_logprobs[row][start:finish] if all_logprobs is not None else [])
+            stops.append(stop[1] if stop else None)
+        return rows_tokens, rows_logprobs, stops
+
+    def generate_stream(
+        self,
+        prompt_tokens: list[list[int]],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+    ) -> Iterator[list[TokenEvent]]:
+        """Like ``generate``, but yields each step's new tokens (one event per row that produced one).
+
+        Text is decoded incrementally per row, so a character split across tokens appears whole in
+        the event that completes it. A row's last event is its stop token (``is_stop``), if any.
+        """
+        decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in prompt_tokens]
+        for cur, tokens, is_new, stopped_now, _ in self._steps(prompt_tokens, max_gen_len, temperature, top_p, False):
+            events: list[TokenEvent] = []
+            for row in is_new.nonzero().flatten().tolist():
+                token, stop = int(tokens[row, cur]), bool(stopped_now[row])
+                text = "" if stop else decoders[row].decode(self.tokenizer.decode_bytes([token]))
+                events.append({"row": row, "token": token, "text": text, "is_stop": stop})
+            if events:
+                yield events
+
+    def text_completion(
+        self,
+        prompts: list[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+        echo: bool = False,
+    ) -> list[CompletionPrediction]:
+        """Complete each prompt (BOS prepended). ``max_gen_len`` None means up to max_seq_len - 1."""
+        max_gen_len = self.model.max_seq_len - 1 if max_gen_len is None else max_gen_len
+        prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
+        if logprobs:
+            return [
+                {"generation": self.tokenizer.decode(t), "tokens": [self.tokenizer.decode([x]) for x in t], "logprobs": lp}
+                for t, lp in zip(tokens, lps)
+            ]
+        return [{"generation": self.tokenizer.decode(t)} for t in tokens]
+
+    def chat_completion(
+        self,
+        dialogs: list[Dialog],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+    ) -> list[ChatPrediction]:
+        """Answer each dialog as the assistant.
+
+        The generated message carries ``stop_reason`` ("end_of_turn", "end_of_message",
+        "out_of_tokens") and, for Llama 3.1 tool use, the parsed ``tool_calls``.
+        """
+        max_gen_len = self.model.max_seq_len - 1 if max_gen_len is None else max_gen_len
+        prompt_tokens = [self.formatter.encode_dialog_prompt(validate_dialog(d, i)) for i, d in enumerate(dialogs)]
+        tokens, lps, stops = self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, False)
+        out: list[ChatPrediction] = []
+        for t, lp, stop in zip(tokens, lps, stops):
+            message = self.formatter.decode_assistant_message(t + ([stop] if stop is not None else []))
+            pred: ChatPrediction = {"generation": message}
+            if logprobs:
+                pred["tokens"] = [self.tokenizer.decode([x]) for x in t]
+                pred["logprobs"] = lp
+            out.append(pred)
+        return out
+
+
+def validate_dialog(dialog: Dialog, index: int = 0) -> Dialog:
+    """Check a dialog's order: [system] then user/ipython and assistant turns, ending for the model.
+
+    ``ipython`` (a tool result) must follow an assistant turn; the last message must be from
+    user or ipython, since the assistant answers next.
+    """
+    where = f"dialog {index}"
+    if not isinstance(dialog, (list, tuple)) or not dialog:
+        raise ValueError(f"{where} is empty: give at least one user message")
+    prev = None
+    for j, m in enumerate(dialog):
+        if not isinstance(m, dict) or "role" not in m or not isinstance(m.get("content"), str):
+            raise ValueError(f"{where}, message {j}: expected {{'role': ..., 'content': str}}, got {m!r}")
+        role = m["role"]
+        if role not in ("system", "user", "assistant", "ipython"):
+            raise ValueError(f"{where}, message {j}: unknown role {role!r}; use system, user, assistant or ipython")
+        if role == "system" and j != 0:
+            raise ValueError(f"{where}, message {j}: a system message may only come first")
+        if role == "assistant" and prev not in ("user", "ipython"):
+            raise ValueError(f"{where}, message {j}: an assistant message must follow a user or ipython message")
+        if role == "ipython" and prev != "assistant":
+            raise ValueError(f"{where}, message {j}: an ipython (tool result) message must follow an assistant message")
+        if role == "user" and prev not in (None, "system", "assistant"):
+            raise ValueError(f"{where}, message {j}: a user message cannot follow a {prev} message")
+        prev = role
+    if prev not in ("user", "ipython"):
+        raise ValueError(f"{where}: the last message is from {prev}; it must be from user or ipython")
+    return dialog

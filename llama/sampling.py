@@ -1,0 +1,61 @@
+"""Choosing the next token from logits: greedy, temperature and top-p, as plain functions.
+
+Every random draw comes from an explicit ``torch.Generator``. Sampling is by inverse CDF (one
+uniform number per row, searched in the cumulative probabilities of the nucleus), so the fast
+top-p path, which sorts only the few most likely tokens, picks exactly the token the full
+128,256-entry sort would pick for the same generator state.
+"""
+
+from typing import Optional
+
+import torch
+
+# The nucleus almost always lies within the top few dozen tokens; try this many before a full sort.
+TOP_P_CANDIDATES = 64
+
+
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """Next token per row from logits [B, V]: greedy when temperature == 0, else top-p sampling. -> [B]."""
+    if temperature == 0:
+        return torch.argmax(logits, dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return sample_top_p(probs, top_p, generator)
+
+
+def nucleus(probs_sorted: torch.Tensor, p: float) -> torch.Tensor:
+    """Zero the tail of descending probs [B, K]: keep the smallest prefix whose mass exceeds p.
+
+    A token is kept when the mass strictly before it is at most p, so the most likely token always
+    survives and the prefix mass is the first cumulative sum to exceed p.
+    """
+    before = torch.cumsum(probs_sorted, dim=-1) - probs_sorted
+    return probs_sorted.masked_fill(before > p, 0.0)
+
+
+def _draw(probs_sorted: torch.Tensor, index: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Inverse-CDF draw from unnormalised descending probs [B, K] with their token ids [B, K] -> [B]."""
+    cdf = torch.cumsum(probs_sorted, dim=-1)
+    u = torch.rand(cdf.shape[0], 1, device=cdf.device, generator=generator, dtype=cdf.dtype) * cdf[:, -1:]
+    choice = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
+    return torch.gather(index, -1, choice).squeeze(-1)
+
+
+def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Top-p (nucleus) sampling from probs [B, V] -> token ids [B].
+
+    Sorts only the top ``TOP_P_CANDIDATES`` when they already hold more than p of the mass in
+    every row (then no token outside them can be in the nucleus); otherwise sorts the whole vocabulary.
+    """
+    k = min(TOP_P_CANDIDATES, probs.shape[-1])
+    top, index = torch.topk(probs, k, dim=-1)  # sorted descending, like a prefix of the full sort
+    if k == probs.shape[-1] or bool((top.sum(dim=-1) > p).all()):
+        return _draw(nucleus(top, p), index, generator)
+    return sample_top_p_full_sort(probs, p, generator)
+
+
+def sample_top_p_full_sort(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The plain path: sort the whole vocabulary. Kept as the reference the fast path is tested against."""
+    probs_sorted, index = torch.sort(probs, dim=-1, descending=True)
+    return _draw(nucleus(probs_sorted, p), index, generator)
