@@ -284,6 +284,25 @@ class Llama:
             if events:
                 yield events
 
+    def chat_stream(
+        self, dialog: Dialog, temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None
+    ) -> Iterator[TokenEvent]:
+        """Stream the assistant's answer to one dialog, token by token (the last event may be the stop)."""
+        prompt = self.formatter.encode_dialog_prompt(validate_dialog(dialog))
+        return self._stream_one(prompt, temperature, top_p, max_gen_len)
+
+    def text_stream(
+        self, prompt: str, temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None
+    ) -> Iterator[TokenEvent]:
+        """Stream the continuation of one text prompt (BOS prepended), token by token."""
+        return self._stream_one(self.tokenizer.encode(prompt, bos=True, eos=False), temperature, top_p, max_gen_len)
+
+    def _stream_one(self, prompt: list[int], temperature: float, top_p: float, max_gen_len: Optional[int]):
+        # Default: whatever room the cache leaves after the prompt.
+        max_gen_len = self.model.max_seq_len - len(prompt) if max_gen_len is None else max_gen_len
+        for events in self.generate_stream([prompt], max(max_gen_len, 1), temperature, top_p):
+            yield from events
+
     def text_completion(
         self,
         prompts: list[str],

@@ -1,0 +1,71 @@
+"""Answer a few dialogs with an instruction-tuned model.
+
+    torchrun --nproc_per_node 1 example_chat_completion.py --ckpt_dir Meta-Llama-3-8B-Instruct/ \
+        --tokenizer_path Meta-Llama-3-8B-Instruct/tokenizer.model --max_seq_len 512 --max_batch_size 6
+    python example_chat_completion.py            # no --ckpt_dir: the embedded SmolLM2 demo model
+
+Replies stream as they are generated. Under torchrun only rank 0 prints.
+"""
+
+from typing import Optional
+
+import fire
+
+from llama import Dialog, Llama
+
+
+def main(
+    ckpt_dir: Optional[str] = None,
+    tokenizer_path: Optional[str] = None,
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    max_seq_len: int = 512,
+    max_batch_size: int = 4,
+    max_gen_len: Optional[int] = None,
+    device: Optional[str] = None,
+    dtype: Optional[str] = None,
+):
+    """Each dialog ends with a user turn; the model writes the assistant's reply."""
+    if ckpt_dir is None:
+        from llama.demo import default_checkpoint
+
+        ckpt_dir = str(default_checkpoint())
+    generator = Llama.build(
+        ckpt_dir=ckpt_dir,
+        tokenizer_path=tokenizer_path,
+        max_seq_len=max_seq_len,
+        max_batch_size=max_batch_size,
+        device=device,
+        dtype=dtype,
+    )
+
+    dialogs: list[Dialog] = [
+        [{"role": "user", "content": "What is the capital of France?"}],
+        [
+            {"role": "user", "content": "I want to learn to bake bread. Where should I start?"},
+            {"role": "assistant", "content": "Start with a simple white loaf: flour, water, salt and yeast."},
+            {"role": "user", "content": "How long should the dough rise?"},
+        ],
+        [
+            {"role": "system", "content": "Answer in one short sentence."},
+            {"role": "user", "content": "Why is the sky blue?"},
+        ],
+        [
+            {"role": "system", "content": "You are a pirate. Always answer like one."},
+            {"role": "user", "content": "How do I make a cup of tea?"},
+        ],
+    ]
+    for dialog in dialogs:
+        if generator.is_main_process:
+            for message in dialog:
+                print(f"{message['role'].capitalize()}: {message['content']}\n")
+            print("> Assistant: ", end="", flush=True)
+        for event in generator.chat_stream(dialog, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len):
+            if generator.is_main_process:
+                print(event["text"], end="", flush=True)
+        if generator.is_main_process:
+            print("\n\n==================================\n", flush=True)
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

@@ -1,0 +1,67 @@
+"""Complete a few text prompts with a pretrained (base) model.
+
+    torchrun --nproc_per_node 1 example_text_completion.py --ckpt_dir Meta-Llama-3-8B/ \
+        --tokenizer_path Meta-Llama-3-8B/tokenizer.model
+    python example_text_completion.py            # no --ckpt_dir: the embedded SmolLM2 demo model
+
+Output streams as it is generated. Under torchrun only rank 0 prints.
+"""
+
+from typing import Optional
+
+import fire
+
+from llama import Llama
+
+
+def main(
+    ckpt_dir: Optional[str] = None,
+    tokenizer_path: Optional[str] = None,
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    max_seq_len: int = 128,
+    max_gen_len: int = 64,
+    max_batch_size: int = 4,
+    device: Optional[str] = None,
+    dtype: Optional[str] = None,
+):
+    """Prompts are prefixes the model continues; base models need no chat format."""
+    if ckpt_dir is None:
+        from llama.demo import default_checkpoint
+
+        ckpt_dir = str(default_checkpoint())
+    generator = Llama.build(
+        ckpt_dir=ckpt_dir,
+        tokenizer_path=tokenizer_path,
+        max_seq_len=max_seq_len,
+        max_batch_size=max_batch_size,
+        device=device,
+        dtype=dtype,
+    )
+
+    prompts: list[str] = [
+        # Plain continuation
+        "The three things every good recipe for bread needs are",
+        "Simply put, the theory of evolution says that",
+        # A short few-shot pattern
+        """Capital cities:
+France => Paris
+Japan => Tokyo
+Canada =>""",
+        # Translation by example
+        """English to German:
+good morning => guten Morgen
+thank you =>""",
+    ]
+    for prompt in prompts:
+        if generator.is_main_process:
+            print(prompt, end="", flush=True)
+        for event in generator.text_stream(prompt, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len):
+            if generator.is_main_process:
+                print(event["text"], end="", flush=True)
+        if generator.is_main_process:
+            print("\n\n==================================\n", flush=True)
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

@@ -1,0 +1,92 @@
+"""Interactive multi-turn chat in the terminal.
+
+    python -m llama.chat                                   # the embedded SmolLM2 demo model
+    python -m llama.chat --ckpt_dir Meta-Llama-3-8B-Instruct/ --system "Be brief."
+
+Replies stream as they are generated and the dialog is kept between turns. Commands: ``/reset``
+starts over (keeping the system prompt), ``/exit`` (or Ctrl-D) quits. Ctrl-C while the model is
+answering stops that reply, not the session. When the dialog outgrows ``max_seq_len``, the oldest
+turns are dropped (the system prompt stays). One process only: it reads stdin, so no torchrun.
+"""
+
+import sys
+from typing import Optional
+
+import fire
+
+from llama.datatypes import Dialog, Message
+from llama.generation import Llama
+
+
+def fit_dialog(generator: Llama, dialog: Dialog, reserve: int) -> Dialog:
+    """Drop the oldest user/assistant turns until the prompt leaves ``reserve`` tokens to answer in."""
+    system = dialog[:1] if dialog and dialog[0]["role"] == "system" else []
+    turns = dialog[len(system) :]
+    while len(turns) > 1 and len(generator.formatter.encode_dialog_prompt(system + turns)) + reserve > generator.model.max_seq_len:
+        turns = turns[2:] if len(turns) > 2 else turns[1:]  # a user turn and its answer together
+    return system + turns
+
+
+def reply(generator: Llama, dialog: Dialog, temperature: float, top_p: float, max_gen_len: int) -> Message:
+    """Stream one assistant reply to stdout; Ctrl-C ends it early and keeps what was said."""
+    pieces: list[str] = []
+    try:
+        for event in generator.chat_stream(dialog, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len):
+            print(event["text"], end="", flush=True)
+            pieces.append(event["text"])
+    except KeyboardInterrupt:
+        print(" [stopped]", end="")
+    print("\n", flush=True)
+    return {"role": "assistant", "content": "".join(pieces)}
+
+
+def main(
+    ckpt_dir: Optional[str] = None,
+    tokenizer_path: Optional[str] = None,
+    system: Optional[str] = None,
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    max_seq_len: int = 2048,
+    max_gen_len: int = 512,
+    device: Optional[str] = None,
+    dtype: Optional[str] = None,
+) -> None:
+    """Chat with a model; see the module docstring for the commands."""
+    if ckpt_dir is None:
+        from llama.demo import default_checkpoint
+
+        ckpt_dir = str(default_checkpoint())
+    generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, 1, device=device, dtype=dtype)
+    start: Dialog = [{"role": "system", "content": system}] if system else []
+    dialog: Dialog = list(start)
+    interactive = sys.stdin.isatty()
+    print("Type a message; /reset starts over, /exit quits. Ctrl-C stops a reply.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        except KeyboardInterrupt:  # at the prompt, Ctrl-C clears the line; /exit or Ctrl-D quits
+            print()
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            break
+        if text == "/reset":
+            dialog = list(start)
+            print("(dialog reset)", file=sys.stderr)
+            continue
+        dialog = fit_dialog(generator, dialog + [{"role": "user", "content": text}], reserve=min(max_gen_len, max_seq_len // 2))
+        prompt_len = len(generator.formatter.encode_dialog_prompt(dialog))
+        if prompt_len >= max_seq_len:
+            print(f"(message too long: {prompt_len} tokens, max_seq_len is {max_seq_len})", file=sys.stderr)
+            dialog = dialog[:-1]
+            continue
+        print("assistant> " if interactive else "", end="", flush=True)
+        dialog.append(reply(generator, dialog, temperature, top_p, min(max_gen_len, max_seq_len - prompt_len)))
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
