@@ -45,17 +45,25 @@ def _draw(probs_sorted: torch.Tensor, index: torch.Tensor, generator: Optional[t
 def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Top-p (nucleus) sampling from probs [B, V] -> token ids [B].
 
-    Sorts only the top ``TOP_P_CANDIDATES`` when they already hold more than p of the mass in
-    every row (then no token outside them can be in the nucleus); otherwise sorts the whole vocabulary.
+    Sorts only the top ``TOP_P_CANDIDATES`` when, in every row, the candidates more likely than the
+    last one already hold more than p of the mass (then no token outside them can be in the nucleus
+    or tie with one); otherwise sorts the whole vocabulary.
     """
     k = min(TOP_P_CANDIDATES, probs.shape[-1])
-    top, index = torch.topk(probs, k, dim=-1)  # sorted descending, like a prefix of the full sort
-    if k == probs.shape[-1] or bool((top.sum(dim=-1) > p).all()):
+    top, index = torch.topk(probs, k, dim=-1)
+    # topk orders equal probabilities arbitrarily: put ties in token-id order, as the stable full sort does.
+    index, order = torch.sort(index, dim=-1)
+    top, order = torch.sort(top.gather(-1, order), dim=-1, descending=True, stable=True)
+    index = index.gather(-1, order)
+    # Exact only if the nucleus lies among tokens strictly more likely than the k-th: then no token
+    # outside the candidates ties with a nucleus token.
+    above_kth = top.masked_fill(top <= top[:, -1:], 0.0).sum(dim=-1)
+    if k == probs.shape[-1] or bool((above_kth > p).all()):
         return _draw(nucleus(top, p), index, generator)
     return sample_top_p_full_sort(probs, p, generator)
 
 
 def sample_top_p_full_sort(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """The plain path: sort the whole vocabulary. Kept as the reference the fast path is tested against."""
-    probs_sorted, index = torch.sort(probs, dim=-1, descending=True)
+    probs_sorted, index = torch.sort(probs, dim=-1, descending=True, stable=True)  # ties: lower id first
     return _draw(nucleus(probs_sorted, p), index, generator)
