@@ -1,0 +1,22 @@
+"""llama: pure-PyTorch reference inference for Meta's Llama 3 / 3.1 checkpoints."""
+
+from llama.chat_format import ChatFormat
+from llama.datatypes import ChatPrediction, CompletionPrediction, Dialog, Message, Role, StopReason, ToolCall
+from llama.generation import Llama
+from llama.model import ModelArgs, Transformer
+from llama.tokenizer import Tokenizer
+
+__all__ = [
+    "ChatFormat",
+    "ChatPrediction",
+    "CompletionPrediction",
+    "Dialog",
+    "Llama",
+    "Message",
+    "ModelArgs",
+    "Role",
+    "StopReason",
+    "Tokenizer",
+    "ToolCall",
+    "Transformer",
+]
