@@ -223,6 +223,9 @@ class Tokenizer:
             what = f"{spec.num_base_tokens:,} lines (num_base_tokens in {self.spec_path})"
         ranks = load_ranks(model_path, spec.num_base_tokens, what)
         _check_ids(model_path, ranks, spec)
+        # Some byte-level vocabularies (SmolLM2's) lack a few single bytes. tiktoken panics on
+        # them, so characters that contain one are dropped before encoding, as transformers does.
+        self.missing_bytes: bytes = bytes(b for b in range(256) if bytes([b]) not in ranks)
         try:
             self.model = tiktoken.Encoding(
                 name=model_path.name,
@@ -307,6 +310,13 @@ class Tokenizer:
             raise ValueError(f"cannot decode ids {bad}: valid ids are 0..{self.n_words - 1}") from e
 
     def _encode_plain(self, s: str) -> list[int]:
+        if self.missing_bytes:
+            data = s.encode("utf-8", errors="surrogatepass")
+            if len(data.translate(None, self.missing_bytes)) != len(data):
+                # The character ends the pre-token before it and is dropped (transformers does the same).
+                missing = set(self.missing_bytes)
+                parts = re.split("(" + "|".join(re.escape(c) for c in set(s) if set(c.encode("utf-8", errors="surrogatepass")) & missing) + ")", s)
+                return [t for part in parts[::2] for t in self._encode_plain(part)]
         # Each piece is tokenized on its own; see split_for_tiktoken for why that is exact.
         out: list[int] = []
         for piece in split_for_tiktoken(s):
@@ -370,10 +380,5 @@ def _check_ids(path: Path, ranks: dict[bytes, int], spec: TokenizerSpec) -> None
             f"tokenizer file {path}: base ranks plus special-token ids must be exactly "
             f"0..{spec.vocab_size - 1}; repeated ids: {repeated}, missing ids: {missing}"
         )
-    if missing_bytes := [b for b in range(256) if bytes([b]) not in ranks]:
-        # tiktoken's BPE panics on a byte it cannot represent
-        raise ValueError(
-            f"tokenizer file {path}: single-byte tokens missing for bytes {missing_bytes[:8]}; "
-            "a byte-level BPE needs all 256"
-        )
+
 

@@ -1,0 +1,399 @@
+"""Convert between Hugging Face Llama folders and Meta-format checkpoints.
+
+    python -m llama.convert hf-to-meta HF_DIR META_DIR [--dtype bf16|fp16|fp32] [--shards N]
+    python -m llama.convert meta-to-hf META_DIR HF_DIR [--dtype ...] [--max-shard-size GB]
+
+The only change to the numbers is the q/k row order: Meta rotates adjacent pairs (2i, 2i+1) of each
+head, Hugging Face rotates halves (i, i + head_dim/2). Meta -> HF views wq/wk as
+[heads, head_dim/2, 2, dim] and swaps the middle axes; HF -> Meta is the inverse. Dtypes are kept.
+
+params.json has two FFN knobs (multiple_of, ffn_dim_multiplier) where config.json has the width;
+``meta_ffn_params`` documents how we pick them, and Meta -> HF stores the original params.json in
+config.json under ``meta_params`` so that Meta -> HF -> Meta reproduces it exactly.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+from llama.checkpoint import expected_shapes, load_params, load_state_dict, shard_state_dict, write_checklist
+from llama.model import ROPE_HIGH_FREQ_FACTOR, ROPE_LOW_FREQ_FACTOR, ROPE_ORIGINAL_CONTEXT, ModelArgs
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+# Meta's released (dim, FFN width) -> (multiple_of, ffn_dim_multiplier), from their params.json.
+META_FFN = {
+    (4096, 14336): (1024, 1.3),  # Llama 3 / 3.1 8B
+    (8192, 28672): (4096, 1.3),  # 70B
+    (16384, 53248): (4096, 1.2),  # 405B
+    (2048, 8192): (256, 1.5),  # 3.2 1B
+    (3072, 8192): (256, 1.0),  # 3.2 3B
+}
+
+# HF name -> Meta name; "{}" is the layer number.
+HF_NAMES = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attention.wq.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attention.wk.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attention.wv.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.attention_norm.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.ffn_norm.weight",
+}
+# Tokenizer files that travel with a checkpoint (HF repos keep Meta's under original/).
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_spec.json")
+
+
+def meta_ffn_params(dim: int, hidden: int) -> tuple[int, Optional[float]]:
+    """(multiple_of, ffn_dim_multiplier) for which ``ModelArgs.ffn_hidden_dim`` equals ``hidden``.
+
+    In order: Meta's own values for a released size; the defaults (256, None) when they fit;
+    otherwise multiple_of = hidden, which rounds any width in (0, hidden] up to exactly hidden,
+    with ffn_dim_multiplier = hidden / base only when the base width 2*4*dim/3 exceeds it.
+    """
+    base = int(2 * (4 * dim) / 3)
+    candidates: list[tuple[int, Optional[float]]] = [(256, None), (hidden, None), (hidden, hidden / base)]
+    if (dim, hidden) in META_FFN:
+        candidates.insert(0, META_FFN[(dim, hidden)])
+    for multiple_of, multiplier in candidates:
+        args = ModelArgs(dim=dim, n_layers=1, n_heads=1, vocab_size=1, multiple_of=multiple_of,
+                         ffn_dim_multiplier=multiplier)  # fmt: skip
+        if args.ffn_hidden_dim == hidden:
+            return multiple_of, multiplier
+    raise ValueError(f"no multiple_of / ffn_dim_multiplier reproduces FFN width {hidden} for dim {dim}")
+
+
+@contextmanager
+def atomic_folder(dst: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder, renamed to ``dst`` only when the block succeeds.
+
+    A crash or error leaves no ``dst`` (a half-written folder never looks complete); an existing
+    ``dst`` is never overwritten.
+    """
+    dst = Path(dst)
+    if dst.exists():
+        raise FileExistsError(f"{dst} already exists; refusing to overwrite it (remove it or choose another path)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; give it normal permissions
+        if dst.exists():  # appeared meanwhile (another process): keep theirs
+            raise FileExistsError(f"{dst} appeared while converting; refusing to overwrite it")
+        os.rename(tmp, dst)  # atomic within one filesystem
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def permute_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta adjacent pairs -> HF halves: rows [heads, hd/2, 2] -> [heads, 2, hd/2]."""
+    rows, dim = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
+
+
+def permute_to_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF halves -> Meta adjacent pairs: rows [heads, 2, hd/2] -> [heads, hd/2, 2]."""
+    rows, dim = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, dim).transpose(1, 2).reshape(rows, dim)
+
+
+def hf_to_meta_names(n_layers: int) -> dict[str, str]:
+    """Every HF tensor name of an ``n_layers`` model -> its Meta name."""
+    names = {h: m for h, m in HF_NAMES.items() if "{}" not in h}
+    names.update({h.format(i): m.format(i) for i in range(n_layers) for h, m in HF_NAMES.items() if "{}" in h})
+    return names
+
+
+# --- Hugging Face -> Meta -------------------------------------------------------------------
+
+
+def args_from_hf_config(config: dict[str, Any], source: str = "config.json") -> tuple[ModelArgs, dict[str, Any]]:
+    """``ModelArgs`` and the params.json dict to write, from a Llama ``config.json``."""
+    arch, model_type = config.get("architectures") or [], config.get("model_type")
+    if model_type != "llama" or any(a != "LlamaForCausalLM" for a in arch):
+        raise ValueError(
+            f"{source}: model_type {model_type!r}, architectures {arch}: only Llama "
+            "(model_type 'llama', LlamaForCausalLM) can be converted"
+        )
+    for key, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        if config.get(key, want) != want:
+            raise ValueError(f"{source}: {key}={config[key]!r} is not supported (Llama uses {want!r})")
+    # transformers 5 writes rope_parameters; older configs write rope_theta and rope_scaling.
+    rope = {**(config.get("rope_parameters") or {}), **(config.get("rope_scaling") or {})}
+    theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    scaled = kind == "llama3"
+    if kind not in ("default", "llama3"):
+        raise ValueError(f"{source}: rope scaling type {kind!r} is not supported (only 'llama3')")
+    if scaled:
+        ours = {"low_freq_factor": ROPE_LOW_FREQ_FACTOR, "high_freq_factor": ROPE_HIGH_FREQ_FACTOR,
+                "original_max_position_embeddings": ROPE_ORIGINAL_CONTEXT}  # fmt: skip
+        for key, value in ours.items():
+            if float(rope.get(key, value)) != value:
+                raise ValueError(f"{source}: llama3 rope scaling {key}={rope[key]} unsupported (Meta uses {value})")
+    dim, n_heads = config["hidden_size"], config["num_attention_heads"]
+    if config.get("head_dim") not in (None, dim // n_heads):
+        raise ValueError(f"{source}: head_dim={config['head_dim']} != hidden_size / num_attention_heads")
+    multiple_of, multiplier = meta_ffn_params(dim, config["intermediate_size"])
+    params: dict[str, Any] = {
+        "dim": dim,
+        "n_layers": config["num_hidden_layers"],
+        "n_heads": n_heads,
+        "n_kv_heads": config.get("num_key_value_heads") or n_heads,
+        "vocab_size": config["vocab_size"],
+        "ffn_dim_multiplier": multiplier,
+        "multiple_of": multiple_of,
+        "norm_eps": config.get("rms_norm_eps", 1e-6),
+        "rope_theta": theta,
+    }
+    if scaled:
+        params["use_scaled_rope"] = True
+        if float(rope.get("factor", 8.0)) != 8.0:
+            params["rope_scale_factor"] = float(rope["factor"])
+    args = ModelArgs.from_dict(params, source)
+    original = config.get("meta_params")
+    if original is not None:  # written by meta_to_hf: reuse it when it describes the same model
+        try:
+            same = _same_model(ModelArgs.from_dict(original, f"{source} meta_params"), args)
+        except ValueError:
+            same = False
+        if same:
+            return ModelArgs.from_dict(original), original
+        print(f"note: {source}: meta_params disagrees with the config; using the config", file=sys.stderr)
+    return args, params
+
+
+def _same_model(a: ModelArgs, b: ModelArgs) -> bool:
+    derived = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hidden_dim", "norm_eps",
+               "rope_theta", "use_scaled_rope")  # fmt: skip
+    same = all(getattr(a, k) == getattr(b, k) for k in derived)
+    return same and (not a.use_scaled_rope or a.rope_scale_factor == b.rope_scale_factor)
+
+
+def read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
+    """All tensors of ``model.safetensors`` or of the shards listed in its index."""
+    from safetensors import safe_open
+
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (src / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{src}: no model.safetensors or model.safetensors.index.json")
+    out = {}
+    for name in files:
+        with safe_open(src / name, framework="pt") as f:
+            out.update({key: f.get_tensor(key) for key in f.keys()})
+    return out
+
+
+def hf_to_meta(src: str | Path, dst: str | Path, dtype: Optional[torch.dtype] = None, n_shards: int = 1) -> ModelArgs:
+    """Convert a Hugging Face Llama folder into a Meta-format folder ``dst`` (must not exist).
+
+    ``dtype`` None keeps the tensors' dtype. Tied embeddings (no ``lm_head``) give
+    ``output.weight`` = a copy of the embedding. A Meta ``tokenizer.model`` (+ spec) found in
+    ``src/original/`` or ``src/`` is copied. Returns the params written.
+    """
+    src = Path(src)
+    config_path = src / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{src}: no config.json (not a Hugging Face model folder)")
+    config = json.loads(config_path.read_text())
+    args, params = args_from_hf_config(config, str(config_path))
+    hf = read_hf_weights(src)
+    if config.get("tie_word_embeddings"):
+        hf.pop("lm_head.weight", None)  # tied: the embedding is the output matrix
+    hf = {k: v for k, v in hf.items() if not k.endswith("rotary_emb.inv_freq")}  # old files: unused buffer
+    names = hf_to_meta_names(args.n_layers)
+    unknown = sorted(set(hf) - set(names))
+    if unknown:
+        raise ValueError(f"{src}: unexpected tensors {unknown[:5]} ({len(unknown)}) for {args.n_layers} Llama layers")
+    full = {names[k]: v for k, v in hf.items()}
+    if config.get("tie_word_embeddings") and "tok_embeddings.weight" in full:
+        full["output.weight"] = full["tok_embeddings.weight"].clone()  # tied: Meta's format keeps both
+    shapes = expected_shapes(args)
+    missing = [k for k in shapes if k not in full]
+    if missing:
+        raise ValueError(f"{src}: missing tensors for {missing[:5]} ({len(missing)} missing)")
+    for key, shape in shapes.items():
+        t = full[key]
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{src}: {key} has shape {tuple(t.shape)}, config.json implies {shape}")
+        if key.endswith("attention.wq.weight"):
+            t = permute_to_meta(t, args.n_heads)
+        elif key.endswith("attention.wk.weight"):
+            t = permute_to_meta(t, args.n_kv_heads)
+        full[key] = t.to(dtype) if dtype is not None else t
+    full = {k: full[k] for k in shapes}  # Meta's key order
+    with atomic_folder(dst) as tmp:
+        if n_shards == 1:  # no resharding copies: the 8B fits in RAM once, not twice
+            torch.save(full, tmp / "consolidated.00.pth")
+        else:
+            shards, out_args = shard_state_dict(full, args, n_shards)
+            for i, sd in enumerate(shards):
+                torch.save(sd, tmp / f"consolidated.{i:02d}.pth")
+            if out_args != args:  # KV heads duplicated for more shards than KV heads
+                params = {**params, "n_kv_heads": out_args.n_kv_heads}
+        (tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+        for folder in (src / "original", src):
+            if (folder / "tokenizer.model").is_file() and _is_tiktoken(folder / "tokenizer.model"):
+                for name in TOKENIZER_FILES:
+                    if (folder / name).is_file():
+                        shutil.copyfile(folder / name, tmp / name)
+                break
+        write_checklist(tmp)
+    return args
+
+
+def _is_tiktoken(path: Path) -> bool:
+    """A tiktoken BPE file is base64 text; a SentencePiece tokenizer.model is binary protobuf."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    try:
+        head.decode("ascii")
+    except UnicodeDecodeError:
+        return False
+    return b" " in head
+
+
+# --- Meta -> Hugging Face -------------------------------------------------------------------
+
+
+def hf_config(args: ModelArgs, params: dict[str, Any], dtype: torch.dtype, tied: bool) -> dict[str, Any]:
+    """A transformers ``LlamaForCausalLM`` config.json for ``args``; ``meta_params`` keeps params.json."""
+    rope_scaling = None
+    if args.use_scaled_rope:
+        rope_scaling = {
+            "rope_type": "llama3",
+            "factor": args.rope_scale_factor,
+            "low_freq_factor": ROPE_LOW_FREQ_FACTOR,
+            "high_freq_factor": ROPE_HIGH_FREQ_FACTOR,
+            "original_max_position_embeddings": ROPE_ORIGINAL_CONTEXT,
+        }
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": args.dim,
+        "intermediate_size": args.ffn_hidden_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": args.max_context,
+        "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "rope_scaling": rope_scaling,
+        "vocab_size": args.vocab_size,
+        "tie_word_embeddings": tied,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch.")),
+        "meta_params": params,
+    }
+
+
+def meta_to_hf(
+    src: str | Path, dst: str | Path, dtype: Optional[torch.dtype] = None, max_shard_bytes: int = 5 * 10**9
+) -> dict[str, Any]:
+    """Convert a Meta-format folder (any number of shards) into a transformers folder ``dst``.
+
+    Writes ``config.json`` and ``model.safetensors`` (or numbered shards plus
+    ``model.safetensors.index.json`` above ``max_shard_bytes``); copies the tokenizer files to
+    ``original/`` as Hugging Face repos do. When output equals the embedding bit for bit the
+    embeddings are written tied (no ``lm_head``). Returns the config written.
+    """
+    from safetensors.torch import save_file
+
+    src = Path(src)
+    args = load_params(src)
+    params = json.loads((src / "params.json").read_text())
+    state = load_state_dict(src, args, dtype=dtype)  # unsharded, memory-mapped
+    tied = torch.equal(state["output.weight"], state["tok_embeddings.weight"])
+    to_hf = {m: h for h, m in hf_to_meta_names(args.n_layers).items()}
+    hf: dict[str, torch.Tensor] = {}
+    for key, t in state.items():
+        if key == "output.weight" and tied:
+            continue
+        name = to_hf[key]
+        if key.endswith("attention.wq.weight"):
+            t = permute_to_hf(t, args.n_heads)
+        elif key.endswith("attention.wk.weight"):
+            t = permute_to_hf(t, args.n_kv_heads)
+        hf[name] = t.contiguous()
+    config = hf_config(args, params, state["tok_embeddings.weight"].dtype, tied)
+    groups: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in hf.items():
+        nbytes = t.numel() * t.element_size()
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append({})
+            size = 0
+        groups[-1][name] = t
+        size += nbytes
+    with atomic_folder(dst) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if len(groups) == 1:
+            save_file(groups[0], tmp / "model.safetensors", metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, group in enumerate(groups, 1):
+                fname = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+                save_file(group, tmp / fname, metadata={"format": "pt"})
+                weight_map.update({name: fname for name in group})
+            total = sum(t.numel() * t.element_size() for t in hf.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                (tmp / "original").mkdir(exist_ok=True)
+                shutil.copyfile(src / name, tmp / "original" / name)
+    return config
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m llama.convert", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("hf-to-meta", help="Hugging Face Llama folder -> Meta-format folder")
+    a.add_argument("src", type=Path)
+    a.add_argument("dst", type=Path, help="folder to create (must not exist)")
+    a.add_argument("--shards", type=int, default=1, help="number of consolidated.NN.pth files (default 1)")
+    b = sub.add_parser("meta-to-hf", help="Meta-format folder -> Hugging Face (transformers) folder")
+    b.add_argument("src", type=Path)
+    b.add_argument("dst", type=Path, help="folder to create (must not exist)")
+    b.add_argument("--max-shard-size", type=float, default=5.0, help="GB per safetensors file (default 5)")
+    for p in (a, b):
+        p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: keep)")
+    ns = parser.parse_args(argv)
+    dtype = DTYPES[ns.dtype] if ns.dtype else None
+    try:
+        if ns.command == "hf-to-meta":
+            args = hf_to_meta(ns.src, ns.dst, dtype, ns.shards)
+            print(f"wrote {ns.dst}: {json.dumps(args.to_dict())}")
+        else:
+            meta_to_hf(ns.src, ns.dst, dtype, int(ns.max_shard_size * 10**9))
+            print(f"wrote {ns.dst}")
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
