@@ -33,7 +33,8 @@ class TokenEvent(TypedDict):
     """One token produced for one batch row by ``generate_stream``.
 
     ``text`` is the newly completed text (empty while a multi-byte character is still incomplete);
-    ``is_stop`` marks the stop token that ended the row (its text is empty and ``generate`` drops it).
+    ``is_stop`` marks the stop token that ended the row (``generate`` drops it; its text is empty
+    unless it flushes an unfinished character as U+FFFD).
     """
 
     row: int
@@ -66,6 +67,17 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16
 
 
+def default_compute_dtype(device: torch.device, dtype: torch.dtype) -> Optional[torch.dtype]:
+    """float32 for 16-bit weights on a CPU without native bf16, where 16-bit matmuls are ~10x slower.
+
+    The weights stay 16-bit in memory; each product is computed in float32 and rounded back (see
+    ``llama.model.Linear``). None (multiply in the weights' dtype) everywhere else.
+    """
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not cpu_has_native_bf16():
+        return torch.float32
+    return None
+
+
 def resolve_dtype(dtype: Optional[str | torch.dtype], device: torch.device) -> torch.dtype:
     """A torch dtype from None (default for the device), a torch.dtype, or a name like "bf16"."""
     if dtype is None:
@@ -90,6 +102,7 @@ class Llama:
         seed: int = 1,
         device: Optional[str | torch.device] = None,
         dtype: Optional[str | torch.dtype] = None,
+        compile: bool = False,
     ) -> "Llama":
         """Load ``ckpt_dir`` (params.json + consolidated.NN.pth) and its tokenizer, ready to generate.
 
@@ -97,6 +110,10 @@ class Llama:
         count that divides or is divided by the number of ranks). ``tokenizer_path`` defaults to
         ``ckpt_dir/tokenizer.model``. Fails before allocating when the weights plus a KV cache of
         ``max_batch_size x max_seq_len`` do not fit in the device's free memory.
+
+        ``compile`` runs each one-token decode step through ``torch.compile`` (static shapes: the
+        step attends over the whole cache with a position mask). The first generation compiles
+        (tens of seconds); later ones are faster than eager. Prefill stays eager.
         """
         start = time.time()
         device = torch.device(device) if device is not None else default_device()
@@ -107,11 +124,12 @@ class Llama:
         torch.manual_seed(seed)  # the same seed on every rank: ranks must sample the same tokens
 
         args = load_params(ckpt_dir)
-        tokenizer = Tokenizer(Path(tokenizer_path) if tokenizer_path else Path(ckpt_dir) / "tokenizer.model")
+        tokenizer_file = Path(tokenizer_path) if tokenizer_path else Path(ckpt_dir) / "tokenizer.model"
+        tokenizer = Tokenizer(tokenizer_file)
         if args.vocab_size != tokenizer.n_words:
             raise ValueError(
                 f"{Path(ckpt_dir) / 'params.json'} has vocab_size={args.vocab_size}, but the tokenizer "
-                f"{tokenizer_path} has {tokenizer.n_words} tokens: is it the tokenizer of this checkpoint?"
+                f"{tokenizer_file} has {tokenizer.n_words} tokens: is it the tokenizer of this checkpoint?"
             )
         if not 2 <= max_seq_len <= args.max_context:
             raise ValueError(
@@ -126,11 +144,12 @@ class Llama:
             ckpt_dir, device, dtype, rank, world_size, parallelize if world_size > 1 else None, args=args
         )
         model.setup_cache(max_batch_size, max_seq_len)
-        llama = Llama(model, tokenizer, rank=rank, seed=seed)
+        model.set_compute_dtype(default_compute_dtype(device, dtype))
+        llama = Llama(model, tokenizer, rank=rank, seed=seed, compile=compile)
         llama.log(f"Loaded {ckpt_dir} on {device} as {dtype} ({world_size} rank(s)) in {time.time() - start:.2f} s")
         return llama
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, rank: int = 0, seed: int = 1):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, rank: int = 0, seed: int = 1, compile: bool = False):
         if model.max_seq_len == 0:
             raise ValueError("the model has no KV cache: call model.setup_cache(max_batch_size, max_seq_len) first")
         self.model = model
@@ -140,6 +159,12 @@ class Llama:
         self.device = model.tok_embeddings.weight.device
         # Sampling draws from this generator only, seeded identically on every rank.
         self.generator = torch.Generator(self.device).manual_seed(seed)
+        # The compiled one-token step (start_pos passed as a tensor: one graph for every position).
+        # CUDA graphs ("reduce-overhead") also remove the per-kernel launch cost on GPUs.
+        self.decode_step = None
+        if compile:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self.decode_step = torch.compile(model, fullgraph=True, dynamic=False, mode=mode)
 
     @property
     def is_main_process(self) -> bool:
@@ -204,9 +229,17 @@ class Llama:
         stop_tokens = torch.tensor(sorted(self.tokenizer.stop_tokens), device=self.device)
         stopped = torch.zeros(bsz, dtype=torch.bool, device=self.device)
 
+        # The compiled step's inputs: the same tensors every step, so its guards (shapes, strides) always hold.
+        step_tokens = torch.zeros((bsz, 1), dtype=torch.long, device=self.device)
+        start_pos = torch.zeros((), dtype=torch.long, device=self.device)
+
         prev = 0
         for cur in range(min_len, total):
-            logits = self.model(tokens[:, prev:cur], prev, last_only=not logprobs)  # [B, S or 1, V]
+            if self.decode_step is not None and cur - prev == 1:  # total <= max_seq_len: in bounds
+                step_tokens.copy_(tokens[:, prev:cur])
+                logits = self.decode_step(step_tokens, start_pos.fill_(prev), last_only=not logprobs)
+            else:
+                logits = self.model(tokens[:, prev:cur], prev, last_only=not logprobs)  # [B, S or 1, V]
             nxt = sample_next(logits[:, -1], temperature, top_p, self.generator)
             is_new = ~in_prompt[:, cur] & ~stopped & (cur < limit)
             tokens[:, cur] = torch.where(in_prompt[:, cur], tokens[:, cur], nxt)
@@ -272,14 +305,19 @@ class Llama:
         """Like ``generate``, but yields each step's new tokens (one event per row that produced one).
 
         Text is decoded incrementally per row, so a character split across tokens appears whole in
-        the event that completes it. A row's last event is its stop token (``is_stop``), if any.
+        the event that completes it; a row's last event flushes an unfinished one as U+FFFD, so the
+        texts add up to ``tokenizer.decode`` of the row. A row's last event is its stop token
+        (``is_stop``), if any.
         """
         decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in prompt_tokens]
+        # The last position each row can generate: its budget or the end of the cache, whichever is first.
+        ends = [min(self.model.max_seq_len, len(p) + max_gen_len) - 1 for p in prompt_tokens]
         for cur, tokens, is_new, stopped_now, _ in self._steps(prompt_tokens, max_gen_len, temperature, top_p, False):
             events: list[TokenEvent] = []
             for row in is_new.nonzero().flatten().tolist():
                 token, stop = int(tokens[row, cur]), bool(stopped_now[row])
-                text = "" if stop else decoders[row].decode(self.tokenizer.decode_bytes([token]))
+                data = b"" if stop else self.tokenizer.decode_bytes([token])
+                text = decoders[row].decode(data, final=stop or cur == ends[row])
                 events.append({"row": row, "token": token, "text": text, "is_stop": stop})
             if events:
                 yield events

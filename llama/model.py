@@ -137,6 +137,56 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` without bias (same ``weight`` key) that can multiply 16-bit weights in float32.
+
+    CPUs without native bf16 (AVX2; AVX-512 without BF16) multiply bf16 matrices up to 7x slower
+    than float32 ones (benchmarks/README.md), so with ``compute_dtype = torch.float32`` the weights
+    stay 16-bit in memory and each product is computed in float32, rounded back to x's dtype:
+    - one row (batch-1 decode), eager: the bf16 matrix-vector kernel, which already accumulates in
+      float32 and reads half the bytes that a widened copy would;
+    - a few rows inside ``torch.compile`` (the compiled decode step): written as multiply + sum,
+      which Inductor fuses into one pass that widens the weights in registers, on all threads;
+    - otherwise (prefill, batched decode): widen a block of rows at a time into ``widen_buffer``
+      and run the float32 matmul on it. The buffer is cache-sized and allocated once, shared by
+      every layer (``Transformer.set_compute_dtype``): a fresh full-size float32 copy of a weight
+      costs more in page faults than the matmul.
+    ``compute_dtype = None`` (the default) is plain ``F.linear``.
+    """
+
+    WIDEN_BLOCK = 1 << 20  # weights widened per block: 1M elements = 4 MiB of float32, cache-sized
+    COMPILED_MAX_ROWS = 16  # beyond this, the compiled step uses the blocked matmul too
+
+    def __init__(self, in_features: int, out_features: int, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
+        self.compute_dtype: Optional[torch.dtype] = None
+        self.widen_buffer: Optional[torch.Tensor] = None  # [WIDEN_BLOCK] in compute_dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight  # [out, in]
+        if self.compute_dtype is None or self.compute_dtype == w.dtype:
+            return F.linear(x, w)
+        rows = x.numel() // x.shape[-1]
+        if torch.compiler.is_compiling() and rows <= self.COMPILED_MAX_ROWS:
+            # [out, 1, in] * [1, rows, in] summed over in -> [out, rows]: each weight row is read once.
+            x2 = x.reshape(1, rows, -1).to(self.compute_dtype)
+            out = (w[:, None, :].to(self.compute_dtype) * x2).sum(-1)
+            return out.T.reshape(*x.shape[:-1], -1).to(x.dtype)
+        if rows == 1:
+            return F.linear(x, w)
+        x32 = x.to(self.compute_dtype)
+        out = torch.empty(*x.shape[:-1], w.shape[0], device=x.device, dtype=x.dtype)  # [..., out]
+        step = max(1, self.WIDEN_BLOCK // w.shape[1])
+        if self.widen_buffer is not None and self.widen_buffer.numel() >= step * w.shape[1]:
+            block = self.widen_buffer[: step * w.shape[1]].view(step, w.shape[1])
+        else:
+            block = torch.empty(step, w.shape[1], device=w.device, dtype=self.compute_dtype)
+        for start in range(0, w.shape[0], step):
+            wide = block[: min(step, w.shape[0] - start)].copy_(w[start : start + step])  # [step, in]
+            out[..., start : start + wide.shape[0]] = torch.matmul(x32, wide.T)
+        return out
+
+
 def rope_frequencies(args: ModelArgs, device=None) -> torch.Tensor:
     """RoPE frequencies f_i = theta^(-2i/head_dim), with Llama 3.1 scaling bands; [head_dim/2] fp32."""
     hd = args.head_dim
@@ -180,9 +230,21 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
-    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v ([B, H, S, hd]) at start_pos and return the cache up to start_pos + S."""
+    def update(
+        self, start_pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v ([B, H, S, hd]) at start_pos; return the cached keys and values to attend over.
+
+        An int start_pos (eager) returns positions [0, start_pos + S) only. A 0-d tensor start_pos
+        (the compiled decode step) returns the whole cache, so every step has the same shapes; the
+        caller's mask hides the positions not written yet.
+        """
         bsz, _, seqlen, _ = k.shape
+        if isinstance(start_pos, torch.Tensor):
+            positions = start_pos + torch.arange(seqlen, device=k.device)  # [S]
+            self.k[:bsz].index_copy_(2, positions, k)
+            self.v[:bsz].index_copy_(2, positions, v)
+            return self.k[:bsz], self.v[:bsz]  # [B, H, max_seq_len, hd]
         end = start_pos + seqlen
         self.k[:bsz, :, start_pos:end] = k
         self.v[:bsz, :, start_pos:end] = v
@@ -194,15 +256,23 @@ class Attention(nn.Module):
 
     def __init__(self, args: ModelArgs, device=None, dtype=None):
         super().__init__()
-        hd, kw = args.head_dim, {"bias": False, "device": device, "dtype": dtype}
+        hd, kw = args.head_dim, {"device": device, "dtype": dtype}
         self.head_dim = hd
-        self.wq = nn.Linear(args.dim, args.n_heads * hd, **kw)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * hd, **kw)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * hd, **kw)
-        self.wo = nn.Linear(args.n_heads * hd, args.dim, **kw)
+        self.wq = Linear(args.dim, args.n_heads * hd, **kw)
+        self.wk = Linear(args.dim, args.n_kv_heads * hd, **kw)
+        self.wv = Linear(args.dim, args.n_kv_heads * hd, **kw)
+        self.wo = Linear(args.n_heads * hd, args.dim, **kw)
         self.cache: Optional[KVCache] = None
+        self.compute_dtype: Optional[torch.dtype] = None  # of one-token attention; see Transformer.set_compute_dtype
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        start_pos: int | torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         # -1: the number of heads on this rank (all of them without model parallelism).
         q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)  # [B, S, Hq, hd]
@@ -211,29 +281,50 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, hd]
         if self.cache is not None:
-            k, v = self.cache.update(start_pos, k, v)  # [B, Hkv, start_pos + S, hd]
-        out = grouped_attention(q, k, v, start_pos)  # [B, Hq, S, hd]
+            k, v = self.cache.update(start_pos, k, v)  # [B, Hkv, T, hd]: T = start_pos + S, or max_seq_len
+        if seqlen > 1:
+            # Prefill: SDPA's fused (flash) kernel shares K/V heads without copies (enable_gqa) and
+            # is 4x (float32) to 35x (bf16 on CPU) faster than the matmuls of grouped_attention.
+            causal = isinstance(start_pos, int) and start_pos == 0 and k.shape[2] == seqlen
+            if mask is None and not causal:
+                mask = causal_mask(start_pos, seqlen, k.shape[2], x.device)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=None if causal else mask, is_causal=causal, enable_gqa=True
+            )  # [B, Hq, S, hd]
+        else:
+            # One query per row: two small matmuls, K/V heads shared, in compute_dtype if set.
+            dtype = self.compute_dtype or q.dtype
+            out = grouped_attention(q.to(dtype), k.to(dtype), v.to(dtype), start_pos, mask).type_as(q)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
-def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> torch.Tensor:
+def causal_mask(start_pos: int | torch.Tensor, seqlen: int, total: int, device=None) -> torch.Tensor:
+    """[S, T] bool: query i, at position start_pos + i, may see key j iff j <= start_pos + i."""
+    query_pos = start_pos + torch.arange(seqlen, device=device)
+    return torch.arange(total, device=device)[None, :] <= query_pos[:, None]
+
+
+def grouped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int = 0, mask: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """softmax(q k^T / sqrt(hd) + causal mask) v with each KV head serving n_heads/n_kv_heads queries.
 
-    q: [B, Hq, S, hd]; k, v: [B, Hkv, T, hd] with T = start_pos + S. Query i sits at position
-    start_pos + i and may see key j iff j <= start_pos + i: cached positions before start_pos are
-    all visible, so a one-token decode step needs no mask at all. K/V are never repeated: the
-    query heads of a group are folded into the rows of one matmul.
+    q: [B, Hq, S, hd]; k, v: [B, Hkv, T, hd]. ``mask`` ([S, T] bool, from ``causal_mask``) defaults
+    to the causal mask of queries at start_pos ... start_pos + S - 1 over T = start_pos + S keys.
+    Cached positions before start_pos are all visible, so a one-token eager decode step needs no
+    mask at all. K/V are never repeated: the query heads of a group are folded into the rows of one
+    matmul.
     """
     bsz, n_q, seqlen, hd = q.shape
     n_kv, total = k.shape[1], k.shape[2]
     n_rep = n_q // n_kv
+    if mask is None and seqlen > 1:
+        mask = causal_mask(start_pos, seqlen, total, q.device)
     # Consecutive query heads share a KV head: [B, Hkv, n_rep * S, hd].
     qg = q.reshape(bsz, n_kv, n_rep * seqlen, hd)
     scores = torch.matmul(qg, k.transpose(-1, -2)).float() / math.sqrt(hd)  # [B, Hkv, n_rep*S, T]
-    if seqlen > 1:
-        query_pos = start_pos + torch.arange(seqlen, device=q.device)
-        visible = torch.arange(total, device=q.device)[None, :] <= query_pos[:, None]  # [S, T]
-        scores = scores.view(bsz, n_kv, n_rep, seqlen, total).masked_fill(~visible, float("-inf"))
+    if mask is not None:
+        scores = scores.view(bsz, n_kv, n_rep, seqlen, total).masked_fill(~mask, float("-inf"))
         scores = scores.view(bsz, n_kv, n_rep * seqlen, total)
     probs = torch.softmax(scores, dim=-1).type_as(q)
     return torch.matmul(probs, v).view(bsz, n_q, seqlen, hd)
@@ -244,10 +335,10 @@ class FeedForward(nn.Module):
 
     def __init__(self, args: ModelArgs, device=None, dtype=None):
         super().__init__()
-        hidden, kw = args.ffn_hidden_dim, {"bias": False, "device": device, "dtype": dtype}
-        self.w1 = nn.Linear(args.dim, hidden, **kw)
-        self.w2 = nn.Linear(hidden, args.dim, **kw)
-        self.w3 = nn.Linear(args.dim, hidden, **kw)
+        hidden, kw = args.ffn_hidden_dim, {"device": device, "dtype": dtype}
+        self.w1 = Linear(args.dim, hidden, **kw)
+        self.w2 = Linear(hidden, args.dim, **kw)
+        self.w3 = Linear(args.dim, hidden, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -263,8 +354,15 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps, device, dtype)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps, device, dtype)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        start_pos: int | torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -278,7 +376,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, **kw)
         self.layers = nn.ModuleList(TransformerBlock(args, **kw) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps, **kw)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False, **kw)
+        self.output = Linear(args.dim, args.vocab_size, **kw)
         self.max_batch_size = 0
         self.max_seq_len = 0
         # RoPE tables for every cache position, made by setup_cache: [max_seq_len, head_dim/2] fp32.
@@ -297,6 +395,21 @@ class Transformer(nn.Module):
         self._rope_cos, self._rope_sin = rope_cos_sin(freqs, torch.arange(max_seq_len, device=weight.device))
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
 
+    def set_compute_dtype(self, dtype: Optional[torch.dtype]) -> None:
+        """Multiply 16-bit weights, and attend over a 16-bit cache, in ``dtype``; None: in their own dtype.
+
+        float32 is ~7x faster than bf16 on CPUs without native bf16 (see ``Linear``); the weights and
+        cache stay 16-bit in memory.
+        """
+        device = self.tok_embeddings.weight.device
+        # One widening buffer for every Linear: layers run one after another.
+        buffer = None if dtype is None else torch.empty(Linear.WIDEN_BLOCK, device=device, dtype=dtype)
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.compute_dtype, module.widen_buffer = dtype, buffer
+            elif isinstance(module, Attention):
+                module.compute_dtype = dtype
+
     def clear_cache(self) -> None:
         """Free the KV cache; forward then runs full sequences only."""
         for layer in self.layers:
@@ -304,18 +417,27 @@ class Transformer(nn.Module):
         self._rope_cos = self._rope_sin = None
         self.max_batch_size = self.max_seq_len = 0
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0, last_only: bool = False) -> torch.Tensor:
         """Prefill (S tokens) or decode (S = 1) at positions start_pos ... start_pos+S-1.
 
         Without a cache (no ``setup_cache``), ``start_pos`` must be 0 and the whole sequence is given.
         ``last_only`` computes logits for the final position only (what sampling needs).
+
+        ``start_pos`` as a 0-d long tensor selects the static-shape path that ``torch.compile``
+        needs: attention runs over the whole cache with a position mask, so every decode step has
+        the same shapes and one compiled graph serves them all. Its bounds are not checked (that
+        would need the value on the host); ``Llama`` checks them before decoding.
         """
         bsz, seqlen = tokens.shape
+        device = tokens.device
         if self._rope_cos is None:
-            if start_pos != 0:
+            if not isinstance(start_pos, int) or start_pos != 0:
                 raise ValueError(f"start_pos={start_pos} needs a KV cache: call setup_cache() first")
-            freqs = rope_frequencies(self.args, device=tokens.device)
-            cos, sin = rope_cos_sin(freqs, torch.arange(seqlen, device=tokens.device))
+            freqs = rope_frequencies(self.args, device=device)
+            cos, sin = rope_cos_sin(freqs, torch.arange(seqlen, device=device))
+        elif isinstance(start_pos, torch.Tensor):
+            positions = start_pos + torch.arange(seqlen, device=device)
+            cos, sin = self._rope_cos[positions], self._rope_sin[positions]
         else:
             if bsz > self.max_batch_size or start_pos + seqlen > self.max_seq_len:
                 raise ValueError(
@@ -323,9 +445,16 @@ class Transformer(nn.Module):
                     f"({self.max_batch_size} x {self.max_seq_len})"
                 )
             cos, sin = self._rope_cos[start_pos : start_pos + seqlen], self._rope_sin[start_pos : start_pos + seqlen]
+        # One mask for all layers. An eager one-token step sees every cached position, and a
+        # prefill from position 0 is plain causal attention: neither needs a mask.
+        mask = None
+        if isinstance(start_pos, torch.Tensor):
+            mask = causal_mask(start_pos, seqlen, self.max_seq_len, device)  # [S, max_seq_len]
+        elif seqlen > 1 and start_pos > 0:
+            mask = causal_mask(start_pos, seqlen, start_pos + seqlen, device)  # [S, start_pos + S]
         h = self.tok_embeddings(tokens)  # [B, S, dim]
         for layer in self.layers:
-            h = layer(h, cos, sin, start_pos)
+            h = layer(h, cos, sin, start_pos, mask)
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()  # [B, S or 1, vocab]

@@ -1,0 +1,444 @@
+"""Benchmark ``llama`` against Hugging Face transformers on identical random weights.
+
+    python benchmarks/bench.py            # small (~150M) and Llama 3.2 1B shapes on CPU, ~15 min
+    python benchmarks/bench.py --quick    # small shape only, a couple of minutes
+    python benchmarks/bench.py --device cuda   # small and Llama 3 8B shapes on a GPU
+
+One run: measure the memory bandwidth, write random-weight checkpoints (the real 128,256-token
+vocabulary) in Meta's format and as a transformers folder, start every engine in its own process
+(so peak RSS is its own), check that all produce the same greedy tokens, then time them
+interleaved (A B C D, A B C D, ...): load, time to first token and prefill on a 512-token prompt,
+decode at batch 1 and batch 8. Prints a table and writes benchmarks/RESULTS.md. See README.md.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from engines import ENGINES, ensure_checkpoints, load_engine, meta_tokenizer
+
+from llama.memory import GB, kv_cache_bytes, parameter_count
+from llama.model import ModelArgs
+
+HERE = Path(__file__).resolve().parent
+VOCAB = 128256
+SHAPES = {
+    # ~150M parameters, 131M of them the embedding and output matrices: quick runs.
+    "small": ModelArgs(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, vocab_size=VOCAB, multiple_of=256),
+    "llama3.2-1b": ModelArgs(
+        dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=VOCAB, multiple_of=256,
+        ffn_dim_multiplier=1.5, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True, rope_scale_factor=32.0,
+    ),  # fmt: skip
+    "llama3-8b": ModelArgs(
+        dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=VOCAB, multiple_of=1024,
+        ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True,
+    ),  # fmt: skip
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+MARK = "@@bench "  # worker replies are the stdout lines starting with this
+SHORT_PROMPT = 16  # tokens per row of the batched decode run
+
+
+# ------------------------------------------------------------------------------------------------
+# Worker: one engine in its own process, answering JSON requests on stdin.
+
+
+def worker(opts: argparse.Namespace) -> None:
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    dtype = DTYPES[opts.dtype]
+
+    def reply(obj: dict) -> None:
+        print(MARK + json.dumps(obj), flush=True)
+
+    start = time.perf_counter()
+    meta, hf = Path(opts.meta), Path(opts.hf)
+    engine = load_engine(opts.worker, meta, hf, opts.device, dtype, opts.max_batch, opts.max_seq_len)
+    reply({"load_s": time.perf_counter() - start, "threads": torch.get_num_threads()})
+    for line in sys.stdin:
+        req = json.loads(line)
+        if req["op"] == "generate":
+            tokens, t_first, t_last = engine.generate(req["prompts"], req["new_tokens"])
+            reply({"tokens": tokens, "t_first": t_first, "t_last": t_last})
+        elif req["op"] == "profile":
+            reply({"table": engine.profile_step(req["prompt"])})
+        elif req["op"] == "memory":
+            peak_gpu = torch.cuda.max_memory_allocated() if opts.device == "cuda" else None
+            reply({"peak_rss": peak_rss(), "peak_gpu": peak_gpu})
+        elif req["op"] == "exit":
+            return
+
+
+def peak_rss() -> int:
+    """This process's peak resident set, in bytes (VmHWM: unlike ru_maxrss, not inherited across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+class Worker:
+    """The parent's handle on one engine process."""
+
+    def __init__(
+        self, name: str, opts: argparse.Namespace, meta: Path, hf: Path, max_batch: int, max_seq_len: int, dtype: str
+    ):
+        self.name = name
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--meta", str(meta), "--hf", str(hf),
+               "--device", opts.device, "--dtype", dtype, "--max-batch", str(max_batch),
+               "--max-seq-len", str(max_seq_len)]  # fmt: skip
+        if opts.threads:
+            cmd += ["--threads", str(opts.threads)]
+        self.log = open(opts.workdir / f"{name}-{dtype}.log", "w")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.hello = self._read()
+
+    def _read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(MARK):
+                return json.loads(line[len(MARK) :])
+        raise RuntimeError(f"engine {self.name} exited ({self.proc.wait()}); see {self.log.name}")
+
+    def ask(self, **req) -> dict:
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write(json.dumps({"op": "exit"}) + "\n")
+            self.proc.stdin.flush()
+            self.proc.wait()
+        self.log.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# Machine
+
+
+def bandwidth(device: str, gib: float = 1.0, repeats: int = 10) -> tuple[float, float]:
+    """(read, copy) bandwidth in GB/s, best of ``repeats``: read = sum of a large float32 tensor
+    (bytes read); copy = bytes read + bytes written by a tensor copy."""
+    x = torch.ones(int(gib * 2**30) // 4, device=device)
+    y = torch.empty_like(x)
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    nbytes = x.numel() * 4
+    return nbytes / best(lambda: x.sum()) / GB, 2 * nbytes / best(lambda: y.copy_(x)) / GB
+
+
+def machine(device: str) -> str:
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)"
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {os.cpu_count()} cores ({torch.backends.cpu.get_cpu_capability()}), {mem:.0f} GiB RAM"
+
+
+def default_engines(shape: str, device: str) -> list[str]:
+    """All four, except hf-compile on CPU for the 1B shape: there it calls the same bf16 matmuls as
+    hf (measured 1.0x its decode, 0.8x at batch 8) and would add 5 minutes to a 15-minute run."""
+    if device == "cpu" and shape != "small":
+        return ["ours", "ours-compile", "hf"]
+    return list(ENGINES)
+
+
+def default_reps(shape: str, device: str) -> int:
+    return 2 if device == "cpu" and shape == "small" else 1 if device == "cpu" else 3
+
+
+# ------------------------------------------------------------------------------------------------
+# Measurements
+
+
+@dataclass
+class Result:
+    load_s: float = 0.0
+    warmup_s: float = 0.0
+    ttft_s: float = float("inf")
+    decode1: float = 0.0  # tokens/s at batch 1
+    decode8: float = 0.0  # tokens/s at batch B, all rows together
+    peak_rss: int = 0
+    peak_gpu: Optional[int] = None
+    tokens: dict = field(default_factory=dict)
+    profile: str = ""
+
+
+def prompts(batch: int, length: int, seed: int) -> list[list[int]]:
+    """BOS then random ids from the base (non-special) vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    return [[128000] + torch.randint(0, 128000, (length - 1,), generator=g).tolist() for _ in range(batch)]
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[int, int]:
+    """(tokens before the first difference, summed over rows; total tokens)."""
+    same = 0
+    for ra, rb in zip(a, b):
+        n = next((i for i, (x, y) in enumerate(zip(ra, rb)) if x != y), min(len(ra), len(rb)))
+        same += n
+    return same, sum(len(r) for r in a)
+
+
+def run_shape(name: str, args: ModelArgs, opts: argparse.Namespace, log) -> dict:
+    meta, hf, write_s = ensure_checkpoints(opts.workdir, name, args, DTYPES[opts.dtype], meta_tokenizer())
+    if write_s:
+        log(f"[{name}] wrote random checkpoints in {write_s:.0f} s")
+    engines = opts.engines or default_engines(name, opts.device)
+    reps = opts.reps or default_reps(name, opts.device)
+    new, plen, batch = opts.new_tokens, opts.prompt_len, opts.batch
+    max_seq_len = plen + new
+    read_bw = bandwidth(opts.device)[0]  # the machine may be busier or quieter for this shape: the best counts
+    log(f"[{name}] read bandwidth {read_bw:.1f} GB/s")
+    results = {e: Result() for e in engines}
+    check = check_float32(name, meta, hf, engines, opts, log)
+    workers: dict[str, Worker] = {}
+    try:
+        for e in engines:  # started one after another: load times do not overlap
+            workers[e] = Worker(e, opts, meta, hf, batch, max_seq_len, opts.dtype)
+            results[e].load_s = workers[e].hello["load_s"]
+            log(f"[{name}] {e}: loaded in {results[e].load_s:.2f} s ({workers[e].hello['threads']} threads)")
+        # Warm-up: the compiled engines compile here, one graph per batch size.
+        for e, w in workers.items():
+            t = time.perf_counter()
+            w.ask(op="generate", prompts=prompts(1, 16, 1), new_tokens=4)
+            w.ask(op="generate", prompts=prompts(batch, 16, 2), new_tokens=4)
+            results[e].warmup_s = time.perf_counter() - t
+            log(f"[{name}] {e}: warm-up {results[e].warmup_s:.1f} s")
+        # Timings, interleaved: every engine runs each measurement before any runs it again.
+        long_prompt, short = prompts(1, plen, 4), prompts(batch, SHORT_PROMPT, 5)
+        for rep in range(reps):
+            for e, w in workers.items():
+                r = w.ask(op="generate", prompts=long_prompt, new_tokens=new)
+                res, rate = results[e], (new - 1) / (r["t_last"] - r["t_first"])
+                res.ttft_s, res.decode1 = min(res.ttft_s, r["t_first"]), max(res.decode1, rate)
+                res.tokens["b1"] = r["tokens"]
+                log(f"[{name}] rep {rep} {e} b1: ttft {r['t_first']:.2f} s, decode {rate:.2f} tok/s")
+            for e, w in workers.items():
+                r = w.ask(op="generate", prompts=short, new_tokens=new)
+                res, rate = results[e], batch * (new - 1) / (r["t_last"] - r["t_first"])
+                res.decode8 = max(res.decode8, rate)
+                res.tokens["b8"] = r["tokens"]
+                log(f"[{name}] rep {rep} {e} b{batch}: decode {rate:.2f} tok/s")
+        for e, w in workers.items():
+            m = w.ask(op="memory")
+            results[e].peak_rss, results[e].peak_gpu = m["peak_rss"], m["peak_gpu"]
+        if opts.profile:  # after the memory readings: the profiler's own memory is not the engine's
+            for e in ("ours", "hf"):
+                if e in workers:
+                    results[e].profile = workers[e].ask(op="profile", prompt=long_prompt[0])["table"]
+                    log(f"[{name}] {e}: profiled one decode step")
+    finally:
+        for w in workers.values():
+            w.close()
+    return dict(args=args, max_seq_len=max_seq_len, results=results, check=check, reps=reps, read_bw=read_bw)
+
+
+def check_float32(name: str, meta: Path, hf: Path, engines: list[str], opts: argparse.Namespace, log) -> str:
+    """Greedy tokens of our eager engine and transformers', both in float32, must be identical.
+
+    float32, because in bf16 the top two logits of random weights are often within rounding of
+    each other, and engines that round differently (all of them) then part ways after a few tokens.
+    """
+    engines = [e for e in ("ours", "hf") if e in engines]
+    if len(engines) < 2 or opts.no_check:
+        return "not run"
+    check, got = prompts(2, 32, 3), {}
+    for e in engines:
+        w = Worker(e, opts, meta, hf, 1, 32 + opts.check_tokens, "fp32")
+        try:
+            got[e] = [w.ask(op="generate", prompts=[p], new_tokens=opts.check_tokens)["tokens"][0] for p in check]
+        finally:
+            w.close()
+    same, total = agreement(got["hf"], got["ours"])
+    log(f"[{name}] float32 check, hf vs ours: {same}/{total} greedy tokens identical")
+    if same != total:
+        raise SystemExit(f"[{name}] ours and hf disagree in float32: {got['ours']} vs {got['hf']}")
+    return f"identical greedy tokens in float32, ours vs hf ({total} tokens, 2 prompts)"
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+
+
+def report(shapes: dict, opts: argparse.Namespace, info: dict) -> str:
+    size = torch.empty((), dtype=DTYPES[opts.dtype]).element_size()
+    lines = [
+        f"Date: {info['date']}  ",
+        f"Command: `{info['command']}`  ",
+        f"Machine: {info['machine']}; torch {torch.__version__}, transformers {info['transformers']}; "
+        f"{info['threads']} threads; load average before/after: {info['load_before']} / {info['load_after']}  ",
+        f"Memory bandwidth: {info['read_bw']:.1f} GB/s read-only (sum of a 1 GiB float32 tensor, best of 10; "
+        f"measured at the start, before each shape and at the end, the floors use the best), "
+        f"{info['copy_bw']:.1f} GB/s copy (read + write, at the start)  ",
+        f"Wall time of the run: {info['wall_min']:.1f} min  ",
+        f"Prompt {opts.prompt_len} tokens at batch 1 (TTFT, prefill = prompt / TTFT, decode b1 over the next "
+        f"{opts.new_tokens - 1}), batch {opts.batch} x {SHORT_PROMPT}-token prompts for decode b{opts.batch} "
+        f"(all rows' tokens/s); {opts.dtype}.",
+        "",
+    ]
+    for name, s in shapes.items():
+        args, res = s["args"], s["results"]
+        params = parameter_count(args)
+        streamed = (params - args.vocab_size * args.dim) * size  # every weight but the embedding table, per step
+        kv = kv_cache_bytes(args, opts.batch * s["max_seq_len"], size)
+        budget = params * size + kv
+        read_bw = max(info["read_bw"], s["read_bw"])
+        floor = read_bw * GB / streamed
+        lines += [
+            f"### {name}: {params / 1e6:.0f}M parameters, {streamed / GB:.2f} GB non-embedding weights, "
+            f"KV cache {kv / GB:.2f} GB ({opts.batch} x {s['max_seq_len']})",
+            f"Decode floor at batch 1: {floor:.1f} tok/s ({read_bw:.1f} GB/s, the best read bandwidth measured "
+            f"in the run, / non-embedding weight bytes). Check before timing: {s['check']}. "
+            f"Best of {s['reps']} interleaved repetition(s).",
+            "",
+            "| engine | load s | warm-up s | TTFT s | prefill tok/s | decode b1 tok/s | b1 % of floor "
+            f"| decode b{opts.batch} tok/s | b{opts.batch} steps % of floor | peak RSS GB | RSS / (weights + KV) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for e, r in res.items():
+            # On a GPU the budget is the GPU's memory; the host RSS is shown alongside.
+            peak = r.peak_gpu if r.peak_gpu else r.peak_rss
+            gpu = f" (GPU {r.peak_gpu / GB:.2f})" if r.peak_gpu else ""
+            lines.append(
+                f"| {e} | {r.load_s:.2f} | {r.warmup_s:.1f} | {r.ttft_s:.3f} | {opts.prompt_len / r.ttft_s:.1f} "
+                f"| {r.decode1:.2f} | {100 * r.decode1 / floor:.0f}% | {r.decode8:.2f} "
+                f"| {100 * r.decode8 / opts.batch / floor:.0f}% | {r.peak_rss / GB:.2f}{gpu} | {peak / budget:.2f} |"
+            )
+        base = res.get("hf")
+        if base is not None:
+            lines.append("")
+            for e, r in res.items():
+                if e != "hf":
+                    lines.append(
+                        f"- {e} vs hf: prefill {base.ttft_s / r.ttft_s:.2f}x, "
+                        f"decode b1 {r.decode1 / base.decode1:.2f}x, decode b{opts.batch} {r.decode8 / base.decode8:.2f}x"
+                    )
+            for e in ("ours", "ours-compile"):
+                if e in res:
+                    r = res[e]
+                    peak = r.peak_gpu if r.peak_gpu else r.peak_rss
+                    lines.append(
+                        f"- targets, {e}: "
+                        + target("decode b1 vs hf", r.decode1 / base.decode1, 2.0, "x")
+                        + target("decode b1 of floor", 100 * r.decode1 / floor, 75, "%")
+                        + target("prefill vs hf", base.ttft_s / r.ttft_s, 1.5, "x")
+                        + target("peak memory / (weights + KV)", peak / budget, 1.15, "x", at_most=True)
+                    )
+        ref = next(iter(res))
+        for e, r in res.items():
+            if e != ref:
+                agree = [agreement(r.tokens[k], res[ref].tokens[k]) for k in ("b1", "b8")]
+                lines.append(
+                    f"- greedy tokens of the timed runs, {e} vs {ref}: b1 {agree[0][0]}/{agree[0][1]}, "
+                    f"b{opts.batch} {agree[1][0]}/{agree[1][1]} identical before the first difference"
+                )
+        for e, r in res.items():
+            if r.profile:
+                title = f"torch.profiler, one batch-1 decode step of {e} after the {opts.prompt_len}-token prompt:"
+                lines += ["", title, "```", r.profile.strip(), "```"]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def target(label: str, value: float, goal: float, unit: str, at_most: bool = False) -> str:
+    """'label 1.23x (target >= 2.0x: MISSED); ' and the like."""
+    met = value <= goal if at_most else value >= goal
+    goal_text = f"{'<=' if at_most else '>='} {goal}{unit}"
+    return f"{label} {value:.2f}{unit} (target {goal_text}: {'met' if met else 'MISSED'}); "
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the small shape only")
+    p.add_argument("--shapes", help=f"comma-separated, from {list(SHAPES)} (default: small + 1B on CPU, + 8B on CUDA)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    p.add_argument("--engines", help=f"comma-separated, from {ENGINES} (default: all but hf-compile for 1B on CPU)")
+    p.add_argument("--threads", type=int, help="torch threads per engine (default: torch's, one per core)")
+    p.add_argument("--reps", type=int, help="interleaved repetitions, best reported (default: 2 small + 1 1B on CPU, 3 CUDA)")
+    p.add_argument("--profile", action="store_true", help="add torch.profiler's top ops of one decode step (ours, hf)")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--check-tokens", type=int, default=24, help="greedy tokens per prompt in the float32 check")
+    p.add_argument("--no-check", action="store_true", help="skip the float32 check of ours against hf")
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/llama-bench"), help="checkpoints (reused), engine logs")
+    p.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    # Internal: run one engine.
+    for flag in ("--worker", "--meta", "--hf"):
+        p.add_argument(flag, help=argparse.SUPPRESS)
+    p.add_argument("--max-batch", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--max-seq-len", type=int, help=argparse.SUPPRESS)
+    opts = p.parse_args()
+    if opts.worker:
+        return worker(opts)
+
+    import transformers
+
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no GPU visible to torch")
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    opts.engines = opts.engines.split(",") if opts.engines else None
+    default = "small,llama3-8b" if opts.device == "cuda" else "small,llama3.2-1b"
+    names = ["small"] if opts.quick else (opts.shapes or default).split(",")
+    opts.workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.0f}s] {msg}", file=sys.stderr, flush=True)
+
+    info = {
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "command": shlex.join(["python", "benchmarks/bench.py", *sys.argv[1:]]),
+        "machine": machine(opts.device),
+        "transformers": transformers.__version__,
+        "threads": opts.threads or torch.get_num_threads(),
+        "load_before": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+    }
+    info["read_bw"], info["copy_bw"] = bandwidth(opts.device)
+    log(f"{info['machine']}: read {info['read_bw']:.1f} GB/s, copy {info['copy_bw']:.1f} GB/s")
+    shapes = {n: run_shape(n, SHAPES[n], opts, log) for n in names}
+    info["read_bw"] = max(info["read_bw"], bandwidth(opts.device)[0])
+    info["load_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    info["wall_min"] = (time.perf_counter() - t0) / 60
+    text = report(shapes, opts, info)
+    print(text)
+    header = "# Benchmark results\n\nWritten by `benchmarks/bench.py`; README.md says what each column means.\n\n"
+    opts.out.write_text(header + text)
+    log(f"wrote {opts.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""The engines the benchmark compares, each behind one small interface, plus the checkpoints they read.
+
+An engine loads a checkpoint once, then ``generate(prompts, new_tokens)`` continues every prompt
+greedily by exactly ``new_tokens`` tokens (no early stop) and returns the tokens with two wall
+times: when the first new token of every row was known (prefill) and when the last one was.
+
+- ``ours``: ``llama.Llama`` eager; ``ours-compile``: ``Llama.build(..., compile=True)``.
+- ``hf``: transformers ``LlamaForCausalLM`` with its default (dynamic) cache and SDPA attention;
+  ``hf-compile``: the same with a static cache and ``torch.compile`` of the decode step, the
+  recipe transformers documents for fast generation.
+
+Both read the same random weights: ``write_hf_copy`` rewrites our Meta-format checkpoint as a
+transformers folder (the only numerical change is the q/k row order of rotary embeddings).
+"""
+
+import json
+import time
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from llama.checkpoint import load_params, load_state_dict, write_random_checkpoint
+from llama.model import ROPE_HIGH_FREQ_FACTOR, ROPE_LOW_FREQ_FACTOR, ROPE_ORIGINAL_CONTEXT, ModelArgs
+
+ENGINES = ("ours", "ours-compile", "hf", "hf-compile")
+
+
+class Engine(Protocol):
+    def generate(self, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[int]], float, float]:
+        """Greedy continuation of exactly ``new_tokens`` per row -> (tokens, t_first, t_last) in seconds."""
+        ...
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Ours:
+    """``llama.Llama`` as a user builds it; stop tokens disabled so every run has the same length."""
+
+    def __init__(self, ckpt_dir: Path, device: str, dtype: torch.dtype, max_batch: int, max_seq_len: int, compile: bool):
+        from llama.generation import Llama
+
+        self.llama = Llama.build(
+            str(ckpt_dir), max_seq_len=max_seq_len, max_batch_size=max_batch, device=device, dtype=dtype,
+            compile=compile,
+        )  # fmt: skip
+        self.llama.tokenizer.stop_tokens = [-1]  # no id is -1: rows never stop early (like HF's min_new_tokens)
+        self.device = self.llama.device
+
+    def generate(self, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[int]], float, float]:
+        out: list[list[int]] = [[] for _ in prompts]
+        sync(self.device)
+        start = time.perf_counter()
+        t_first = t_last = 0.0
+        for events in self.llama.generate_stream(prompts, max_gen_len=new_tokens, temperature=0.0):
+            for e in events:  # reading the tokens waits for the device
+                out[e["row"]].append(e["token"])
+            t_last = time.perf_counter() - start
+            if not t_first:
+                t_first = t_last
+        return out, t_first, t_last
+
+
+    @torch.inference_mode()
+    def profile_step(self, prompt: list[int]) -> str:
+        """torch.profiler's top ops of one batch-1 decode step after ``prompt`` (the timed step's own path)."""
+        model = self.llama.model
+        tokens = torch.tensor([prompt], device=self.device)
+        model(tokens, 0, last_only=True)
+        step = self.llama.decode_step or model
+        compiled = self.llama.decode_step is not None
+        for pos in (len(prompt), len(prompt) + 1):  # a warm-up step, then the profiled one
+            start = torch.tensor(pos, device=self.device) if compiled else pos
+            with torch.profiler.profile(activities=activities(self.device)) as prof:
+                step(tokens[:, -1:], start, last_only=True)
+                sync(self.device)
+        return top_ops(prof, self.device)
+
+
+def activities(device: torch.device) -> list:
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    return acts + [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else acts
+
+
+def top_ops(prof, device: torch.device, rows: int = 10) -> str:
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=50)
+
+
+class _Timestamps:
+    """A transformers streamer that records when each step's tokens arrive (the first call is the prompt)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+class HF:
+    """transformers ``LlamaForCausalLM`` from a converted folder; greedy ``generate`` with a streamer for timings."""
+
+    def __init__(self, hf_dir: Path, device: str, dtype: torch.dtype, max_seq_len: int, compile: bool):
+        from transformers import CompileConfig, LlamaForCausalLM
+
+        self.device = torch.device(device)
+        self.model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(self.device).eval()
+        self.kwargs: dict = {"do_sample": False, "temperature": None, "top_p": None, "pad_token_id": 0}
+        if compile:
+            # Static cache + compiled decode step. transformers compiles automatically only on GPUs;
+            # _compile_all_devices is its own switch for doing the same on CPU.
+            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+            config = CompileConfig(fullgraph=True, dynamic=False, mode=mode)
+            config._compile_all_devices = True
+            self.kwargs["compile_config"] = config
+        self.compile = compile
+        self.max_seq_len = max_seq_len
+        self.caches: dict[int, object] = {}  # batch size -> StaticCache of max_seq_len positions
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[int]], float, float]:
+        lengths = {len(p) for p in prompts}
+        if len(lengths) != 1:
+            raise ValueError("the benchmark gives every row the same prompt length (no padding)")
+        ids = torch.tensor(prompts, device=self.device)
+        kwargs = dict(self.kwargs)
+        if self.compile:
+            # One static cache per batch size, always max_seq_len long: the compiled step keeps its
+            # shapes from call to call (a cache sized prompt + new tokens would recompile it).
+            from transformers import StaticCache
+
+            cache = self.caches.get(len(prompts))
+            if cache is None:
+                cache = StaticCache(config=self.model.config, max_cache_len=self.max_seq_len)
+                self.caches[len(prompts)] = cache
+            else:
+                cache.reset()
+            kwargs["past_key_values"] = cache
+        stamps = _Timestamps()
+        sync(self.device)
+        start = time.perf_counter()
+        out = self.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            streamer=stamps,
+            **kwargs,
+        )
+        sync(self.device)
+        end = time.perf_counter()
+        # stamps.times[0]: the prompt, before prefill; [1]: the first new token; [-1]: the last.
+        return out[:, ids.shape[1] :].tolist(), stamps.times[1] - start, end - start
+
+
+    @torch.inference_mode()
+    def profile_step(self, prompt: list[int]) -> str:
+        """torch.profiler's top ops of one batch-1 decode step after ``prompt`` (eager forward, dynamic cache)."""
+        ids = torch.tensor([prompt], device=self.device)
+        cache = self.model(ids, use_cache=True, logits_to_keep=1).past_key_values
+        for _ in range(2):  # a warm-up step, then the profiled one
+            with torch.profiler.profile(activities=activities(self.device)) as prof:
+                self.model(ids[:, -1:], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                sync(self.device)
+        return top_ops(prof, self.device)
+
+
+def load_engine(
+    name: str, ckpt_dir: Path, hf_dir: Path, device: str, dtype: torch.dtype, max_batch: int, max_seq_len: int
+) -> Engine:
+    if name in ("ours", "ours-compile"):
+        return Ours(ckpt_dir, device, dtype, max_batch, max_seq_len, compile=name == "ours-compile")
+    if name in ("hf", "hf-compile"):
+        return HF(hf_dir, device, dtype, max_seq_len, compile=name == "hf-compile")
+    raise ValueError(f"unknown engine {name!r}; choose from {ENGINES}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
+    """config.json of the same architecture (transformers 5 names the RoPE settings ``rope_parameters``)."""
+    rope = {"rope_type": "default", "rope_theta": args.rope_theta}
+    if args.use_scaled_rope:
+        rope.update(
+            rope_type="llama3",
+            factor=args.rope_scale_factor,
+            low_freq_factor=ROPE_LOW_FREQ_FACTOR,
+            high_freq_factor=ROPE_HIGH_FREQ_FACTOR,
+            original_max_position_embeddings=ROPE_ORIGINAL_CONTEXT,
+        )
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": args.vocab_size,
+        "hidden_size": args.dim,
+        "intermediate_size": args.ffn_hidden_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.head_dim,
+        "rms_norm_eps": args.norm_eps,
+        "rope_parameters": rope,
+        "max_position_embeddings": args.max_context,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "hidden_act": "silu",
+        "bos_token_id": 128000,
+        "eos_token_id": 128001,
+        "dtype": {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype],
+    }
+
+
+def rotate_half_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """wq/wk rows from Meta's adjacent-pair RoPE layout to transformers' rotate-half layout.
+
+    View the rows of each head as [head_dim/2, 2] (pair i, component c) and swap the two axes, so
+    row 2i+c moves to row c*head_dim/2 + i.
+    """
+    rows, dim = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
+
+
+def write_hf_copy(ckpt_dir: Path, hf_dir: Path) -> None:
+    """Rewrite a Meta-format checkpoint as a transformers folder (config.json + model.safetensors)."""
+    from safetensors.torch import save_file
+
+    args = load_params(ckpt_dir)
+    sd = load_state_dict(ckpt_dir, args)  # memory-mapped, checkpoint dtype
+    out = {
+        "model.embed_tokens.weight": sd["tok_embeddings.weight"],
+        "model.norm.weight": sd["norm.weight"],
+        "lm_head.weight": sd["output.weight"],
+    }
+    for i in range(args.n_layers):
+        m, h = f"layers.{i}.", f"model.layers.{i}."
+        out[h + "self_attn.q_proj.weight"] = rotate_half_rows(sd[m + "attention.wq.weight"], args.n_heads)
+        out[h + "self_attn.k_proj.weight"] = rotate_half_rows(sd[m + "attention.wk.weight"], args.n_kv_heads)
+        out[h + "self_attn.v_proj.weight"] = sd[m + "attention.wv.weight"]
+        out[h + "self_attn.o_proj.weight"] = sd[m + "attention.wo.weight"]
+        out[h + "mlp.gate_proj.weight"] = sd[m + "feed_forward.w1.weight"]
+        out[h + "mlp.up_proj.weight"] = sd[m + "feed_forward.w3.weight"]
+        out[h + "mlp.down_proj.weight"] = sd[m + "feed_forward.w2.weight"]
+        out[h + "input_layernorm.weight"] = sd[m + "attention_norm.weight"]
+        out[h + "post_attention_layernorm.weight"] = sd[m + "ffn_norm.weight"]
+    hf_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in out.items()}, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    dtype = sd["tok_embeddings.weight"].dtype
+    (hf_dir / "config.json").write_text(json.dumps(hf_config(args, dtype), indent=2) + "\n")
+
+
+def ensure_checkpoints(
+    root: Path, name: str, args: ModelArgs, dtype: torch.dtype, tokenizer: Path, seed: int = 0
+) -> tuple[Path, Path, float]:
+    """Meta-format and transformers copies of random weights under ``root/name``; reused when complete.
+
+    Returns (meta_dir, hf_dir, seconds spent writing: 0 when reused).
+    """
+    tag = f"{name}-{str(dtype).removeprefix('torch.')}-seed{seed}"
+    meta_dir, hf_dir = root / tag / "meta", root / tag / "hf"
+    done = root / tag / "complete.json"
+    want = {"params": args.to_dict(), "dtype": str(dtype), "seed": seed}
+    if done.is_file() and json.loads(done.read_text()) == want:
+        return meta_dir, hf_dir, 0.0
+    start = time.perf_counter()
+    write_random_checkpoint(meta_dir, args, seed=seed, dtype=dtype, tokenizer_path=tokenizer)
+    write_hf_copy(meta_dir, hf_dir)
+    done.write_text(json.dumps(want) + "\n")
+    return meta_dir, hf_dir, time.perf_counter() - start
+
+
+def meta_tokenizer() -> Path:
+    """Meta's Llama 3 tokenizer.model from the llama-models wheel (never committed)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the benchmark needs Meta's tokenizer.model: pip install --no-deps llama-models==0.3.0")
+    return Path(list(spec.submodule_search_locations)[0]) / "llama3" / "tokenizer.model"
