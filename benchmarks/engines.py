@@ -14,14 +14,16 @@ transformers folder (the only numerical change is the q/k row order of rotary em
 """
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from llama.checkpoint import load_params, load_state_dict, write_random_checkpoint
-from llama.model import ROPE_HIGH_FREQ_FACTOR, ROPE_LOW_FREQ_FACTOR, ROPE_ORIGINAL_CONTEXT, ModelArgs
+from llama.checkpoint import write_random_checkpoint
+from llama.convert import meta_to_hf
+from llama.model import ModelArgs
 
 ENGINES = ("ours", "ours-compile", "hf", "hf-compile")
 
@@ -185,78 +187,6 @@ def load_engine(
 # Checkpoints
 
 
-def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
-    """config.json of the same architecture (transformers 5 names the RoPE settings ``rope_parameters``)."""
-    rope = {"rope_type": "default", "rope_theta": args.rope_theta}
-    if args.use_scaled_rope:
-        rope.update(
-            rope_type="llama3",
-            factor=args.rope_scale_factor,
-            low_freq_factor=ROPE_LOW_FREQ_FACTOR,
-            high_freq_factor=ROPE_HIGH_FREQ_FACTOR,
-            original_max_position_embeddings=ROPE_ORIGINAL_CONTEXT,
-        )
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": args.vocab_size,
-        "hidden_size": args.dim,
-        "intermediate_size": args.ffn_hidden_dim,
-        "num_hidden_layers": args.n_layers,
-        "num_attention_heads": args.n_heads,
-        "num_key_value_heads": args.n_kv_heads,
-        "head_dim": args.head_dim,
-        "rms_norm_eps": args.norm_eps,
-        "rope_parameters": rope,
-        "max_position_embeddings": args.max_context,
-        "tie_word_embeddings": False,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "hidden_act": "silu",
-        "bos_token_id": 128000,
-        "eos_token_id": 128001,
-        "dtype": {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype],
-    }
-
-
-def rotate_half_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """wq/wk rows from Meta's adjacent-pair RoPE layout to transformers' rotate-half layout.
-
-    View the rows of each head as [head_dim/2, 2] (pair i, component c) and swap the two axes, so
-    row 2i+c moves to row c*head_dim/2 + i.
-    """
-    rows, dim = w.shape
-    return w.view(n_heads, rows // n_heads // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
-
-
-def write_hf_copy(ckpt_dir: Path, hf_dir: Path) -> None:
-    """Rewrite a Meta-format checkpoint as a transformers folder (config.json + model.safetensors)."""
-    from safetensors.torch import save_file
-
-    args = load_params(ckpt_dir)
-    sd = load_state_dict(ckpt_dir, args)  # memory-mapped, checkpoint dtype
-    out = {
-        "model.embed_tokens.weight": sd["tok_embeddings.weight"],
-        "model.norm.weight": sd["norm.weight"],
-        "lm_head.weight": sd["output.weight"],
-    }
-    for i in range(args.n_layers):
-        m, h = f"layers.{i}.", f"model.layers.{i}."
-        out[h + "self_attn.q_proj.weight"] = rotate_half_rows(sd[m + "attention.wq.weight"], args.n_heads)
-        out[h + "self_attn.k_proj.weight"] = rotate_half_rows(sd[m + "attention.wk.weight"], args.n_kv_heads)
-        out[h + "self_attn.v_proj.weight"] = sd[m + "attention.wv.weight"]
-        out[h + "self_attn.o_proj.weight"] = sd[m + "attention.wo.weight"]
-        out[h + "mlp.gate_proj.weight"] = sd[m + "feed_forward.w1.weight"]
-        out[h + "mlp.up_proj.weight"] = sd[m + "feed_forward.w3.weight"]
-        out[h + "mlp.down_proj.weight"] = sd[m + "feed_forward.w2.weight"]
-        out[h + "input_layernorm.weight"] = sd[m + "attention_norm.weight"]
-        out[h + "post_attention_layernorm.weight"] = sd[m + "ffn_norm.weight"]
-    hf_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in out.items()}, hf_dir / "model.safetensors", metadata={"format": "pt"})
-    dtype = sd["tok_embeddings.weight"].dtype
-    (hf_dir / "config.json").write_text(json.dumps(hf_config(args, dtype), indent=2) + "\n")
-
-
 def ensure_checkpoints(
     root: Path, name: str, args: ModelArgs, dtype: torch.dtype, tokenizer: Path, seed: int = 0
 ) -> tuple[Path, Path, float]:
@@ -272,7 +202,8 @@ def ensure_checkpoints(
         return meta_dir, hf_dir, 0.0
     start = time.perf_counter()
     write_random_checkpoint(meta_dir, args, seed=seed, dtype=dtype, tokenizer_path=tokenizer)
-    write_hf_copy(meta_dir, hf_dir)
+    shutil.rmtree(hf_dir, ignore_errors=True)  # a copy left by an interrupted run
+    meta_to_hf(meta_dir, hf_dir)  # the project's converter: rotate-half wq/wk rows, config.json
     done.write_text(json.dumps(want) + "\n")
     return meta_dir, hf_dir, time.perf_counter() - start
 
