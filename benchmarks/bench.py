@@ -195,6 +195,37 @@ class Result:
     profile: str = ""
 
 
+def busy_ticks(pid: Optional[int] = None) -> int:
+    """CPU time in clock ticks: of every core (``/proc/stat``), or of one process."""
+    if pid is None:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
+        return user + nice + system + irq + softirq + steal
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def timed(w: Worker, opts: argparse.Namespace, log, retries: int = 2, **req) -> dict:
+    """One timed generate. On a shared CPU it is repeated (up to ``retries`` times) while other
+    processes used more than a fifth of a core during it, whose load would be charged to this
+    engine; the least disturbed attempt is kept."""
+    if opts.device != "cpu" or not Path("/proc/stat").exists():
+        return w.ask(op="generate", **req)
+    attempts = []
+    for attempt in range(retries + 1):
+        pids = (w.proc.pid, os.getpid())
+        before = (time.perf_counter(), busy_ticks(), sum(busy_ticks(p) for p in pids))
+        r = w.ask(op="generate", **req)
+        wall, total = time.perf_counter() - before[0], busy_ticks() - before[1]
+        ours = sum(busy_ticks(p) for p in pids) - before[2]
+        others = (total - ours) / os.sysconf("SC_CLK_TCK") / wall  # cores used by other processes
+        attempts.append((others, attempt, r))
+        if others < 0.2:
+            break
+        again = "measuring again" if attempt < retries else "keeping the least disturbed attempt"
+        log(f"  {w.name}: other processes used {others:.1f} cores meanwhile; {again}")
+    return min(attempts)[2]
+
+
 def prompts(batch: int, length: int, seed: int) -> list[list[int]]:
     """BOS then random ids from the base (non-special) vocabulary."""
     g = torch.Generator().manual_seed(seed)
@@ -239,13 +270,13 @@ def run_shape(name: str, args: ModelArgs, opts: argparse.Namespace, log) -> dict
         long_prompt, short = prompts(1, plen, 4), prompts(batch, SHORT_PROMPT, 5)
         for rep in range(reps):
             for e, w in workers.items():
-                r = w.ask(op="generate", prompts=long_prompt, new_tokens=new)
+                r = timed(w, opts, log, prompts=long_prompt, new_tokens=new)
                 res, rate = results[e], (new - 1) / (r["t_last"] - r["t_first"])
                 res.ttft_s, res.decode1 = min(res.ttft_s, r["t_first"]), max(res.decode1, rate)
                 res.tokens["b1"] = r["tokens"]
                 log(f"[{name}] rep {rep} {e} b1: ttft {r['t_first']:.2f} s, decode {rate:.2f} tok/s")
             for e, w in workers.items():
-                r = w.ask(op="generate", prompts=short, new_tokens=new)
+                r = timed(w, opts, log, prompts=short, new_tokens=new)
                 res, rate = results[e], batch * (new - 1) / (r["t_last"] - r["t_first"])
                 res.decode8 = max(res.decode8, rate)
                 res.tokens["b8"] = r["tokens"]
