@@ -13,6 +13,7 @@ from typing import Iterator, Optional, Sequence, TypedDict
 
 import torch
 
+from llama import native
 from llama.chat_format import ChatFormat
 from llama.checkpoint import load_params, load_transformer
 from llama.datatypes import ChatPrediction, CompletionPrediction, Dialog
@@ -144,7 +145,10 @@ class Llama:
             ckpt_dir, device, dtype, rank, world_size, parallelize if world_size > 1 else None, args=args
         )
         model.setup_cache(max_batch_size, max_seq_len)
-        model.set_compute_dtype(default_compute_dtype(device, dtype))
+        compute_dtype = default_compute_dtype(device, dtype)
+        # bf16 weights multiplied in float32 on a CPU: the native kernel streams them faster (llama/native.py).
+        matvec = native.bf16_matvec() if compute_dtype == torch.float32 and dtype == torch.bfloat16 else None
+        model.set_compute_dtype(compute_dtype, matvec=matvec, matvec_rows=native.MAX_ROWS)
         llama = Llama(model, tokenizer, rank=rank, seed=seed, compile=compile)
         llama.log(f"Loaded {ckpt_dir} on {device} as {dtype} ({world_size} rank(s)) in {time.time() - start:.2f} s")
         return llama

@@ -1,0 +1,118 @@
+/*
+ * y = x @ w.T for bf16 weights w [N, K] and a few float32 rows x [B, K] (B <= 8), on x86 CPUs with
+ * AVX2 + FMA but no native bf16. Compiled on first use by llama/native.py; see its docstring.
+ *
+ * Why: decoding one token reads every weight once, so it runs at the speed the weights stream from
+ * memory. torch's bf16 matrix-vector kernel widens bf16 to float32 at ~55% of the machine's read
+ * bandwidth on AVX2; this loop keeps up with it.
+ *
+ * How: a bf16 value is the top half of a float32, so widening is placing the 16 bits above 16 zero
+ * bits. One 256-bit load holds 16 weights; interleaving them with zeros (unpacklo/unpackhi_epi16)
+ * gives two vectors of 8 float32: elements 0-3,8-11 and 4-7,12-15 (AVX2 unpacks within 128-bit
+ * lanes). x is permuted once per call into the same order, so each pair of FMAs lines up.
+ * Accumulation is float32, as in torch's kernel; only the summation order differs.
+ *
+ * Threads: OpenMP over blocks of weight rows, with the thread count the caller passes (torch's).
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_ROWS 8 /* rows of x per call */
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline float widen(uint16_t h) {
+    union { uint32_t u; float f; } v;
+    v.u = (uint32_t)h << 16;
+    return v.f;
+}
+
+/*
+ * y[b * ldy + r] = sum_k w[r * K + k] * x[b][k] for R weight rows and B input rows; xp holds x
+ * permuted per 16-element block ([B][K16]), x the plain rows for the tail K16..K-1. R and B are
+ * compile-time constants at every call site, so the loops unroll and the accumulators stay in the
+ * 16 ymm registers: with B <= 2, two accumulators per (row, input) pair (R * B * 2 <= 8) keep two
+ * independent FMA chains; with more inputs, one per pair (B <= 8) leaves room for x.
+ */
+static inline __attribute__((always_inline)) void block(
+    const uint16_t *w, int64_t K, int64_t K16, const float *xp, const float *x, float *y, int64_t ldy,
+    const int R, const int B) {
+    const int split = B <= 2;
+    __m256 lo[4][MAX_ROWS], hi[4][MAX_ROWS];
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < B; b++) lo[r][b] = hi[r][b] = _mm256_setzero_ps();
+    const __m256i zero = _mm256_setzero_si256();
+    for (int64_t k = 0; k < K16; k += 16) {
+        __m256 xl[MAX_ROWS], xh[MAX_ROWS];
+        if (split)  /* x for this k once, reused by every weight row */
+            for (int b = 0; b < B; b++) {
+                xl[b] = _mm256_loadu_ps(xp + b * K16 + k);
+                xh[b] = _mm256_loadu_ps(xp + b * K16 + k + 8);
+            }
+        for (int r = 0; r < R; r++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(w + r * K + k));
+            __m256 wl = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v));
+            __m256 wh = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v));
+            for (int b = 0; b < B; b++) {
+                if (split) {
+                    lo[r][b] = _mm256_fmadd_ps(wl, xl[b], lo[r][b]);
+                    hi[r][b] = _mm256_fmadd_ps(wh, xh[b], hi[r][b]);
+                } else {  /* x from L1 for each input row */
+                    lo[r][b] = _mm256_fmadd_ps(wl, _mm256_loadu_ps(xp + b * K16 + k), lo[r][b]);
+                    lo[r][b] = _mm256_fmadd_ps(wh, _mm256_loadu_ps(xp + b * K16 + k + 8), lo[r][b]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < B; b++) {
+            float s = hsum(_mm256_add_ps(lo[r][b], hi[r][b]));
+            for (int64_t k = K16; k < K; k++) s += widen(w[r * K + k]) * x[b * K + k];
+            y[b * ldy + r] = s;
+        }
+}
+
+/* Rows of w per block: 4 for one input row (8 accumulators), fewer as B grows. */
+#define ROWS_FOR(B) ((B) == 1 ? 4 : (B) == 2 ? 2 : 1)
+
+#define DISPATCH(B)                                                                        \
+    case B: {                                                                              \
+        const int64_t R = ROWS_FOR(B), blocks = N / R;                                     \
+        _Pragma("omp parallel for num_threads(threads) schedule(static)")                  \
+        for (int64_t i = 0; i < blocks; i++)                                               \
+            block(w + i * R * K, K, K16, xp, x, y + i * R, N, ROWS_FOR(B), B);             \
+        for (int64_t n = blocks * R; n < N; n++) block(w + n * K, K, K16, xp, x, y + n, N, 1, B); \
+        break;                                                                             \
+    }
+
+/*
+ * w: bf16 bits [N, K] row-major; x: float32 [B, K]; y: float32 [B, N]. Returns 0, or -1 for an
+ * unsupported B or a failed allocation (y is then untouched and the caller falls back).
+ */
+int llama_bf16_matvec(const uint16_t *w, const float *x, float *y, int64_t N, int64_t K, int B, int threads) {
+    if (B < 1 || B > MAX_ROWS || threads < 1) return -1;
+    const int64_t K16 = K - K % 16;
+    float *xp = malloc(sizeof(float) * (size_t)(B * K16 + 1));
+    if (!xp) return -1;
+    for (int b = 0; b < B; b++)
+        for (int64_t k = 0; k < K16; k += 16) {
+            const float *src = x + b * K + k;
+            float *dst = xp + b * K16 + k;
+            memcpy(dst, src, 4 * sizeof(float));          /* 0-3   */
+            memcpy(dst + 4, src + 8, 4 * sizeof(float));  /* 8-11  */
+            memcpy(dst + 8, src + 4, 4 * sizeof(float));  /* 4-7   */
+            memcpy(dst + 12, src + 12, 4 * sizeof(float)); /* 12-15 */
+        }
+    switch (B) {
+        DISPATCH(1) DISPATCH(2) DISPATCH(3) DISPATCH(4) DISPATCH(5) DISPATCH(6) DISPATCH(7) DISPATCH(8)
+    }
+    free(xp);
+    return 0;
+}

@@ -1,0 +1,129 @@
+"""An optional C kernel for decoding bf16 weights on x86 CPUs that have AVX2 but no native bf16.
+
+Decoding a token multiplies every weight matrix by one activation row (a few at batch > 1), so it
+runs at the speed the weights stream from memory. On AVX2 CPUs torch's bf16 kernels widen bf16 to
+float32 at about 55% of the machine's read bandwidth; ``csrc/bf16_matvec.c`` (about 100 lines of
+AVX2, ours) keeps up with it, which makes batch-1 decoding ~1.7x faster (benchmarks/RESULTS.md).
+Everything else in the library is plain PyTorch, and so is every result: the kernel accumulates in
+float32 like torch's; only the order of the additions differs (tests/test_native.py checks it
+against float64).
+
+The kernel is compiled on first use with the system C compiler (``$CC``, else ``cc``) into
+``$XDG_CACHE_HOME/llama/native`` (``~/.cache/llama/native``), once per source version; that takes
+about a second. Where it cannot be used (not x86-64 Linux, no AVX2/FMA, no compiler, or
+``LLAMA_NATIVE=0`` in the environment), ``bf16_matvec()`` returns None and the model uses torch's
+kernels, with the same results. A failed compilation is reported once on stderr.
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "bf16_matvec.c"
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+MAX_ROWS = 8  # rows of x per call; the C kernel's MAX_ROWS
+
+MatVec = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cpu_supported() -> bool:
+    """x86-64 Linux with AVX2 and FMA (the instructions the kernel is compiled for)."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return {"avx2", "fma"} <= set(flags.split())
+
+
+def build(cache_dir: Optional[Path] = None) -> Path:
+    """Compile the kernel (once per source and flags) and return the shared library's path.
+
+    Raises RuntimeError with the compiler's message when compilation fails or no compiler exists.
+    Concurrent builds (torchrun ranks) are safe: each writes a temporary file and renames it.
+    """
+    if cache_dir is None:
+        from llama.demo import cache_root  # one cache folder for everything the library makes
+
+        cache_dir = cache_root() / "native"
+    compiler = os.environ.get("CC") or "cc"
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C compiler {compiler!r} on PATH (set CC, or LLAMA_NATIVE=0 to stop trying)")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join((compiler,) + FLAGS).encode()).hexdigest()[:16]
+    target = Path(cache_dir) / f"bf16_matvec-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed to compile {SOURCE}:\n{result.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def load(path: Path) -> MatVec:
+    """The kernel in ``path`` as ``matvec(x, w) -> y``: x [rows, K] (any float dtype, rows <= 8),
+    w [N, K] contiguous bf16 on the CPU, y = x @ w.T as [rows, N] float32."""
+    fn = ctypes.CDLL(str(path)).llama_bf16_matvec
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int] * 2
+
+    def matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if w.dtype != torch.bfloat16 or w.device.type != "cpu" or not w.is_contiguous():
+            raise ValueError(f"bf16_matvec needs a contiguous bf16 CPU weight, got {w.dtype} on {w.device}")
+        if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_ROWS or x.shape[1] != w.shape[1]:
+            raise ValueError(f"bf16_matvec needs x of [1..{MAX_ROWS}, {w.shape[1]}], got {list(x.shape)}")
+        x = x.to(device="cpu", dtype=torch.float32).contiguous()
+        y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
+        rc = fn(w.data_ptr(), x.data_ptr(), y.data_ptr(), w.shape[0], w.shape[1], x.shape[0], torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError("bf16_matvec could not allocate its scratch row")
+        return y
+
+    return matvec
+
+
+@functools.cache
+def bf16_matvec() -> Optional[MatVec]:
+    """The kernel as ``matvec(x, w)`` (see ``load``; inside ``torch.compile`` a custom op), or None
+    where it cannot be used on this machine (see the module docstring)."""
+    if os.environ.get("LLAMA_NATIVE", "1") == "0" or not cpu_supported():
+        return None
+    try:
+        matvec = load(build())
+    except (OSError, RuntimeError) as e:
+        print(f"llama: using torch's bf16 kernels; the native one is unavailable: {e}", file=sys.stderr)
+        return None
+
+    # torch.compile sees the kernel as an opaque custom op; eager calls skip the op dispatcher
+    # (~20 us a call, a few percent of a decode step).
+    @torch.library.custom_op("llama::bf16_matvec", mutates_args=())
+    def op(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return matvec(x, w)
+
+    @op.register_fake
+    def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32)
+
+    def dispatch(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return op(x, w) if torch.compiler.is_compiling() else matvec(x, w)
+
+    return dispatch

@@ -1,0 +1,196 @@
+"""The native bf16 matrix-vector kernel (llama/native.py, llama/csrc/bf16_matvec.c).
+
+References we did not write: float64 products of the same (bf16-exact) numbers, and torch's own bf16
+kernel. On an x86-64 Linux machine with AVX2 and a C compiler (this project's CI machine) the kernel
+must build: its absence there is a failure, not a skip.
+"""
+
+import dataclasses
+import shutil
+
+import pytest
+import torch
+
+from llama import native
+from llama.model import Linear
+
+from test_fast_paths import ARGS, decisive_model, generate, prompts  # noqa: F401  (shared model builders)
+
+EXPECTED = native.cpu_supported() and shutil.which("cc") is not None
+
+
+@pytest.fixture(scope="module")
+def matvec():
+    fn = native.bf16_matvec()
+    if fn is None:
+        assert not EXPECTED, "the native kernel should build on x86-64 Linux with AVX2 and cc"
+        pytest.skip("the native kernel does not apply to this machine")
+    return fn
+
+
+def bf16_exact(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).bfloat16()
+
+
+# Tails on both sides: N not a multiple of the 4-row block, K not a multiple of 16, K < 16.
+@pytest.mark.parametrize("n,k", [(1, 16), (5, 7), (37, 45), (64, 64), (130, 2048), (4099, 160), (8, 8208)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
+def test_matches_float64(matvec, n, k, rows):
+    w = bf16_exact(n, k, seed=n * k)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+    y = matvec(x, w)
+    assert y.dtype == torch.float32 and y.shape == (rows, n)
+    exact = x.double() @ w.double().T
+    # float32 accumulation of k products: error <~ k * eps * sum|terms|, far below it in practice.
+    bound = 4 * torch.finfo(torch.float32).eps * (x.double().abs() @ w.double().abs().T) + 1e-30
+    assert ((y.double() - exact).abs() <= bound).all()
+
+
+def test_matches_torch_bf16_kernel(matvec):
+    """Against torch's bf16 product of the same numbers, rounded to bf16 alike."""
+    w, x = bf16_exact(1000, 2048, seed=1), bf16_exact(1, 2048, seed=2)
+    ours = matvec(x, w).bfloat16()
+    theirs = torch.nn.functional.linear(x, w)
+    eps = torch.finfo(torch.bfloat16).eps
+    assert ((ours.double() - theirs.double()).abs() <= eps * theirs.double().abs() + 1e-6).all()
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_threads_do_not_change_results(matvec, threads):
+    """Rows are split between threads, never a sum: every thread count gives identical bits."""
+    w, x = bf16_exact(515, 304, seed=3), torch.randn(2, 304)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = matvec(x, w)
+        torch.set_num_threads(threads)
+        assert torch.equal(matvec(x, w), one)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_bad_arguments_are_refused(matvec):
+    w = bf16_exact(8, 32, seed=4)
+    with pytest.raises(ValueError, match="bf16"):
+        matvec(torch.randn(1, 32), w.float())
+    with pytest.raises(ValueError, match="contiguous"):
+        matvec(torch.randn(1, 8), w.T)
+    with pytest.raises(ValueError, match=r"\[1\.\.8, 32\]"):
+        matvec(torch.randn(9, 32), w)
+    with pytest.raises(ValueError, match=r"\[1\.\.8, 32\]"):
+        matvec(torch.randn(1, 31), w)
+
+
+def test_build_is_cached_and_errors_are_clear(tmp_path, monkeypatch):
+    if not EXPECTED:
+        pytest.skip("needs x86-64 Linux with AVX2 and cc")
+    first = native.build(tmp_path)
+    mtime = first.stat().st_mtime_ns
+    assert native.build(tmp_path) == first and first.stat().st_mtime_ns == mtime  # no second compile
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary files left
+    monkeypatch.setenv("CC", "no-such-compiler")
+    with pytest.raises(RuntimeError, match="no C compiler 'no-such-compiler'"):
+        native.build(tmp_path / "other")
+    monkeypatch.setenv("CC", "false")  # a "compiler" that fails
+    with pytest.raises(RuntimeError, match="false failed to compile"):
+        native.build(tmp_path / "other")
+    assert list((tmp_path / "other").iterdir()) == []
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("LLAMA_NATIVE", "0")
+    native.bf16_matvec.cache_clear()
+    try:
+        assert native.bf16_matvec() is None
+    finally:
+        monkeypatch.delenv("LLAMA_NATIVE")
+        native.bf16_matvec.cache_clear()
+
+
+def test_linear_uses_it_for_few_rows_only(matvec):
+    layer = Linear(64, 40, dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.copy_(bf16_exact(40, 64, seed=5))
+    calls = []
+    layer.compute_dtype, layer.matvec_rows = torch.float32, 8
+    layer.matvec = lambda x, w: calls.append(x.shape[0]) or matvec(x, w)
+    for rows in (1, 8, 9):
+        x = bf16_exact(rows, 1, 64, seed=rows)
+        out = layer(x)
+        assert out.dtype == torch.bfloat16 and out.shape == (rows, 1, 40)
+        exact = x.double() @ layer.weight.double().T
+        assert ((out.double() - exact).abs() <= torch.finfo(torch.bfloat16).eps * exact.abs() + 1e-6).all()
+    assert calls == [1, 8]  # 9 rows: the widened-block path
+
+
+def test_set_compute_dtype_hands_it_to_bf16_linears_only(matvec):
+    model = decisive_model(torch.bfloat16)
+    model.set_compute_dtype(torch.float32, matvec=matvec, matvec_rows=native.MAX_ROWS)
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert all(m.matvec is matvec and m.matvec_rows == native.MAX_ROWS for m in linears)
+    model.set_compute_dtype(None, matvec=matvec, matvec_rows=native.MAX_ROWS)  # 16-bit compute: not used
+    assert all(m.matvec is None and m.matvec_rows == 0 for m in linears)
+    model32 = decisive_model(torch.float32)
+    model32.set_compute_dtype(torch.float32, matvec=matvec, matvec_rows=native.MAX_ROWS)
+    assert all(m.matvec is None for m in model32.modules() if isinstance(m, Linear))
+
+
+def test_generation_with_kernel_equals_torch_kernels(tokenizer, matvec):
+    """Greedy tokens identical, logprobs within float32 summation-order noise (both compute in float32)."""
+    from llama.generation import Llama
+
+    model = decisive_model(torch.bfloat16)
+    batch = prompts(9, 5, 14, seed=6)
+    model.set_compute_dtype(torch.float32)
+    plain_tokens, plain_lp = generate(Llama(model, tokenizer), batch)
+    model.set_compute_dtype(torch.float32, matvec=matvec, matvec_rows=native.MAX_ROWS)
+    calls, inner = [], matvec
+    for m in model.modules():
+        if isinstance(m, Linear):
+            m.matvec = lambda x, w: calls.append(1) or inner(x, w)
+    tokens, lp = generate(Llama(model, tokenizer), batch)
+    assert calls, "the kernel was not used"
+    assert tokens == plain_tokens
+    for a, b in zip(lp, plain_lp):
+        # Rounding activations to bf16 can turn a last-bit float32 difference into one bf16 step.
+        assert max(abs(x - y) for x, y in zip(a, b)) < 0.05
+
+
+@pytest.fixture(scope="module")
+def tokenizer(meta_tokenizer_path):
+    from llama.tokenizer import Tokenizer
+
+    return Tokenizer(meta_tokenizer_path)
+
+
+def test_build_uses_it_for_bf16_on_cpus_without_bf16(monkeypatch, tmp_path, meta_tokenizer_path, matvec):
+    """Llama.build wires the kernel in exactly when it multiplies bf16 weights in float32 on the CPU."""
+    from llama.checkpoint import write_random_checkpoint
+    from llama.generation import Llama
+
+    monkeypatch.setattr("llama.generation.cpu_has_native_bf16", lambda: False)
+    ckpt = tmp_path / "ckpt"
+    write_random_checkpoint(ckpt, dataclasses.replace(ARGS, vocab_size=128256), dtype=torch.bfloat16)
+    for dtype, expected in (("bf16", True), ("fp32", False), ("fp16", False)):
+        llm = Llama.build(str(ckpt), meta_tokenizer_path, max_seq_len=32, max_batch_size=1, dtype=dtype, device="cpu")
+        assert (llm.model.output.matvec is not None) == expected, dtype
+
+
+def test_compiled_decode_calls_it_as_a_custom_op(tokenizer, matvec):
+    """Inside torch.compile the kernel is an opaque op in one graph: same tokens as eager, no recompiles."""
+    from llama.generation import Llama
+    from test_fast_paths import _compile_works
+
+    if not _compile_works():
+        pytest.skip("torch.compile cannot build kernels here")
+    model = decisive_model(torch.bfloat16)
+    model.set_compute_dtype(torch.float32, matvec=matvec, matvec_rows=native.MAX_ROWS)
+    batch = prompts(9, 5, 14, seed=7)
+    eager_tokens, eager_lp = generate(Llama(model, tokenizer), batch, n=10)
+    torch._dynamo.reset()
+    compiled = Llama(model, tokenizer, compile=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        tokens, lp = generate(compiled, batch, n=10)
+    assert tokens == eager_tokens
+    for a, b in zip(lp, eager_lp):
+        assert max(abs(x - y) for x, y in zip(a, b)) < 0.05
