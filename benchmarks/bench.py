@@ -167,10 +167,13 @@ def machine(device: str) -> str:
 
 
 def default_engines(shape: str, device: str) -> list[str]:
-    """All four, except hf-compile on CPU for the 1B shape: there it calls the same bf16 matmuls as
-    hf (measured 1.0x its decode, 0.8x at batch 8) and would add 5 minutes to a 15-minute run."""
+    """All of them on CPU, except hf-compile for the 1B shape: there it calls the same bf16 matmuls
+    as hf (measured 1.0x its decode, 0.8x at batch 8) and would add 5 minutes to the run. On CUDA
+    ours-torch is ours (the native kernel is CPU-only)."""
     if device == "cpu" and shape != "small":
-        return ["ours", "ours-compile", "hf"]
+        return ["ours", "ours-compile", "ours-torch", "hf"]
+    if device == "cuda":
+        return [e for e in ENGINES if e != "ours-torch"]
     return list(ENGINES)
 
 
@@ -375,7 +378,7 @@ def report(shapes: dict, opts: argparse.Namespace, info: dict) -> str:
                         f"- {e} vs hf: prefill {base.ttft_s / r.ttft_s:.2f}x, "
                         f"decode b1 {r.decode1 / base.decode1:.2f}x, decode b{opts.batch} {r.decode8 / base.decode8:.2f}x"
                     )
-            for e in ("ours", "ours-compile"):
+            for e in ("ours", "ours-compile", "ours-torch"):
                 if e in res:
                     r = res[e]
                     peak = r.peak_gpu if r.peak_gpu else r.peak_rss

@@ -4,7 +4,9 @@ An engine loads a checkpoint once, then ``generate(prompts, new_tokens)`` contin
 greedily by exactly ``new_tokens`` tokens (no early stop) and returns the tokens with two wall
 times: when the first new token of every row was known (prefill) and when the last one was.
 
-- ``ours``: ``llama.Llama`` eager; ``ours-compile``: ``Llama.build(..., compile=True)``.
+- ``ours``: ``llama.Llama`` eager; ``ours-compile``: ``Llama.build(..., compile=True)``;
+  ``ours-torch``: eager with ``LLAMA_NATIVE=0``, i.e. torch's kernels instead of the native bf16
+  matrix-vector kernel (llama/native.py), to show what that kernel buys on the same run.
 - ``hf``: transformers ``LlamaForCausalLM`` with its default (dynamic) cache and SDPA attention;
   ``hf-compile``: the same with a static cache and ``torch.compile`` of the decode step, the
   recipe transformers documents for fast generation.
@@ -14,6 +16,7 @@ transformers folder (the only numerical change is the q/k row order of rotary em
 """
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -25,7 +28,7 @@ from llama.checkpoint import write_random_checkpoint
 from llama.convert import meta_to_hf
 from llama.model import ModelArgs
 
-ENGINES = ("ours", "ours-compile", "hf", "hf-compile")
+ENGINES = ("ours", "ours-compile", "ours-torch", "hf", "hf-compile")
 
 
 class Engine(Protocol):
@@ -176,6 +179,9 @@ class HF:
 def load_engine(
     name: str, ckpt_dir: Path, hf_dir: Path, device: str, dtype: torch.dtype, max_batch: int, max_seq_len: int
 ) -> Engine:
+    if name == "ours-torch":
+        os.environ["LLAMA_NATIVE"] = "0"  # this worker process only
+        return Ours(ckpt_dir, device, dtype, max_batch, max_seq_len, compile=False)
     if name in ("ours", "ours-compile"):
         return Ours(ckpt_dir, device, dtype, max_batch, max_seq_len, compile=name == "ours-compile")
     if name in ("hf", "hf-compile"):

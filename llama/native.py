@@ -113,8 +113,9 @@ def bf16_matvec() -> Optional[MatVec]:
         print(f"llama: using torch's bf16 kernels; the native one is unavailable: {e}", file=sys.stderr)
         return None
 
-    # torch.compile sees the kernel as an opaque custom op; eager calls skip the op dispatcher
-    # (~20 us a call, a few percent of a decode step).
+    # torch.compile sees the kernel as an opaque custom op, and so does torch.profiler (a ctypes
+    # call is invisible to it); other eager calls skip the op dispatcher (~20 us a call, a few
+    # percent of a decode step).
     @torch.library.custom_op("llama::bf16_matvec", mutates_args=())
     def op(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return matvec(x, w)
@@ -124,6 +125,8 @@ def bf16_matvec() -> Optional[MatVec]:
         return x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32)
 
     def dispatch(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return op(x, w) if torch.compiler.is_compiling() else matvec(x, w)
+        if torch.compiler.is_compiling() or torch.autograd.profiler._is_profiler_enabled:
+            return op(x, w)
+        return matvec(x, w)
 
     return dispatch
