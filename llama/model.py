@@ -154,8 +154,9 @@ class Linear(nn.Linear):
     ``compute_dtype = None`` (the default) is plain ``F.linear``.
 
     ``matvec``, when set (``Transformer.set_compute_dtype``), replaces the first two cases for up
-    to ``matvec_rows`` rows: a function (x [rows, in] float32, weight) -> [rows, out] float32, such
-    as ``llama.native.bf16_matvec()``, a kernel that streams bf16 weights faster than torch's.
+    to ``matvec_rows`` rows: a function (x [rows, in], weight) -> [rows, out] in x's dtype that
+    sums in float32, such as ``llama.native.bf16_matvec()``, which streams bf16 weights faster
+    than torch's kernels.
     """
 
     WIDEN_BLOCK = 1 << 20  # weights widened per block: 1M elements = 4 MiB of float32, cache-sized
@@ -174,8 +175,7 @@ class Linear(nn.Linear):
             return F.linear(x, w)
         rows = x.numel() // x.shape[-1]
         if self.matvec is not None and rows <= self.matvec_rows:
-            out = self.matvec(x.reshape(rows, -1).to(self.compute_dtype), w)  # [rows, out]
-            return out.reshape(*x.shape[:-1], -1).to(x.dtype)
+            return self.matvec(x.reshape(rows, -1), w).view(*x.shape[:-1], -1)  # [..., out] in x's dtype
         if torch.compiler.is_compiling() and rows <= self.COMPILED_MAX_ROWS:
             # [out, 1, in] * [1, rows, in] summed over in -> [out, rows]: each weight row is read once.
             x2 = x.reshape(1, rows, -1).to(self.compute_dtype)

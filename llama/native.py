@@ -80,22 +80,26 @@ def build(cache_dir: Optional[Path] = None) -> Path:
 
 
 def load(path: Path) -> MatVec:
-    """The kernel in ``path`` as ``matvec(x, w) -> y``: x [rows, K] (any float dtype, rows <= 8),
-    w [N, K] contiguous bf16 on the CPU, y = x @ w.T as [rows, N] float32."""
+    """The kernel in ``path`` as ``matvec(x, w) -> y = x @ w.T``: x [rows, K] float32 or bf16 with
+    rows <= 8, w [N, K] contiguous bf16 on the CPU, y [rows, N] in x's dtype. Sums are float32 in
+    both cases; a bf16 y is each sum rounded to nearest even, as ``F.linear`` on bf16 rounds it."""
     fn = ctypes.CDLL(str(path)).llama_bf16_matvec
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int] * 2
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int] * 3
 
     def matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if w.dtype != torch.bfloat16 or w.device.type != "cpu" or not w.is_contiguous():
             raise ValueError(f"bf16_matvec needs a contiguous bf16 CPU weight, got {w.dtype} on {w.device}")
         if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_ROWS or x.shape[1] != w.shape[1]:
             raise ValueError(f"bf16_matvec needs x of [1..{MAX_ROWS}, {w.shape[1]}], got {list(x.shape)}")
-        x = x.to(device="cpu", dtype=torch.float32).contiguous()
-        y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
-        rc = fn(w.data_ptr(), x.data_ptr(), y.data_ptr(), w.shape[0], w.shape[1], x.shape[0], torch.get_num_threads())
-        if rc != 0:
-            raise MemoryError("bf16_matvec could not allocate its scratch row")
+        if x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu":
+            raise ValueError(f"bf16_matvec needs a float32 or bf16 CPU x, got {x.dtype} on {x.device}")
+        x = x.contiguous()
+        y = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype)
+        bf16_io = int(x.dtype == torch.bfloat16)
+        threads = torch.get_num_threads()
+        if fn(w.data_ptr(), x.data_ptr(), y.data_ptr(), w.shape[0], w.shape[1], x.shape[0], bf16_io, threads) != 0:
+            raise MemoryError("bf16_matvec could not allocate its scratch rows")
         return y
 
     return matvec
@@ -122,7 +126,7 @@ def bf16_matvec() -> Optional[MatVec]:
 
     @op.register_fake
     def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32)
+        return x.new_empty(x.shape[0], w.shape[0])
 
     def dispatch(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling() or torch.autograd.profiler._is_profiler_enabled:

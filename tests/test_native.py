@@ -46,6 +46,36 @@ def test_matches_float64(matvec, n, k, rows):
     assert ((y.double() - exact).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_bf16_rows_give_the_float32_sums_rounded_like_torch(matvec, rows):
+    """bf16 in, bf16 out: the float32 result rounded to nearest even, bit for bit as torch rounds."""
+    w, x = bf16_exact(300, 80, seed=rows), bf16_exact(rows, 80, seed=rows + 1)
+    x[0, 5] = float("nan")  # every output of row 0 is NaN
+    y = matvec(x, w)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, 300)
+    expected = matvec(x.float(), w).to(torch.bfloat16)
+    assert bool(y[0].isnan().all()) and not bool(y[1:].isnan().any())
+    assert torch.equal(y[1:].view(torch.int16), expected[1:].view(torch.int16))
+
+
+def test_bf16_rounding_edge_cases(matvec):
+    """a + b summed in float32 and rounded: ties to even, overflow to inf, infinities, NaN."""
+    big = torch.finfo(torch.bfloat16).max  # 0x7F7F: an odd last mantissa bit
+    half_ulp = 2.0 ** (127 - 8)  # half a bf16 step at the top binade
+    cases = [(1.0, 2.0**-8), (1.0 + 2.0**-7, 2.0**-8), (1.0, 2.0**-8 + 2.0**-15), (big, half_ulp),
+             (-big, -half_ulp), (big, half_ulp / 2), (float("inf"), 1.0), (float("inf"), float("-inf")),
+             (2.0**-133, 2.0**-133)]  # fmt: skip
+    w = torch.tensor(cases, dtype=torch.float32)  # [N, 2]: w[n] = (a, b), each exact in bf16
+    torch.testing.assert_close(w.bfloat16().float(), w, rtol=0, atol=0, equal_nan=True)
+    x = torch.ones(1, 2, dtype=torch.bfloat16)
+    y = matvec(x, w.bfloat16())[0]
+    expected = (w[:, 0] + w[:, 1]).to(torch.bfloat16)  # float32 sum, torch's rounding
+    assert torch.equal(y.isnan(), expected.isnan())
+    keep = ~expected.isnan()
+    assert torch.equal(y[keep].view(torch.int16), expected[keep].view(torch.int16))
+    assert y[3] == float("inf") and y[4] == float("-inf") and y[5] == big  # overflow by rounding, or not
+
+
 def test_matches_torch_bf16_kernel(matvec):
     """Against torch's bf16 product of the same numbers, rounded to bf16 alike."""
     w, x = bf16_exact(1000, 2048, seed=1), bf16_exact(1, 2048, seed=2)
@@ -79,6 +109,8 @@ def test_bad_arguments_are_refused(matvec):
         matvec(torch.randn(9, 32), w)
     with pytest.raises(ValueError, match=r"\[1\.\.8, 32\]"):
         matvec(torch.randn(1, 31), w)
+    with pytest.raises(ValueError, match="float32 or bf16"):
+        matvec(torch.randn(1, 32).half(), w)
 
 
 def test_build_is_cached_and_errors_are_clear(tmp_path, monkeypatch):

@@ -1,6 +1,6 @@
 /*
- * y = x @ w.T for bf16 weights w [N, K] and a few float32 rows x [B, K] (B <= 8), on x86 CPUs with
- * AVX2 + FMA but no native bf16. Compiled on first use by llama/native.py; see its docstring.
+ * y = x @ w.T for bf16 weights w [N, K] and a few rows x [B, K] (B <= 8, float32 or bf16), on x86
+ * CPUs with AVX2 + FMA but no native bf16. Compiled on first use by llama/native.py; see its docstring.
  *
  * Why: decoding one token reads every weight once, so it runs at the speed the weights stream from
  * memory. torch's bf16 matrix-vector kernel widens bf16 to float32 at ~55% of the machine's read
@@ -36,6 +36,13 @@ static inline float widen(uint16_t h) {
     return v.f;
 }
 
+/* float32 -> bf16, rounding to nearest even, NaN -> 0x7FC0: exactly torch's conversion. */
+static inline uint16_t narrow(float f) {
+    union { float f; uint32_t u; } v = {f};
+    if (f != f) return 0x7FC0;
+    return (uint16_t)((v.u + 0x7FFF + ((v.u >> 16) & 1)) >> 16);
+}
+
 /*
  * y[b * ldy + r] = sum_k w[r * K + k] * x[b][k] for R weight rows and B input rows; xp holds x
  * permuted per 16-element block ([B][K16]), x the plain rows for the tail K16..K-1. R and B are
@@ -44,8 +51,8 @@ static inline float widen(uint16_t h) {
  * independent FMA chains; with more inputs, one per pair (B <= 8) leaves room for x.
  */
 static inline __attribute__((always_inline)) void block(
-    const uint16_t *w, int64_t K, int64_t K16, const float *xp, const float *x, float *y, int64_t ldy,
-    const int R, const int B) {
+    const uint16_t *w, int64_t K, int64_t K16, const float *xp, const float *x, void *y, int64_t ldy,
+    int bf16_out, const int R, const int B) {
     const int split = B <= 2;
     __m256 lo[4][MAX_ROWS], hi[4][MAX_ROWS];
     for (int r = 0; r < R; r++)
@@ -81,44 +88,53 @@ static inline __attribute__((always_inline)) void block(
         for (int b = 0; b < B; b++) {
             float s = hsum(_mm256_add_ps(lo[r][b], hi[r][b]));
             for (int64_t k = K16; k < K; k++) s += widen(w[r * K + k]) * x[b * K + k];
-            y[b * ldy + r] = s;
+            if (bf16_out)
+                ((uint16_t *)y)[b * ldy + r] = narrow(s);
+            else
+                ((float *)y)[b * ldy + r] = s;
         }
 }
 
 /* Rows of w per block: 4 for one input row (8 accumulators), fewer as B grows. */
 #define ROWS_FOR(B) ((B) == 1 ? 4 : (B) == 2 ? 2 : 1)
 
-#define DISPATCH(B)                                                                        \
-    case B: {                                                                              \
-        const int64_t R = ROWS_FOR(B), blocks = N / R;                                     \
-        _Pragma("omp parallel for num_threads(threads) schedule(static)")                  \
-        for (int64_t i = 0; i < blocks; i++)                                               \
-            block(w + i * R * K, K, K16, xp, x, y + i * R, N, ROWS_FOR(B), B);             \
-        for (int64_t n = blocks * R; n < N; n++) block(w + n * K, K, K16, xp, x, y + n, N, 1, B); \
-        break;                                                                             \
+#define DISPATCH(B)                                                                              \
+    case B: {                                                                                    \
+        const int64_t R = ROWS_FOR(B), blocks = N / R;                                           \
+        _Pragma("omp parallel for num_threads(threads) schedule(static)")                        \
+        for (int64_t i = 0; i < blocks; i++)                                                     \
+            block(w + i * R * K, K, K16, xp, xf, (char *)y + i * R * ysize, N, bf16_io, ROWS_FOR(B), B); \
+        for (int64_t n = blocks * R; n < N; n++)                                                 \
+            block(w + n * K, K, K16, xp, xf, (char *)y + n * ysize, N, bf16_io, 1, B);          \
+        break;                                                                                   \
     }
 
 /*
- * w: bf16 bits [N, K] row-major; x: float32 [B, K]; y: float32 [B, N]. Returns 0, or -1 for an
- * unsupported B or a failed allocation (y is then untouched and the caller falls back).
+ * w: bf16 bits [N, K] row-major; x: [B, K] and y: [B, N], both float32 (bf16_io = 0) or both bf16
+ * (bf16_io = 1: x widened on entry, each float32 sum rounded like torch's .to(bfloat16)).
+ * Returns 0, or -1 for an unsupported B or a failed allocation (y is then untouched).
  */
-int llama_bf16_matvec(const uint16_t *w, const float *x, float *y, int64_t N, int64_t K, int B, int threads) {
+int llama_bf16_matvec(const uint16_t *w, const void *x, void *y, int64_t N, int64_t K, int B, int bf16_io, int threads) {
     if (B < 1 || B > MAX_ROWS || threads < 1) return -1;
     const int64_t K16 = K - K % 16;
-    float *xp = malloc(sizeof(float) * (size_t)(B * K16 + 1));
-    if (!xp) return -1;
+    const size_t ysize = bf16_io ? sizeof(uint16_t) : sizeof(float);
+    /* xf: x as float32 [B, K] (the tails read it); xp: x permuted per 16-block [B, K16]. */
+    float *xf = malloc(sizeof(float) * (size_t)(B * (K + K16)));
+    if (!xf) return -1;
+    float *xp = xf + B * K;
+    for (int64_t i = 0; i < B * K; i++) xf[i] = bf16_io ? widen(((const uint16_t *)x)[i]) : ((const float *)x)[i];
     for (int b = 0; b < B; b++)
         for (int64_t k = 0; k < K16; k += 16) {
-            const float *src = x + b * K + k;
+            const float *src = xf + b * K + k;
             float *dst = xp + b * K16 + k;
-            memcpy(dst, src, 4 * sizeof(float));          /* 0-3   */
-            memcpy(dst + 4, src + 8, 4 * sizeof(float));  /* 8-11  */
-            memcpy(dst + 8, src + 4, 4 * sizeof(float));  /* 4-7   */
+            memcpy(dst, src, 4 * sizeof(float));           /* 0-3   */
+            memcpy(dst + 4, src + 8, 4 * sizeof(float));   /* 8-11  */
+            memcpy(dst + 8, src + 4, 4 * sizeof(float));   /* 4-7   */
             memcpy(dst + 12, src + 12, 4 * sizeof(float)); /* 12-15 */
         }
     switch (B) {
         DISPATCH(1) DISPATCH(2) DISPATCH(3) DISPATCH(4) DISPATCH(5) DISPATCH(6) DISPATCH(7) DISPATCH(8)
     }
-    free(xp);
+    free(xf);
     return 0;
 }
