@@ -220,12 +220,19 @@ def rope_cos_sin(freqs: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Te
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (2i, 2i+1) of each head (Meta's layout). x: [B, S, H, hd]; cos/sin: [S, hd/2].
 
-    Each pair is a complex number x0 + i*x1 multiplied by cos + i*sin, i.e. (x0 cos - x1 sin,
-    x0 sin + x1 cos); one complex product is ~3x faster than the four real ones on small tensors.
+    Each pair (x0, x1) becomes (x0 cos - x1 sin, x0 sin + x1 cos): the complex product
+    (x0 + i x1)(cos + i sin). Eager runs it as one complex multiply (~3x faster than four real
+    ones on a decode step's small tensors); Inductor generates no code for complex tensors, so
+    compiled graphs get the real form, which it fuses.
     """
+    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads: [S, 1, hd/2]
+    if torch.compiler.is_compiling():
+        pairs = x.float().unflatten(-1, (-1, 2))  # [B, S, H, hd/2, 2]
+        x0, x1 = pairs[..., 0], pairs[..., 1]
+        rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+        return rotated.flatten(-2).type_as(x)
     pairs = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))  # [B, S, H, hd/2]
-    rotation = torch.complex(cos, sin)[:, None, :]  # broadcast over heads: [S, 1, hd/2]
-    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
+    return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2).type_as(x)
 
 
 class KVCache(nn.Module):
@@ -421,7 +428,8 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.compute_dtype, module.widen_buffer = dtype, buffer
-                usable = dtype == torch.float32 and module.weight.dtype == torch.bfloat16 and module.weight.is_contiguous()
+                w = module.weight
+                usable = dtype == torch.float32 and w.dtype == torch.bfloat16 and w.is_contiguous()
                 module.matvec = matvec if usable else None
                 module.matvec_rows = matvec_rows if usable else 0
             elif isinstance(module, Attention):

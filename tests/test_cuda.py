@@ -95,7 +95,7 @@ def test_torchrun_nccl_fairscale_layers_single_gpu(ckpt: Path, tmp_path: Path) -
         f"open({str(tmp_path / 'out.json')!r}, 'w').write(json.dumps({{'err': err, 'kinds': kinds}}))\n"
         "dist.destroy_process_group()\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(port), str(script)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
