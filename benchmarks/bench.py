@@ -469,7 +469,10 @@ def main() -> None:
     info["wall_min"] = (time.perf_counter() - t0) / 60
     text = report(shapes, opts, info)
     print(text)
-    header = "# Benchmark results\n\nWritten by `benchmarks/bench.py`; README.md says what each column means.\n\n"
+    header = (
+        "# Benchmark results\n\nWritten by `benchmarks/bench.py`; README.md says what each column means. "
+        "The GPU runs are in RESULTS-cuda.md.\n\n"
+    )
     opts.out.write_text(header + text)
     log(f"wrote {opts.out}")
 
