@@ -2,8 +2,8 @@
 
 Decoding a token multiplies every weight matrix by one activation row (a few at batch > 1), so it
 runs at the speed the weights stream from memory. On AVX2 CPUs torch's bf16 kernels widen bf16 to
-float32 at about 55% of the machine's read bandwidth; ``csrc/bf16_matvec.c`` (about 100 lines of
-AVX2, ours) keeps up with it, which makes batch-1 decoding ~1.7x faster (benchmarks/RESULTS.md).
+float32 at about 55% of the machine's read bandwidth; ``csrc/bf16_matvec.c`` (about 140 lines of
+C, ours) keeps up with it, which makes batch-1 decoding ~1.7x faster (benchmarks/RESULTS.md).
 Everything else in the library is plain PyTorch, and so is every result: the kernel accumulates in
 float32 like torch's; only the order of the additions differs (tests/test_native.py checks it
 against float64).

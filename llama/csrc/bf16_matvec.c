@@ -36,7 +36,8 @@ static inline float widen(uint16_t h) {
     return v.f;
 }
 
-/* float32 -> bf16, rounding to nearest even, NaN -> 0x7FC0: exactly torch's conversion. */
+/* float32 -> bf16 rounded to nearest even, as torch rounds (bit for bit on every non-NaN value,
+ * tests/test_native.py); a NaN becomes the quiet NaN 0x7FC0. */
 static inline uint16_t narrow(float f) {
     union { float f; uint32_t u; } v = {f};
     if (f != f) return 0x7FC0;
