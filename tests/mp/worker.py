@@ -99,6 +99,9 @@ def main() -> None:
         torch.save(result, out / f"{name}.rank{rank}.pt")
     if a.build:
         (out / f"build.rank{rank}.json").write_text(json.dumps(build_and_generate(a.build, a.tokenizer, a.gen)))
+    # Every rank reaches this point before any tears its group down: a gloo rank destroyed while a
+    # peer still talks to it can abort that peer ("terminate called without an active exception").
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
