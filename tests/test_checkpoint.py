@@ -283,7 +283,7 @@ def test_peak_rss_of_loading_a_bf16_checkpoint(tmp_path):
     write_checkpoint(tmp_path, weights, args)
     size = shard_path(tmp_path).stat().st_size
     assert 200e6 < size < 400e6
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     run = subprocess.run([sys.executable, "-c", RSS_CHILD, str(tmp_path)], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr
     m = json.loads(run.stdout.strip().splitlines()[-1])
