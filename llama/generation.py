@@ -9,7 +9,7 @@ import codecs
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, TypedDict
+from typing import Callable, Iterator, Optional, Sequence, TypedDict
 
 import torch
 
@@ -79,12 +79,12 @@ def default_compute_dtype(device: torch.device, dtype: torch.dtype) -> Optional[
     return None
 
 
-def compile_decode_step(model: Transformer, device: torch.device):
+def compile_decode_step(model: Transformer, device: torch.device) -> Callable[..., torch.Tensor]:
     """``torch.compile`` of ``model`` for the static-shape one-token step (``start_pos`` a tensor).
 
     On CUDA: CUDA graphs (no per-kernel launch cost) and Inductor's coordinate-descent tuning of
     the reductions it generates for one-row matrix products: an 8B step on an H100 takes 6.8 ms
-    with it against 7.6 ms with ``mode="reduce-overhead"`` alone (benchmarks/RESULTS.md).
+    with it against 7.6 ms with ``mode="reduce-overhead"`` alone (benchmarks/RESULTS-cuda.md).
     """
     if device.type == "cuda":
         options = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
@@ -126,8 +126,9 @@ class Llama:
         ``max_batch_size x max_seq_len`` do not fit in the device's free memory.
 
         ``compile`` runs each one-token decode step through ``torch.compile`` (static shapes: the
-        step attends over the whole cache with a position mask). The first generation compiles
-        (tens of seconds); later ones are faster than eager. Prefill stays eager.
+        step attends over the whole cache with a position mask; see ``compile_decode_step``). The
+        first generation compiles (about a minute on CPU, three on a GPU, where kernels are tuned);
+        later ones are faster than eager, by ~3x on a GPU. Prefill stays eager.
         """
         start = time.time()
         device = torch.device(device) if device is not None else default_device()
