@@ -1,10 +1,12 @@
-"""Shared fixtures: Meta's tokenizer.model from the llama-models wheel (never committed)."""
+"""Shared fixtures: Meta's tokenizer.model from the llama-models wheel (never committed), a
+tokenizer on it, and one torch thread for modules of tiny models."""
 
 import hashlib
 import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 META_TOKENIZER_MD5 = "08292403f8b173e7524d7fba7bbbd2d3"
 
@@ -27,3 +29,21 @@ def _meta_tokenizer_file() -> Path:
 def meta_tokenizer_path() -> Path:
     """Path to Meta's Llama 3 tokenizer.model (md5 checked). Fails, never skips, when missing."""
     return _meta_tokenizer_file()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(meta_tokenizer_path):
+    """A ``llama.tokenizer.Tokenizer`` on Meta's tokenizer.model (read-only in tests: shared)."""
+    from llama.tokenizer import Tokenizer
+
+    return Tokenizer(meta_tokenizer_path)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of dim-64 models (``pytestmark = pytest.mark.usefixtures("one_thread")``): they
+    gain nothing from threads, and OpenMP threads on busy cores can be 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

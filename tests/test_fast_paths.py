@@ -20,24 +20,12 @@ import torch.nn.functional as F
 from llama.checkpoint import random_state_dict
 from llama.generation import Llama
 from llama.model import Linear, ModelArgs, Transformer, causal_mask, grouped_attention
-from llama.tokenizer import Tokenizer
 
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32, use_scaled_rope=True)
 BF16_LOGPROB_TOL = 0.05  # nats; bf16 against float32 differs by up to ~0.02 on these weights
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from threads, and OpenMP threads on busy cores can be 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(meta_tokenizer_path) -> Tokenizer:
-    return Tokenizer(meta_tokenizer_path)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def decisive_model(dtype: torch.dtype, max_batch: int = 3, max_seq_len: int = 48, seed: int = 0) -> Transformer:

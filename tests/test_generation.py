@@ -25,13 +25,7 @@ EOT, EOM, EOS = 128009, 128008, 128001
 A, B, C, D = 1000, 2000, 3000, 4000  # plain text tokens for bigram chains
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A dim-64 model gains nothing from threads, and OpenMP threads on busy cores can be 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

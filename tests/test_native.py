@@ -188,13 +188,6 @@ def test_generation_with_kernel_equals_torch_kernels(tokenizer, matvec):
         assert max(abs(x - y) for x, y in zip(a, b)) < 0.05
 
 
-@pytest.fixture(scope="module")
-def tokenizer(meta_tokenizer_path):
-    from llama.tokenizer import Tokenizer
-
-    return Tokenizer(meta_tokenizer_path)
-
-
 def test_build_uses_it_for_bf16_on_cpus_without_bf16(monkeypatch, tmp_path, meta_tokenizer_path, matvec):
     """Llama.build wires the kernel in exactly when it multiplies bf16 weights in float32 on the CPU."""
     from llama.checkpoint import write_random_checkpoint
