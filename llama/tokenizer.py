@@ -313,10 +313,11 @@ class Tokenizer:
         if self.missing_bytes:
             data = s.encode("utf-8", errors="surrogatepass")
             if len(data.translate(None, self.missing_bytes)) != len(data):
-                # The character ends the pre-token before it and is dropped (transformers does the same).
+                # Such a character ends the pre-token before it and is dropped (transformers does the same).
                 missing = set(self.missing_bytes)
-                parts = re.split("(" + "|".join(re.escape(c) for c in set(s) if set(c.encode("utf-8", errors="surrogatepass")) & missing) + ")", s)
-                return [t for part in parts[::2] for t in self._encode_plain(part)]
+                dropped = [c for c in set(s) if missing & set(c.encode("utf-8", errors="surrogatepass"))]
+                parts = re.split("|".join(map(re.escape, dropped)), s)  # the text between them
+                return [t for part in parts for t in self._encode_plain(part)]
         # Each piece is tokenized on its own; see split_for_tiktoken for why that is exact.
         out: list[int] = []
         for piece in split_for_tiktoken(s):
@@ -380,5 +381,3 @@ def _check_ids(path: Path, ranks: dict[bytes, int], spec: TokenizerSpec) -> None
             f"tokenizer file {path}: base ranks plus special-token ids must be exactly "
             f"0..{spec.vocab_size - 1}; repeated ids: {repeated}, missing ids: {missing}"
         )
-
-
