@@ -160,11 +160,14 @@ class Llama:
         )
         model.setup_cache(max_batch_size, max_seq_len)
         compute_dtype = default_compute_dtype(device, dtype)
-        # bf16 weights multiplied in float32 on a CPU: the native kernel streams them faster (llama/native.py).
-        # With several ranks fairscale's layers replace every Linear, so nothing would call it.
+        # bf16 weights multiplied in float32 on a CPU: the native kernels stream them faster (llama/native.py).
+        # With several ranks fairscale's layers replace every Linear: those run torch's kernels throughout.
         use_native = compute_dtype == torch.float32 and dtype == torch.bfloat16 and world_size == 1
-        matvec = native.bf16_matvec() if use_native else None
-        model.set_compute_dtype(compute_dtype, matvec=matvec, matvec_rows=native.MAX_ROWS)
+        kernels = native.kernels() if use_native else None
+        if kernels is None:
+            model.set_compute_dtype(compute_dtype)
+        else:
+            model.set_compute_dtype(compute_dtype, kernels.matvec, native.MAX_ROWS, kernels.attention)
         llama = Llama(model, tokenizer, rank=rank, seed=seed, compile=compile)
         llama.log(f"Loaded {ckpt_dir} on {device} as {dtype} ({world_size} rank(s)) in {time.time() - start:.2f} s")
         return llama

@@ -155,7 +155,7 @@ class Linear(nn.Linear):
 
     ``matvec``, when set (``Transformer.set_compute_dtype``), replaces the first two cases for up
     to ``matvec_rows`` rows: a function (x [rows, in], weight) -> [rows, out] in x's dtype that
-    sums in float32, such as ``llama.native.bf16_matvec()``, which streams bf16 weights faster
+    sums in float32, such as ``llama.native.kernels().matvec``, which streams bf16 weights faster
     than torch's kernels.
     """
 
@@ -281,7 +281,10 @@ class Attention(nn.Module):
         self.wv = Linear(args.dim, args.n_kv_heads * hd, **kw)
         self.wo = Linear(args.n_heads * hd, args.dim, **kw)
         self.cache: Optional[KVCache] = None
-        self.compute_dtype: Optional[torch.dtype] = None  # of one-token attention; see Transformer.set_compute_dtype
+        # How one-token eager steps attend (see Transformer.set_compute_dtype): in compute_dtype if set,
+        # or with ``attend(q [B, Hq, hd], k, v [B, Hkv, T, hd]) -> [B, Hq, hd]``, a kernel reading a bf16 cache.
+        self.compute_dtype: Optional[torch.dtype] = None
+        self.attend: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = None
 
     def forward(
         self,
@@ -309,6 +312,8 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=None if causal else mask, is_causal=causal, enable_gqa=True
             )  # [B, Hq, S, hd]
+        elif self.attend is not None and isinstance(start_pos, int) and k.dtype == torch.bfloat16:
+            out = self.attend(q[:, :, 0], k, v)[:, :, None]  # q[:, :, 0]: [B, Hq, hd]; out [B, Hq, 1, hd]
         else:
             # One query per row: two small matmuls, K/V heads shared, in compute_dtype if set.
             dtype = self.compute_dtype or q.dtype
@@ -414,13 +419,19 @@ class Transformer(nn.Module):
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
 
     def set_compute_dtype(
-        self, dtype: Optional[torch.dtype], matvec: Optional[Callable] = None, matvec_rows: int = 0
+        self,
+        dtype: Optional[torch.dtype],
+        matvec: Optional[Callable] = None,
+        matvec_rows: int = 0,
+        attend: Optional[Callable] = None,
     ) -> None:
         """Multiply 16-bit weights, and attend over a 16-bit cache, in ``dtype``; None: in their own dtype.
 
         float32 is ~7x faster than bf16 on CPUs without native bf16 (see ``Linear``); the weights and
-        cache stay 16-bit in memory. ``matvec`` (with ``dtype`` float32) multiplies up to
-        ``matvec_rows`` activation rows by each contiguous bf16 weight (see ``Linear``).
+        cache stay 16-bit in memory. With ``dtype`` float32, kernels can take over (such as
+        ``llama.native.kernels()``): ``matvec`` multiplies up to ``matvec_rows`` activation rows by
+        each contiguous bf16 weight (see ``Linear``), and ``attend`` computes the attention of eager
+        one-token steps over a bf16 cache (see ``Attention``).
         """
         device = self.tok_embeddings.weight.device
         # One widening buffer for every Linear: layers run one after another.
@@ -434,6 +445,7 @@ class Transformer(nn.Module):
                 module.matvec_rows = matvec_rows if usable else 0
             elif isinstance(module, Attention):
                 module.compute_dtype = dtype
+                module.attend = attend if dtype == torch.float32 else None
 
     def clear_cache(self) -> None:
         """Free the KV cache; forward then runs full sequences only."""

@@ -1,17 +1,19 @@
-"""An optional C kernel for decoding bf16 weights on x86 CPUs that have AVX2 but no native bf16.
+"""Optional C kernels for decoding with bf16 weights on x86 CPUs that have AVX2 but no native bf16.
 
 Decoding a token multiplies every weight matrix by one activation row (a few at batch > 1), so it
 runs at the speed the weights stream from memory. On AVX2 CPUs torch's bf16 kernels widen bf16 to
-float32 at about 55% of the machine's read bandwidth; ``csrc/bf16_matvec.c`` (about 140 lines of
-C, ours) keeps up with it, which makes batch-1 decoding ~1.7x faster (benchmarks/RESULTS.md).
-Everything else in the library is plain PyTorch, and so is every result: the kernel accumulates in
-float32 like torch's; only the order of the additions differs (tests/test_native.py checks it
-against float64).
+float32 at about 55% of the machine's read bandwidth; ``csrc/bf16_matvec.c`` (~140 lines of C,
+ours) keeps up with it, which makes batch-1 decoding ~1.7x faster (benchmarks/RESULTS.md). The
+attention of a one-token step is the second largest cost: ``csrc/bf16_attention.c`` (~150 lines)
+reads the bf16 KV cache in place instead of copying it to float32 for torch's matmuls, 2.5x
+faster. Everything else in the library is plain PyTorch, and so is every result: the kernels
+compute in float32 like the torch path they replace; only the order of the additions (and the
+exp's last bit) differ, and tests/test_native.py checks them against float64.
 
-The kernel is compiled on first use with the system C compiler (``$CC``, else ``cc``) into
+The kernels are compiled on first use with the system C compiler (``$CC``, else ``cc``) into
 ``$XDG_CACHE_HOME/llama/native`` (``~/.cache/llama/native``), once per source version; that takes
-about a second. Where it cannot be used (not x86-64 Linux, no AVX2/FMA, no compiler, or
-``LLAMA_NATIVE=0`` in the environment), ``bf16_matvec()`` returns None and the model uses torch's
+about a second. Where they cannot be used (not x86-64 Linux, no AVX2/FMA, no compiler, or
+``LLAMA_NATIVE=0`` in the environment), ``kernels()`` returns None and the model uses torch's
 kernels, with the same results. A failed compilation is reported once on stderr.
 """
 
@@ -25,16 +27,27 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "bf16_matvec.c"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "bf16_matvec.c", CSRC / "bf16_attention.c")  # compiled into one shared library
+HEADERS = (CSRC / "bf16.h",)
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
-MAX_ROWS = 8  # rows of x per call; the C kernel's MAX_ROWS
+LIBS = ("-lm",)
+MAX_ROWS = 8  # rows of x per matvec call; bf16_matvec.c's MAX_ROWS
 
 MatVec = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-_LIBRARY: Optional[torch.library.Library] = None  # keeps the llama::bf16_matvec registration alive
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+_LIBRARY: Optional[torch.library.Library] = None  # keeps the llama:: operator registrations alive
+
+
+class Kernels(NamedTuple):
+    """The compiled kernels as torch functions (see ``load``)."""
+
+    matvec: MatVec
+    attention: Attend
 
 
 def cpu_supported() -> bool:
@@ -49,7 +62,7 @@ def cpu_supported() -> bool:
 
 
 def build(cache_dir: Optional[Path] = None) -> Path:
-    """Compile the kernel (once per source and flags) and return the shared library's path.
+    """Compile the kernels (once per source and flags) into one shared library; return its path.
 
     Raises RuntimeError with the compiler's message when compilation fails or no compiler exists.
     Concurrent builds (torchrun ranks) are safe: each writes a temporary file and renames it.
@@ -61,18 +74,20 @@ def build(cache_dir: Optional[Path] = None) -> Path:
     compiler = os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C compiler {compiler!r} on PATH (set CC, or LLAMA_NATIVE=0 to stop trying)")
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join((compiler,) + FLAGS).encode()).hexdigest()[:16]
-    target = Path(cache_dir) / f"bf16_matvec-{key}.so"
+    digest = hashlib.sha256(" ".join((compiler,) + FLAGS + LIBS).encode())
+    for path in SOURCES + HEADERS:
+        digest.update(path.read_bytes())
+    target = Path(cache_dir) / f"llama_native-{digest.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        command = [compiler, *FLAGS, *map(str, SOURCES), "-o", tmp, *LIBS]
+        result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed to compile {SOURCE}:\n{result.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"{compiler} failed to compile {CSRC}:\n{result.stderr.strip()[-2000:]}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -80,59 +95,104 @@ def build(cache_dir: Optional[Path] = None) -> Path:
     return target
 
 
-def load(path: Path) -> MatVec:
-    """The kernel in ``path`` as ``matvec(x, w) -> y = x @ w.T``: x [rows, K] float32 or bf16 with
-    rows <= 8, w [N, K] contiguous bf16 on the CPU, y [rows, N] in x's dtype. Sums are float32 in
-    both cases; a bf16 y is each sum rounded to nearest even, as ``F.linear`` on bf16 rounds it."""
-    fn = ctypes.CDLL(str(path)).llama_bf16_matvec
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int] * 3
+def load(path: Path) -> Kernels:
+    """The kernels in ``path`` as torch functions (CPU tensors; sums in float32 in every case):
+
+    - ``matvec(x, w) -> y = x @ w.T``: x [rows, K] float32 or bf16 with rows <= 8, w [N, K]
+      contiguous bf16, y [rows, N] in x's dtype;
+    - ``attention(q, k, v) -> out``: one query per head, q [B, Hq, hd] float32 or bf16, k and v
+      [B, Hkv, T, hd] bf16 with equal strides and contiguous last dimensions (views of a KV cache),
+      Hq a multiple of Hkv; out [B, Hq, hd] in q's dtype: softmax(q k^T / sqrt(hd)) v, query head
+      h using KV head h // (Hq / Hkv), as ``llama.model.grouped_attention``.
+
+    A bf16 output is each float32 result rounded to nearest even, as ``.to(torch.bfloat16)`` rounds.
+    """
+    lib = ctypes.CDLL(str(path))
+    c_matvec, c_attention = lib.llama_bf16_matvec, lib.llama_bf16_attention
+    c_matvec.restype = c_attention.restype = ctypes.c_int
+    c_matvec.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int] * 3
+    c_attention.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 8 + [ctypes.c_int] * 2
+
+    def check_io(x: torch.Tensor, name: str) -> None:
+        if x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu":
+            raise ValueError(f"{name} must be a float32 or bf16 CPU tensor, got {x.dtype} on {x.device}")
 
     def matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if w.dtype != torch.bfloat16 or w.device.type != "cpu" or not w.is_contiguous():
             raise ValueError(f"bf16_matvec needs a contiguous bf16 CPU weight, got {w.dtype} on {w.device}")
         if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_ROWS or x.shape[1] != w.shape[1]:
             raise ValueError(f"bf16_matvec needs x of [1..{MAX_ROWS}, {w.shape[1]}], got {list(x.shape)}")
-        if x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu":
-            raise ValueError(f"bf16_matvec needs a float32 or bf16 CPU x, got {x.dtype} on {x.device}")
+        check_io(x, "bf16_matvec's x")
         x = x.contiguous()
         y = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype)
         bf16_io = int(x.dtype == torch.bfloat16)
         threads = torch.get_num_threads()
-        if fn(w.data_ptr(), x.data_ptr(), y.data_ptr(), w.shape[0], w.shape[1], x.shape[0], bf16_io, threads) != 0:
+        if c_matvec(w.data_ptr(), x.data_ptr(), y.data_ptr(), w.shape[0], w.shape[1], x.shape[0], bf16_io, threads):
             raise MemoryError("bf16_matvec could not allocate its scratch rows")
         return y
 
-    return matvec
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if k.dtype != torch.bfloat16 or v.dtype != torch.bfloat16 or k.device.type != "cpu" or v.device.type != "cpu":
+            raise ValueError(f"bf16_attention needs bf16 CPU keys and values, got {k.dtype} and {v.dtype}")
+        if k.dim() != 4 or k.shape != v.shape or k.stride() != v.stride() or k.stride(-1) != 1:
+            raise ValueError(
+                f"bf16_attention needs keys and values of one [B, Hkv, T, hd] shape and strides, contiguous in hd; "
+                f"got {list(k.shape)} {k.stride()} and {list(v.shape)} {v.stride()}"
+            )
+        bsz, n_kv, total, hd = k.shape
+        if q.dim() != 3 or q.shape[0] != bsz or q.shape[2] != hd or q.shape[1] % n_kv != 0 or total < 1:
+            raise ValueError(
+                f"bf16_attention needs q of [{bsz}, a multiple of {n_kv}, {hd}] for keys of {list(k.shape)}, "
+                f"got {list(q.shape)}"
+            )
+        check_io(q, "bf16_attention's q")
+        q = q.contiguous()
+        out = torch.empty_like(q)
+        bf16_io = int(q.dtype == torch.bfloat16)
+        strides = (k.stride(0), k.stride(1), k.stride(2))
+        args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), bsz, q.shape[1], n_kv, total, hd)
+        if c_attention(*args, *strides, bf16_io, torch.get_num_threads()):
+            raise MemoryError("bf16_attention could not allocate its scratch scores")
+        return out
+
+    return Kernels(matvec, attention)
 
 
 @functools.cache
-def bf16_matvec() -> Optional[MatVec]:
-    """The kernel as ``matvec(x, w)`` (see ``load``; inside ``torch.compile`` a custom op), or None
-    where it cannot be used on this machine (see the module docstring)."""
+def kernels() -> Optional[Kernels]:
+    """The kernels (see ``load``; inside ``torch.compile`` and torch.profiler, custom operators
+    ``llama::bf16_matvec`` and ``llama::bf16_attention``), or None where they cannot be used on
+    this machine (see the module docstring)."""
     if os.environ.get("LLAMA_NATIVE", "1") == "0" or not cpu_supported():
         return None
     try:
-        matvec = load(build())
+        raw = load(build())
     except (OSError, RuntimeError) as e:
-        print(f"llama: using torch's bf16 kernels; the native one is unavailable: {e}", file=sys.stderr)
+        print(f"llama: using torch's bf16 kernels; the native ones are unavailable: {e}", file=sys.stderr)
         return None
 
-    # torch.compile sees the kernel as an opaque operator, llama::bf16_matvec, and so does
-    # torch.profiler (a ctypes call is invisible to it). It is registered with torch.library's
-    # low-level API: the dispatcher then adds ~3 us a call, where @custom_op adds ~20 (a decode
-    # step makes 113 calls for a 16-layer model). Other eager calls skip the dispatcher.
+    # torch.compile sees each kernel as an opaque operator, and so does torch.profiler (a ctypes
+    # call is invisible to it). They are registered with torch.library's low-level API: the
+    # dispatcher then adds ~3 us a call, where @custom_op adds ~20 (a decode step makes 113
+    # matvec calls for a 16-layer model). Other eager calls skip the dispatcher.
     global _LIBRARY
     if _LIBRARY is None:  # once per process: a namespace is defined once (this function's cache can be cleared)
         _LIBRARY = torch.library.Library("llama", "DEF")
         _LIBRARY.define("bf16_matvec(Tensor x, Tensor w) -> Tensor")
-        _LIBRARY.impl("bf16_matvec", matvec, "CPU")
+        _LIBRARY.define("bf16_attention(Tensor q, Tensor k, Tensor v) -> Tensor")
+        _LIBRARY.impl("bf16_matvec", raw.matvec, "CPU")
+        _LIBRARY.impl("bf16_attention", raw.attention, "CPU")
         _LIBRARY.impl("bf16_matvec", lambda x, w: x.new_empty(x.shape[0], w.shape[0]), "Meta")
-    op = torch.ops.llama.bf16_matvec
+        _LIBRARY.impl("bf16_attention", lambda q, k, v: torch.empty_like(q), "Meta")
+    ops = torch.ops.llama
 
-    def dispatch(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() or torch.autograd.profiler._is_profiler_enabled:
-            return op(x, w)
-        return matvec(x, w)
+    def traced() -> bool:
+        return torch.compiler.is_compiling() or torch.autograd.profiler._is_profiler_enabled
 
-    return dispatch
+    def matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return ops.bf16_matvec(x, w) if traced() else raw.matvec(x, w)
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return ops.bf16_attention(q, k, v) if traced() else raw.attention(q, k, v)
+
+    return Kernels(matvec, attention)

@@ -1,4 +1,4 @@
-"""The native bf16 matrix-vector kernel (llama/native.py, llama/csrc/bf16_matvec.c).
+"""The native kernels (llama/native.py, llama/csrc/): bf16 matrix-vector products and one-token attention.
 
 References we did not write: float64 products of the same (bf16-exact) numbers, and torch's own bf16
 kernel. On an x86-64 Linux machine with AVX2 and a C compiler (this project's CI machine) the kernel
@@ -20,12 +20,22 @@ EXPECTED = native.cpu_supported() and shutil.which("cc") is not None
 
 
 @pytest.fixture(scope="module")
-def matvec():
-    fn = native.bf16_matvec()
-    if fn is None:
-        assert not EXPECTED, "the native kernel should build on x86-64 Linux with AVX2 and cc"
-        pytest.skip("the native kernel does not apply to this machine")
-    return fn
+def kernels():
+    found = native.kernels()
+    if found is None:
+        assert not EXPECTED, "the native kernels should build on x86-64 Linux with AVX2 and cc"
+        pytest.skip("the native kernels do not apply to this machine")
+    return found
+
+
+@pytest.fixture(scope="module")
+def matvec(kernels):
+    return kernels.matvec
+
+
+@pytest.fixture(scope="module")
+def attention(kernels):
+    return kernels.attention
 
 
 def bf16_exact(*shape: int, seed: int) -> torch.Tensor:
@@ -113,6 +123,92 @@ def test_bad_arguments_are_refused(matvec):
         matvec(torch.randn(1, 32).half(), w)
 
 
+def attention_float64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd)) v per query head, query head h on KV head h // (Hq / Hkv), in float64."""
+    bsz, n_q, hd = q.shape
+    n_kv = k.shape[1]
+    qg = q.double().reshape(bsz, n_kv, n_q // n_kv, hd)
+    probs = torch.softmax(qg @ k.double().transpose(-1, -2) / hd**0.5, dim=-1)
+    return (probs @ v.double()).reshape(bsz, n_q, hd)
+
+
+def cache_views(bsz: int, n_kv: int, total: int, hd: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values as the model passes them: the first rows and positions of a larger bf16 cache."""
+    k_cache, v_cache = bf16_exact(bsz + 1, n_kv, total + 5, hd, seed=seed), bf16_exact(bsz + 1, n_kv, total + 5, hd, seed=seed + 1)
+    return k_cache[:bsz, :, :total], v_cache[:bsz, :, :total]
+
+
+# Tails: positions not a multiple of 8 (and fewer than 8), head sizes not a multiple of 8 or 64;
+# 1, 3, 4 and 8 query heads per KV head; several rows.
+@pytest.mark.parametrize(
+    "bsz,n_q,n_kv,total,hd",
+    [(1, 32, 8, 521, 64), (1, 8, 8, 1, 128), (2, 9, 3, 7, 64), (3, 16, 2, 40, 100), (1, 4, 1, 9, 5), (2, 8, 1, 300, 136)],
+)
+def test_attention_matches_float64(attention, bsz, n_q, n_kv, total, hd):
+    k, v = cache_views(bsz, n_kv, total, hd, seed=total)
+    q = torch.randn(bsz, n_q, hd, generator=torch.Generator().manual_seed(hd)) * 2
+    out = attention(q, k, v)
+    assert out.dtype == torch.float32 and out.shape == (bsz, n_q, hd)
+    exact = attention_float64(q, k, v)
+    # Each output is a convex combination of values: float32 rounding is relative to max |v|.
+    assert (out.double() - exact).abs().max() <= 1e-5 * v.double().abs().max()
+
+
+def test_attention_softmax_across_the_float32_range(attention):
+    """Scores 0 down to -100 (values = identity, so the output is the softmax itself): each weight to a few
+    float32 ulps, the ones below float32's normal range (exp(-87.3)) flushed to zero."""
+    scores = torch.tensor([0.0, -0.5, -1.0, -3.25, -7.0, -12.5, -20.0, -33.0, -45.5, -60.0, -70.0, -80.0, -86.0, -88.0, -95.0, -100.0])
+    hd = total = len(scores)
+    q = torch.zeros(1, 1, hd)
+    q[0, 0, 0] = hd**0.5  # q . k_t / sqrt(hd) = k_t[0]
+    k = torch.zeros(1, 1, total, hd, dtype=torch.bfloat16)
+    k[0, 0, :, 0] = scores  # each exact in bf16
+    v = torch.eye(total, dtype=torch.bfloat16)[None, None]  # value t is the unit vector e_t
+    probs = attention(q, k, v)[0, 0].double()
+    exact = torch.softmax(scores.double(), dim=0)
+    normal = exact >= torch.finfo(torch.float32).tiny
+    assert ((probs[normal] - exact[normal]).abs() <= 4 * torch.finfo(torch.float32).eps * exact[normal]).all()
+    assert (probs[~normal] == 0).all()
+
+
+def test_attention_bf16_io_rounds_like_torch(attention):
+    k, v = cache_views(2, 4, 33, 64, seed=8)
+    q = bf16_exact(2, 8, 64, seed=9)
+    out = attention(q, k, v)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out.view(torch.int16), attention(q.float(), k, v).bfloat16().view(torch.int16))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_attention_threads_do_not_change_results(attention, threads):
+    """Work is split by (row, KV head), never within a sum: identical bits for every thread count."""
+    k, v = cache_views(2, 3, 100, 64, seed=10)
+    q = torch.randn(2, 12, 64)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = attention(q, k, v)
+        torch.set_num_threads(threads)
+        assert torch.equal(attention(q, k, v), two)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_attention_bad_arguments_are_refused(attention):
+    k, v = cache_views(1, 2, 10, 16, seed=11)
+    q = torch.randn(1, 4, 16)
+    with pytest.raises(ValueError, match="bf16 CPU keys and values"):
+        attention(q, k.float(), v)
+    with pytest.raises(ValueError, match="one \\[B, Hkv, T, hd\\] shape and strides"):
+        attention(q, k, v.contiguous())  # the same shape, other strides
+    with pytest.raises(ValueError, match="contiguous in hd"):
+        attention(q, k.transpose(-1, -2), v.transpose(-1, -2))
+    with pytest.raises(ValueError, match="a multiple of 2"):
+        attention(torch.randn(1, 3, 16), k, v)
+    with pytest.raises(ValueError, match="float32 or bf16"):
+        attention(q.half(), k, v)
+
+
 def test_build_is_cached_and_errors_are_clear(tmp_path, monkeypatch):
     if not EXPECTED:
         pytest.skip("needs x86-64 Linux with AVX2 and cc")
@@ -131,12 +227,12 @@ def test_build_is_cached_and_errors_are_clear(tmp_path, monkeypatch):
 
 def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("LLAMA_NATIVE", "0")
-    native.bf16_matvec.cache_clear()
+    native.kernels.cache_clear()
     try:
-        assert native.bf16_matvec() is None
+        assert native.kernels() is None
     finally:
         monkeypatch.delenv("LLAMA_NATIVE")
-        native.bf16_matvec.cache_clear()
+        native.kernels.cache_clear()
 
 
 def test_linear_uses_it_for_few_rows_only(matvec):
@@ -155,19 +251,26 @@ def test_linear_uses_it_for_few_rows_only(matvec):
     assert calls == [1, 8]  # 9 rows: the widened-block path
 
 
-def test_set_compute_dtype_hands_it_to_bf16_linears_only(matvec):
+def test_set_compute_dtype_hands_them_to_bf16_layers_only(matvec, attention):
     model = decisive_model(torch.bfloat16)
-    model.set_compute_dtype(torch.float32, matvec=matvec, matvec_rows=native.MAX_ROWS)
+    model.set_compute_dtype(torch.float32, matvec, native.MAX_ROWS, attention)
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     assert all(m.matvec is matvec and m.matvec_rows == native.MAX_ROWS for m in linears)
-    model.set_compute_dtype(None, matvec=matvec, matvec_rows=native.MAX_ROWS)  # 16-bit compute: not used
+    assert all(layer.attention.attend is attention for layer in model.layers)
+    model.set_compute_dtype(None, matvec, native.MAX_ROWS, attention)  # 16-bit compute: not used
     assert all(m.matvec is None and m.matvec_rows == 0 for m in linears)
+    assert all(layer.attention.attend is None for layer in model.layers)
     model32 = decisive_model(torch.float32)
-    model32.set_compute_dtype(torch.float32, matvec=matvec, matvec_rows=native.MAX_ROWS)
+    model32.set_compute_dtype(torch.float32, matvec, native.MAX_ROWS, attention)
     assert all(m.matvec is None for m in model32.modules() if isinstance(m, Linear))
 
 
-def test_generation_with_kernel_equals_torch_kernels(tokenizer, matvec):
+def counting(fn, calls: list):
+    """fn, appending the first argument's shape to ``calls`` at each call."""
+    return lambda first, *rest: calls.append(tuple(first.shape)) or fn(first, *rest)
+
+
+def test_generation_with_kernels_equals_torch_kernels(tokenizer, matvec, attention):
     """Greedy tokens identical, logprobs within float32 summation-order noise (both compute in float32)."""
     from llama.generation import Llama
 
@@ -175,21 +278,21 @@ def test_generation_with_kernel_equals_torch_kernels(tokenizer, matvec):
     batch = prompts(9, 5, 14, seed=6)
     model.set_compute_dtype(torch.float32)
     plain_tokens, plain_lp = generate(Llama(model, tokenizer), batch)
-    model.set_compute_dtype(torch.float32, matvec=matvec, matvec_rows=native.MAX_ROWS)
-    calls, inner = [], matvec
-    for m in model.modules():
-        if isinstance(m, Linear):
-            m.matvec = lambda x, w: calls.append(1) or inner(x, w)
+    matvec_calls, attention_calls = [], []
+    model.set_compute_dtype(torch.float32, counting(matvec, matvec_calls), native.MAX_ROWS, counting(attention, attention_calls))
     tokens, lp = generate(Llama(model, tokenizer), batch)
-    assert calls, "the kernel was not used"
+    assert matvec_calls and attention_calls, "the kernels were not used"
+    # Attention: one-token steps only (prefill and multi-token steps use SDPA), every row at once.
+    n_heads, hd = ARGS.n_heads, ARGS.dim // ARGS.n_heads
+    assert set(attention_calls) == {(len(batch), n_heads, hd)}
     assert tokens == plain_tokens
     for a, b in zip(lp, plain_lp):
         # Rounding activations to bf16 can turn a last-bit float32 difference into one bf16 step.
         assert max(abs(x - y) for x, y in zip(a, b)) < 0.05
 
 
-def test_build_uses_it_for_bf16_on_cpus_without_bf16(monkeypatch, tmp_path, meta_tokenizer_path, matvec):
-    """Llama.build wires the kernel in exactly when it multiplies bf16 weights in float32 on the CPU."""
+def test_build_uses_them_for_bf16_on_cpus_without_bf16(monkeypatch, tmp_path, meta_tokenizer_path, kernels):
+    """Llama.build wires the kernels in exactly when it computes bf16 weights in float32 on the CPU."""
     from llama.checkpoint import write_random_checkpoint
     from llama.generation import Llama
 
@@ -199,9 +302,10 @@ def test_build_uses_it_for_bf16_on_cpus_without_bf16(monkeypatch, tmp_path, meta
     for dtype, expected in (("bf16", True), ("fp32", False), ("fp16", False)):
         llm = Llama.build(str(ckpt), meta_tokenizer_path, max_seq_len=32, max_batch_size=1, dtype=dtype, device="cpu")
         assert (llm.model.output.matvec is not None) == expected, dtype
+        assert (llm.model.layers[0].attention.attend is not None) == expected, dtype
 
 
-def test_compiled_decode_calls_it_as_a_custom_op(tokenizer, matvec):
+def test_compiled_decode_calls_it_as_a_custom_op(tokenizer, matvec, attention):
     """Inside torch.compile the kernel is an opaque op in one graph: same tokens as eager, no recompiles."""
     from llama.generation import Llama
     from test_fast_paths import _compile_works
@@ -209,7 +313,7 @@ def test_compiled_decode_calls_it_as_a_custom_op(tokenizer, matvec):
     if not _compile_works():
         pytest.skip("torch.compile cannot build kernels here")
     model = decisive_model(torch.bfloat16)
-    model.set_compute_dtype(torch.float32, matvec=matvec, matvec_rows=native.MAX_ROWS)
+    model.set_compute_dtype(torch.float32, matvec, native.MAX_ROWS, attention)
     batch = prompts(9, 5, 14, seed=7)
     eager_tokens, eager_lp = generate(Llama(model, tokenizer), batch, n=10)
     torch._dynamo.reset()

@@ -20,29 +20,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define MAX_ROWS 8 /* rows of x per call */
 #define PREFETCH_AHEAD 64 /* elements past the matching position in the next block: two cache lines */
-
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-static inline float widen(uint16_t h) {
-    union { uint32_t u; float f; } v;
-    v.u = (uint32_t)h << 16;
-    return v.f;
-}
-
-/* float32 -> bf16 rounded to nearest even, as torch rounds (bit for bit on every non-NaN value,
- * tests/test_native.py); a NaN becomes the quiet NaN 0x7FC0. */
-static inline uint16_t narrow(float f) {
-    union { float f; uint32_t u; } v = {f};
-    if (f != f) return 0x7FC0;
-    return (uint16_t)((v.u + 0x7FFF + ((v.u >> 16) & 1)) >> 16);
-}
 
 /*
  * y[b * ldy + r] = sum_k w[r * K + k] * x[b][k] for R weight rows and B input rows; xp holds x
