@@ -60,11 +60,17 @@ def cpu_has_native_bf16() -> bool:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the hardware runs it fast; fp16 on GPUs without bf16; fp32 on other CPUs."""
+    """bf16 (the checkpoints' own dtype) on CPUs and on GPUs with bf16; fp16 on other GPUs.
+
+    On CPUs without native bf16 the weights stay bf16 and are multiplied in float32
+    (``default_compute_dtype``): against fp32 weights that is half the memory and faster, Llama 3.2
+    1B shape on a 2-core AVX2 CPU: decode 87 ms/token (141 without the native kernels) against
+    225, prefill of 512 tokens 6.7 s against 7.8, peak RSS 2.9 GB against 9.1 (benchmarks/README.md).
+    """
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu":
-        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+        return torch.bfloat16
     return torch.float16
 
 

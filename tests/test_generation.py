@@ -15,7 +15,7 @@ import llama.generation
 import llama.memory
 from bigram_model import make_bigram
 from llama.checkpoint import load_transformer, write_random_checkpoint
-from llama.generation import Llama, cpu_has_native_bf16, default_dtype, resolve_dtype, validate_dialog
+from llama.generation import Llama, default_compute_dtype, default_dtype, resolve_dtype, validate_dialog
 from llama.memory import plan_memory
 from llama.model import ModelArgs, Transformer
 
@@ -323,8 +323,15 @@ def test_build_checks_memory_before_allocating(tmp_path, meta_tokenizer_path, mo
     assert plan.describe() in str(e.value) and "0.00 GiB is free" in str(e.value)
 
 
-def test_dtypes():
-    assert default_dtype(torch.device("cpu")) == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+def test_dtypes(monkeypatch):
+    cpu = torch.device("cpu")
+    for native_bf16, compute in ((True, None), (False, torch.float32)):
+        # bf16 weights on every CPU; multiplied in float32 where the CPU has no bf16 arithmetic.
+        monkeypatch.setattr(llama.generation, "cpu_has_native_bf16", lambda: native_bf16)
+        assert default_dtype(cpu) == torch.bfloat16
+        assert default_compute_dtype(cpu, torch.bfloat16) == compute
+        assert default_compute_dtype(cpu, torch.float32) is None
+    monkeypatch.undo()
     assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
     assert resolve_dtype(torch.float16, torch.device("cpu")) == torch.float16
     with pytest.raises(ValueError, match="unknown dtype 'fp8'"):

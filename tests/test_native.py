@@ -294,13 +294,14 @@ def test_generation_with_kernels_equals_torch_kernels(tokenizer, matvec, attenti
 def test_build_uses_them_for_bf16_on_cpus_without_bf16(monkeypatch, tmp_path, meta_tokenizer_path, kernels):
     """Llama.build wires the kernels in exactly when it computes bf16 weights in float32 on the CPU."""
     from llama.checkpoint import write_random_checkpoint
-    from llama.generation import Llama
+    from llama.generation import DTYPES, Llama
 
     monkeypatch.setattr("llama.generation.cpu_has_native_bf16", lambda: False)
     ckpt = tmp_path / "ckpt"
     write_random_checkpoint(ckpt, dataclasses.replace(ARGS, vocab_size=128256), dtype=torch.bfloat16)
-    for dtype, expected in (("bf16", True), ("fp32", False), ("fp16", False)):
+    for dtype, expected in ((None, True), ("bf16", True), ("fp32", False), ("fp16", False)):  # None: the default, bf16
         llm = Llama.build(str(ckpt), meta_tokenizer_path, max_seq_len=32, max_batch_size=1, dtype=dtype, device="cpu")
+        assert llm.model.output.weight.dtype == (torch.bfloat16 if dtype is None else DTYPES[dtype])
         assert (llm.model.output.matvec is not None) == expected, dtype
         assert (llm.model.layers[0].attention.attend is not None) == expected, dtype
 
