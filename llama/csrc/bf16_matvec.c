@@ -30,7 +30,9 @@
  * permuted per 16-element block ([B][K16]), x the plain rows for the tail K16..K-1. R and B are
  * compile-time constants at every call site, so the loops unroll and the accumulators stay in the
  * 16 ymm registers: with B <= 2, two accumulators per (row, input) pair (R * B * 2 <= 8) keep two
- * independent FMA chains; with more inputs, one per pair (B <= 8) leaves room for x.
+ * independent FMA chains and x stays in registers; with more inputs, one per pair (R * B <= 8),
+ * the R widened weight rows stay in registers and x is loaded once per input row (B = 3 and 4 run
+ * two rows per block: 1.2-1.3x faster than one, benchmarks/README.md).
  */
 static inline __attribute__((always_inline)) void block(
     const uint16_t *w, int64_t K, int64_t K16, const float *xp, const float *x, void *y, int64_t ldy,
@@ -41,28 +43,35 @@ static inline __attribute__((always_inline)) void block(
         for (int b = 0; b < B; b++) lo[r][b] = hi[r][b] = _mm256_setzero_ps();
     const __m256i zero = _mm256_setzero_si256();
     for (int64_t k = 0; k < K16; k += 16) {
-        __m256 xl[MAX_ROWS], xh[MAX_ROWS];
-        if (split)  /* x for this k once, reused by every weight row */
+        /* The hardware prefetcher stops at each 4 KiB page (a 2048-wide bf16 row is one page), so
+         * ask for the same place in the next block's rows now: 5-15% faster on weights mmapped
+         * from a checkpoint. Prefetching past the end of w is harmless (no fault). */
+        for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w + (R + r) * K + k + PREFETCH_AHEAD), _MM_HINT_T0);
+        if (split) {  /* x for this k in registers, each weight row widened in turn */
+            __m256 xl[2], xh[2];
             for (int b = 0; b < B; b++) {
                 xl[b] = _mm256_loadu_ps(xp + b * K16 + k);
                 xh[b] = _mm256_loadu_ps(xp + b * K16 + k + 8);
             }
-        for (int r = 0; r < R; r++) {
-            /* The hardware prefetcher stops at each 4 KiB page (a 2048-wide bf16 row is one page),
-             * so ask for the same place in the next block's rows now: 5-15% faster on weights
-             * mmapped from a checkpoint. Prefetching past the end of w is harmless (no fault). */
-            _mm_prefetch((const char *)(w + (R + r) * K + k + PREFETCH_AHEAD), _MM_HINT_T0);
-            __m256i v = _mm256_loadu_si256((const __m256i *)(w + r * K + k));
-            __m256 wl = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v));
-            __m256 wh = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v));
-            for (int b = 0; b < B; b++) {
-                if (split) {
+            for (int r = 0; r < R; r++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(w + r * K + k));
+                __m256 wl = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v));
+                __m256 wh = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v));
+                for (int b = 0; b < B; b++) {
                     lo[r][b] = _mm256_fmadd_ps(wl, xl[b], lo[r][b]);
                     hi[r][b] = _mm256_fmadd_ps(wh, xh[b], hi[r][b]);
-                } else {  /* x from L1 for each input row */
-                    lo[r][b] = _mm256_fmadd_ps(wl, _mm256_loadu_ps(xp + b * K16 + k), lo[r][b]);
-                    lo[r][b] = _mm256_fmadd_ps(wh, _mm256_loadu_ps(xp + b * K16 + k + 8), lo[r][b]);
                 }
+            }
+        } else {  /* every weight row widened into registers, then each input row's x loaded once */
+            __m256 wl[2], wh[2];
+            for (int r = 0; r < R; r++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(w + r * K + k));
+                wl[r] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v));
+                wh[r] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v));
+            }
+            for (int b = 0; b < B; b++) {
+                const __m256 xl = _mm256_loadu_ps(xp + b * K16 + k), xh = _mm256_loadu_ps(xp + b * K16 + k + 8);
+                for (int r = 0; r < R; r++) lo[r][b] = _mm256_fmadd_ps(wh[r], xh, _mm256_fmadd_ps(wl[r], xl, lo[r][b]));
             }
         }
     }
@@ -78,7 +87,7 @@ static inline __attribute__((always_inline)) void block(
 }
 
 /* Rows of w per block: 4 for one input row (8 accumulators), fewer as B grows. */
-#define ROWS_FOR(B) ((B) == 1 ? 4 : (B) == 2 ? 2 : 1)
+#define ROWS_FOR(B) ((B) == 1 ? 4 : (B) <= 4 ? 2 : 1)
 
 #define DISPATCH(B)                                                                              \
     case B: {                                                                                    \
