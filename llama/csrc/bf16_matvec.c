@@ -30,9 +30,9 @@
  * permuted per 16-element block ([B][K16]), x the plain rows for the tail K16..K-1. R and B are
  * compile-time constants at every call site, so the loops unroll and the accumulators stay in the
  * 16 ymm registers: with B <= 2, two accumulators per (row, input) pair (R * B * 2 <= 8) keep two
- * independent FMA chains and x stays in registers; with more inputs, one per pair (R * B <= 8),
- * the R widened weight rows stay in registers and x is loaded once per input row (B = 3 and 4 run
- * two rows per block: 1.2-1.3x faster than one, benchmarks/README.md).
+ * independent FMA chains and x stays in registers; with 3 or 4 inputs, one per pair (R * B <= 8),
+ * the R widened weight rows stay in registers and x is loaded once per input row (two weight rows
+ * per block: 1.2-1.3x faster than one, benchmarks/README.md). More inputs go through `rows`.
  */
 static inline __attribute__((always_inline)) void block(
     const uint16_t *w, int64_t K, int64_t K16, const float *xp, const float *x, void *y, int64_t ldy,
@@ -86,17 +86,30 @@ static inline __attribute__((always_inline)) void block(
         }
 }
 
-/* Rows of w per block: 4 for one input row (8 accumulators), fewer as B grows. */
-#define ROWS_FOR(B) ((B) == 1 ? 4 : (B) <= 4 ? 2 : 1)
+/* Rows of w per block: 4 for one input row (8 accumulators), 2 for up to 8 (in two halves). */
+#define ROWS_FOR(B) ((B) == 1 ? 4 : 2)
+
+/* R weight rows against B input rows; beyond 4 inputs, in two halves of up to 4: the second half
+ * reads the block's weights again from cache (R rows of K bf16: 8 KiB at K = 2048). */
+static inline __attribute__((always_inline)) void rows(
+    const uint16_t *w, int64_t K, int64_t K16, const float *xp, const float *x, char *y, int64_t ldy,
+    size_t ysize, int bf16_out, const int R, const int B) {
+    if (B <= 4) {
+        block(w, K, K16, xp, x, y, ldy, bf16_out, R, B);
+    } else {
+        block(w, K, K16, xp, x, y, ldy, bf16_out, R, 4);
+        block(w, K, K16, xp + 4 * K16, x + 4 * K, y + 4 * ldy * ysize, ldy, bf16_out, R, B - 4);
+    }
+}
 
 #define DISPATCH(B)                                                                              \
     case B: {                                                                                    \
         const int64_t R = ROWS_FOR(B), blocks = N / R;                                           \
         _Pragma("omp parallel for num_threads(threads) schedule(static)")                        \
         for (int64_t i = 0; i < blocks; i++)                                                     \
-            block(w + i * R * K, K, K16, xp, xf, (char *)y + i * R * ysize, N, bf16_io, ROWS_FOR(B), B); \
+            rows(w + i * R * K, K, K16, xp, xf, (char *)y + i * R * ysize, N, ysize, bf16_io, ROWS_FOR(B), B); \
         for (int64_t n = blocks * R; n < N; n++)                                                 \
-            block(w + n * K, K, K16, xp, xf, (char *)y + n * ysize, N, bf16_io, 1, B);          \
+            rows(w + n * K, K, K16, xp, xf, (char *)y + n * ysize, N, ysize, bf16_io, 1, B);    \
         break;                                                                                   \
     }
 
