@@ -445,7 +445,9 @@ class Transformer(nn.Module):
                 module.matvec_rows = matvec_rows if usable else 0
             elif isinstance(module, Attention):
                 module.compute_dtype = dtype
-                module.attend = attend if dtype == torch.float32 else None
+                # The cache has the weights' dtype (setup_cache); the kernel reads a bf16 one.
+                bf16 = module.wk.weight.dtype == torch.bfloat16
+                module.attend = attend if dtype == torch.float32 and bf16 else None
 
     def clear_cache(self) -> None:
         """Free the KV cache; forward then runs full sequences only."""

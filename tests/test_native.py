@@ -263,6 +263,7 @@ def test_set_compute_dtype_hands_them_to_bf16_layers_only(matvec, attention):
     model32 = decisive_model(torch.float32)
     model32.set_compute_dtype(torch.float32, matvec, native.MAX_ROWS, attention)
     assert all(m.matvec is None for m in model32.modules() if isinstance(m, Linear))
+    assert all(layer.attention.attend is None for layer in model32.layers)
 
 
 def counting(fn, calls: list):
