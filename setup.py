@@ -11,7 +11,7 @@ setup(
     version="0.1.0",
     description="Pure-PyTorch reference inference for Llama 3 / 3.1 checkpoints",
     packages=find_packages(include=["llama", "llama.*"]),
-    package_data={"llama": ["csrc/*.c"]},  # the native kernel's source, compiled on first use
+    package_data={"llama": ["csrc/*.c", "csrc/*.h"]},  # the native kernels' sources, compiled on first use
     python_requires=">=3.10",
     install_requires=requirements(),
     license="MIT",

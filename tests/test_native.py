@@ -325,3 +325,24 @@ def test_compiled_decode_calls_it_as_a_custom_op(tokenizer, matvec, attention):
     assert tokens == eager_tokens
     for a, b in zip(lp, eager_lp):
         assert max(abs(x - y) for x, y in zip(a, b)) < 0.05
+
+
+def test_installed_package_carries_the_kernel_sources(tmp_path):
+    """The kernels compile from the installed package: every source and header must be in the wheel."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    # From a copy of the package's files: a build/ folder in the checkout could hold files from older builds.
+    root = Path(native.__file__).parents[1]
+    src = tmp_path / "src"
+    shutil.copytree(root / "llama", src / "llama", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.py", "requirements.txt"):
+        shutil.copy(root / name, src / name)
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(src), "-w", str(tmp_path)]
+    subprocess.run(cmd, check=True, capture_output=True, cwd=src)
+    (wheel,) = tmp_path.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for path in native.SOURCES + native.HEADERS:
+        assert f"llama/csrc/{path.name}" in names, path.name
