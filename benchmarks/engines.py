@@ -6,7 +6,7 @@ times: when the first new token of every row was known (prefill) and when the la
 
 - ``ours``: ``llama.Llama`` eager; ``ours-compile``: ``Llama.build(..., compile=True)``;
   ``ours-torch``: eager with ``LLAMA_NATIVE=0``, i.e. torch's kernels instead of the native bf16
-  matrix-vector kernel (llama/native.py), to show what that kernel buys on the same run.
+  kernels (llama/native.py), to show what they buy on the same run.
 - ``hf``: transformers ``LlamaForCausalLM`` with its default (dynamic) cache and SDPA attention;
   ``hf-compile``: the same with a static cache and ``torch.compile`` of the decode step, the
   recipe transformers documents for fast generation.
