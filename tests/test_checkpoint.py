@@ -1,7 +1,6 @@
 """Meta-format checkpoints: the on-disk format we write, strict loading, dtype casts, and memory."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from child_env import REPO, child_env
 from llama.checkpoint import (
     expected_shapes,
     load_state_dict,
@@ -21,7 +21,6 @@ from llama.checkpoint import (
 )
 from llama.model import ModelArgs, Transformer
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, multiple_of=32, use_scaled_rope=True)
 
 
@@ -283,7 +282,7 @@ def test_peak_rss_of_loading_a_bf16_checkpoint(tmp_path):
     write_checkpoint(tmp_path, weights, args)
     size = shard_path(tmp_path).stat().st_size
     assert 200e6 < size < 400e6
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = child_env()
     run = subprocess.run([sys.executable, "-c", RSS_CHILD, str(tmp_path)], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr
     m = json.loads(run.stdout.strip().splitlines()[-1])

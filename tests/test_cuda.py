@@ -4,7 +4,6 @@ Skipped without a GPU (CI has none); run on a GPU machine with ``python -m pytes
 """
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -13,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from child_env import REPO, child_env
 from llama.checkpoint import load_transformer, write_random_checkpoint
 from llama.model import ModelArgs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-ROOT = Path(__file__).resolve().parents[1]
 ARGS = ModelArgs(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=128256, multiple_of=64, use_scaled_rope=True)
 
 
@@ -95,9 +94,9 @@ def test_torchrun_nccl_fairscale_layers_single_gpu(ckpt: Path, tmp_path: Path) -
         f"open({str(tmp_path / 'out.json')!r}, 'w').write(json.dumps({{'err': err, 'kinds': kinds}}))\n"
         "dist.destroy_process_group()\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = child_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(port), str(script)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads((tmp_path / "out.json").read_text())
     print(f"NCCL + fairscale MP=1 vs plain fp32 logits rel err {out['err']:.2e}")

@@ -7,7 +7,6 @@ here) to a relative error below 1e-5, and greedy decoding must give the same tok
 
 import importlib.util
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from child_env import REPO, child_env
 from llama.checkpoint import (
     SHARD_DIMS,
     load_params,
@@ -29,7 +29,6 @@ from llama.model import ModelArgs, Transformer
 from llama.parallel import PLAN, parallelize, rowwise, setup_model_parallel
 from llama.reshard import reshard
 
-REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "mp" / "worker.py"
 _spec = importlib.util.spec_from_file_location("mp_worker", WORKER)
 mp_worker = importlib.util.module_from_spec(_spec)
@@ -66,8 +65,7 @@ def torchrun(nproc: int, *argv: str, timeout: int = 300) -> subprocess.Completed
     """Run ``argv`` (a script and its arguments) on ``nproc`` local ranks; fails with the output."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_port", str(free_port()), *argv]  # fmt: skip
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    env = child_env(OMP_NUM_THREADS="1")
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
