@@ -169,7 +169,7 @@ def machine(device: str) -> str:
 def default_engines(shape: str, device: str) -> list[str]:
     """All of them on CPU, except hf-compile for the 1B shape: there it calls the same bf16 matmuls
     as hf (measured 1.0x its decode, 0.8x at batch 8) and would add 5 minutes to the run. On CUDA
-    ours-torch is ours (the native kernel is CPU-only)."""
+    ours-torch is ours (the native kernels are CPU-only)."""
     if device == "cpu" and shape != "small":
         return ["ours", "ours-compile", "ours-torch", "hf"]
     if device == "cuda":
