@@ -9,7 +9,8 @@
    tuning) and with torch.compile's plain modes;
    each step's time against the floor (non-embedding weight bytes / read bandwidth).
 3. torch.profiler's top kernels of one compiled step.
-Timings are CUDA-event medians. Prints a table; the numbers go into RESULTS.md by hand.
+Timings are CUDA-event medians; the read bandwidth is bench.py's (best of 10, as its floors use).
+Prints a table; the numbers go into RESULTS-cuda.md by hand.
 """
 
 import argparse
@@ -18,6 +19,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
+from bench import bandwidth  # the read bandwidth bench.py's floors use
 from llama.generation import compile_decode_step
 from llama.model import ModelArgs, Transformer
 
@@ -37,11 +39,6 @@ def median_ms(fn, reps: int = 50, warmup: int = 5) -> float:
         b.synchronize()
         times.append(a.elapsed_time(b))
     return statistics.median(times)
-
-
-def read_bandwidth() -> float:
-    x = torch.ones(2**28, device="cuda")  # 1 GiB of float32
-    return x.numel() * 4 / median_ms(lambda: x.sum(), reps=20) / 1e6  # GB/s
 
 
 def gemv_table(bw: float) -> list[str]:
@@ -90,7 +87,7 @@ def main() -> None:
     p.add_argument("--variants", default="reduce-overhead,ours", help="torch.compile modes, or ours")
     opts = p.parse_args()
     torch.manual_seed(0)
-    bw = read_bandwidth()
+    bw = bandwidth("cuda")[0]  # GB/s
     print(f"{torch.cuda.get_device_name()}: read bandwidth {bw:.0f} GB/s", flush=True)
     lines = ["| what | time | GB/s | % of read bandwidth |", "|---|---|---|---|"] + gemv_table(bw)
     print("\n".join(lines), flush=True)
