@@ -14,12 +14,13 @@ from typing import Callable, Iterator, Optional, Sequence, TypedDict
 import torch
 
 from llama import native
-from llama.chat_format import ChatFormat
+from llama.chat_format import ChatFormat, validate_dialog  # noqa: F401  (validate_dialog: old home)
 from llama.checkpoint import load_params, load_transformer
 from llama.datatypes import ChatPrediction, CompletionPrediction, Dialog
 from llama.memory import check_fits, plan_memory
 from llama.model import Transformer
 from llama.parallel import parallelize, setup_model_parallel
+from llama import sampling
 from llama.sampling import sample_next
 from llama.tokenizer import Tokenizer
 
@@ -249,7 +250,8 @@ class Llama:
             tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
         positions = torch.arange(total, device=self.device)
         in_prompt = positions[None, :] < lens[:, None]  # [B, total]
-        token_logprobs = torch.zeros((bsz, total), device=self.device) if logprobs else None
+        # float32 whatever torch's default dtype (Meta's CPU code sets bf16 globally)
+        token_logprobs = torch.zeros((bsz, total), dtype=torch.float32, device=self.device) if logprobs else None
         limit = lens + max_gen_len  # a row generates positions len(prompt) ... limit - 1
         stop_tokens = torch.tensor(sorted(self.tokenizer.stop_tokens), device=self.device)
         stopped = torch.zeros(bsz, dtype=torch.bool, device=self.device)
@@ -271,7 +273,7 @@ class Llama:
             if token_logprobs is not None:
                 # Log-probability of each next token under the logits that predicted it.
                 targets = tokens[:, prev + 1 : cur + 1]
-                token_logprobs[:, prev + 1 : cur + 1] = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None])[..., 0]
+                token_logprobs[:, prev + 1 : cur + 1] = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None])[..., 0]
             stopped_now = is_new & torch.isin(nxt, stop_tokens)
             stopped |= stopped_now
             yield cur, tokens, is_new, stopped_now, token_logprobs
@@ -351,7 +353,7 @@ class Llama:
         self, dialog: Dialog, temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None
     ) -> Iterator[TokenEvent]:
         """Stream the assistant's answer to one dialog, token by token (the last event may be the stop)."""
-        prompt = self.formatter.encode_dialog_prompt(validate_dialog(dialog))
+        prompt = self.formatter.encode_dialog_prompt(dialog)
         return self._stream_one(prompt, temperature, top_p, max_gen_len)
 
     def text_stream(
@@ -376,6 +378,11 @@ class Llama:
         echo: bool = False,
     ) -> list[CompletionPrediction]:
         """Complete each prompt (BOS prepended). ``max_gen_len`` None means up to max_seq_len - 1."""
+        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+            raise ValueError(f"text_completion takes a list of prompts, got a {type(prompts).__name__}: use [prompt]")
+        for i, x in enumerate(prompts):
+            if not isinstance(x, str):
+                raise ValueError(f"prompt {i} is a {type(x).__name__}, not a str (token ids go to generate())")
         max_gen_len = self.model.max_seq_len - 1 if max_gen_len is None else max_gen_len
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
         tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
@@ -399,8 +406,12 @@ class Llama:
         The generated message carries ``stop_reason`` ("end_of_turn", "end_of_message",
         "out_of_tokens") and, for Llama 3.1 tool use, the parsed ``tool_calls``.
         """
+        if isinstance(dialogs, (str, dict)) or not isinstance(dialogs, (list, tuple)):
+            raise ValueError(f"chat_completion takes a list of dialogs, got a {type(dialogs).__name__}")
+        if dialogs and isinstance(dialogs[0], dict):
+            raise ValueError("chat_completion takes a list of dialogs, got one dialog (a list of messages): use [dialog]")
         max_gen_len = self.model.max_seq_len - 1 if max_gen_len is None else max_gen_len
-        prompt_tokens = [self.formatter.encode_dialog_prompt(validate_dialog(d, i)) for i, d in enumerate(dialogs)]
+        prompt_tokens = [self.formatter.encode_dialog_prompt(d, index=i) for i, d in enumerate(dialogs)]
         tokens, lps, stops = self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, False)
         out: list[ChatPrediction] = []
         for t, lp, stop in zip(tokens, lps, stops):
@@ -413,31 +424,11 @@ class Llama:
         return out
 
 
-def validate_dialog(dialog: Dialog, index: int = 0) -> Dialog:
-    """Check a dialog's order: [system] then user/ipython and assistant turns, ending for the model.
 
-    ``ipython`` (a tool result) must follow an assistant turn; the last message must be from
-    user or ipython, since the assistant answers next.
+def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Meta's ``llama.generation.sample_top_p``: top-p sampling of probs [B, V] -> token ids [B, 1].
+
+    A thin alias of ``llama.sampling.sample_top_p`` (which returns [B]) with Meta's output shape.
+    Without ``generator`` it draws from torch's global RNG, as Meta's does.
     """
-    where = f"dialog {index}"
-    if not isinstance(dialog, (list, tuple)) or not dialog:
-        raise ValueError(f"{where} is empty: give at least one user message")
-    prev = None
-    for j, m in enumerate(dialog):
-        if not isinstance(m, dict) or "role" not in m or not isinstance(m.get("content"), str):
-            raise ValueError(f"{where}, message {j}: expected {{'role': ..., 'content': str}}, got {m!r}")
-        role = m["role"]
-        if role not in ("system", "user", "assistant", "ipython"):
-            raise ValueError(f"{where}, message {j}: unknown role {role!r}; use system, user, assistant or ipython")
-        if role == "system" and j != 0:
-            raise ValueError(f"{where}, message {j}: a system message may only come first")
-        if role == "assistant" and prev not in ("user", "ipython"):
-            raise ValueError(f"{where}, message {j}: an assistant message must follow a user or ipython message")
-        if role == "ipython" and prev != "assistant":
-            raise ValueError(f"{where}, message {j}: an ipython (tool result) message must follow an assistant message")
-        if role == "user" and prev not in (None, "system", "assistant"):
-            raise ValueError(f"{where}, message {j}: a user message cannot follow a {prev} message")
-        prev = role
-    if prev not in ("user", "ipython"):
-        raise ValueError(f"{where}: the last message is from {prev}; it must be from user or ipython")
-    return dialog
+    return sampling.sample_top_p(probs, p, generator)[:, None]

@@ -9,8 +9,9 @@ heads with ``-1`` so it never needs to know how many heads live on this rank.
 
 import json
 import math
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
 import torch
@@ -405,6 +406,11 @@ class Transformer(nn.Module):
         # RoPE tables for every cache position, made by setup_cache: [max_seq_len, head_dim/2] fp32.
         self._rope_cos: Optional[torch.Tensor] = None
         self._rope_sin: Optional[torch.Tensor] = None
+
+    @property
+    def params(self) -> SimpleNamespace:
+        """Meta's ``model.params``: a read-only copy of ``args`` plus the cache's max_seq_len and max_batch_size."""
+        return SimpleNamespace(**asdict(self.args), max_seq_len=self.max_seq_len, max_batch_size=self.max_batch_size)
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int) -> None:
         """Allocate the KV cache (and RoPE tables) on the model's device and dtype."""
