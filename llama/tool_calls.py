@@ -14,6 +14,7 @@ import ast
 import json
 import re
 import uuid
+import warnings
 from datetime import date
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
@@ -214,7 +215,7 @@ def parse_tool_calls(text: str, *, after_python_tag: bool = False) -> list[ToolC
 def _is_python(code: str) -> bool:
     """Non-empty text that parses as Python: only that may go to the code interpreter."""
     try:
-        return bool(code) and ast.parse(code) is not None
+        return bool(code) and _ast_parse(code, "exec") is not None
     except (SyntaxError, ValueError, MemoryError, RecursionError):
         return False
 
@@ -290,7 +291,7 @@ def _dict_literal(text: str) -> Optional[dict[str, Any]]:
     value = _json_value(text)
     if value is None:
         try:
-            value = ast.literal_eval(text)
+            value = ast.literal_eval(_ast_parse(text, "eval"))
         except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
             return None
     if isinstance(value, dict) and all(isinstance(k, str) for k in value):
@@ -314,7 +315,7 @@ def _json_call(s: str) -> Optional[ToolCall]:
 def _python_list(s: str) -> tuple[str, list[ToolCall]]:
     """`[f(a=1), g(b="x")]`: a non-empty list of calls of plain names with literal keywords."""
     try:
-        node = ast.parse(s, mode="eval").body
+        node = _ast_parse(s, "eval").body
     except SyntaxError:
         # `[f(...` that does not parse is a broken call list; other brackets are not calls
         return (_MALFORMED if _LIST_START.match(s) else _NONE), []
@@ -333,7 +334,7 @@ def _python_list(s: str) -> tuple[str, list[ToolCall]]:
 
 def _dot_call(s: str) -> Optional[ToolCall]:
     """`name.call(k=literal, ...)` -> ToolCall; anything else (positional args, code) -> None."""
-    node = ast.parse(s, mode="eval").body
+    node = _ast_parse(s, "eval").body
     ok = (
         isinstance(node, ast.Call)
         and isinstance(node.func, ast.Attribute)
@@ -345,6 +346,13 @@ def _dot_call(s: str) -> Optional[ToolCall]:
     if not ok:
         return None
     return make_tool_call(node.func.value.id, {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords})
+
+
+def _ast_parse(source: str, mode: str) -> ast.AST:
+    # generated text is full of backslashes: no SyntaxWarning for invalid escapes on every parse
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ast.parse(source, mode=mode)
 
 
 def _json_value(text: str) -> Any:
