@@ -15,7 +15,7 @@ import llama.generation
 import llama.memory
 from bigram_model import make_bigram
 from llama.checkpoint import load_transformer, write_random_checkpoint
-from llama.generation import Llama, default_compute_dtype, default_dtype, resolve_dtype, validate_dialog
+from llama.generation import Llama, default_compute_dtype, default_dtype, resolve_dtype
 from llama.memory import plan_memory
 from llama.model import ModelArgs, Transformer
 
@@ -342,28 +342,25 @@ def test_dtypes(monkeypatch):
 
 U, AS, SYS, TOOL = ({"role": r, "content": "x"} for r in ("user", "assistant", "system", "ipython"))
 
-BAD_DIALOGS = [
-    ([], "dialog 0 is empty"),
-    ([{"role": "robot", "content": "x"}], "message 0: unknown role 'robot'"),
-    ([{"role": "user"}], "message 0: expected"),
-    ([AS, U], "message 0: an assistant message must follow a user or ipython message"),
-    ([U, U], "message 1: a user message cannot follow a user message"),
-    ([U, TOOL], r"message 1: an ipython \(tool result\) message must follow an assistant message"),
-    ([TOOL], r"message 0: an ipython \(tool result\) message must follow an assistant message"),
-    ([U, SYS, U], "message 1: a system message may only come first"),
-    ([U, AS], "the last message is from assistant; it must be from user or ipython"),
-    ([SYS], "the last message is from system"),
-]
+
+def test_dialogs_meta_encodes_are_accepted(generator):
+    """Dialog checks live in llama.chat_format (tests/test_chat_format.py); here: chat_completion uses them."""
+    out = generator.chat_completion([[U, U], [U, AS], [U, SYS, U], [TOOL]], temperature=0, max_gen_len=2)
+    assert len(out) == 4
+    with pytest.raises(ValueError, match="dialog 1, message 1: invalid role 'robot'"):
+        generator.chat_completion([[U], [U, {"role": "robot", "content": "x"}]], max_gen_len=2)
 
 
-@pytest.mark.parametrize("dialog, message", BAD_DIALOGS, ids=[m[:24] for _, m in BAD_DIALOGS])
-def test_bad_dialogs(dialog, message):
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda g: g.chat_completion([U]), r"got one dialog \(a list of messages\): use \[dialog\]"),
+        (lambda g: g.chat_completion(U), "chat_completion takes a list of dialogs, got a dict"),
+        (lambda g: g.chat_completion([[]]), "dialog 0 is empty"),
+        (lambda g: g.text_completion("Hello there"), r"text_completion takes a list of prompts, got a str: use \[prompt\]"),
+        (lambda g: g.text_completion([[1, 2]]), r"prompt 0 is a list, not a str"),
+    ],
+)
+def test_batch_given_without_its_list(generator, call, message):
     with pytest.raises(ValueError, match=message):
-        validate_dialog(dialog)
-
-
-def test_good_dialogs_and_the_failing_index(generator):
-    for dialog in ([U], [SYS, U], [U, AS, U], [SYS, U, AS, TOOL], [U, AS, TOOL, AS, U]):
-        assert validate_dialog(dialog) is dialog
-    with pytest.raises(ValueError, match="dialog 1, message 1: a user message cannot follow a user message"):
-        generator.chat_completion([[U], [U, U]], max_gen_len=2)
+        call(generator)
