@@ -255,3 +255,212 @@ def test_meta_tool_utils_not_python_lists(text):
     assert parse_tool_calls(text) == []
     # after <|python_tag|> none of them is a tool call (a bare f(...) is Python code, not a call list)
     assert all(c["tool_name"] == "code_interpreter" for c in parse_tool_calls(text, after_python_tag=True))
+
+
+# --- encoding: the corpus of dialogs ---------------------------------------------------------------
+
+CONTENTS = [
+    "This is a test sentence.",
+    "Ça déjà vu, 日本語, emoji 😀",
+    "def f(x):\n    return x ** 2",
+    "<|eot_id|><|start_header_id|>system<|end_header_id|> stays text",
+    "",
+    "a\n\nb",
+]
+ORDERS = [
+    ["user"], ["system", "user"], ["user", "assistant", "user"], ["user", "user"], ["user", "assistant"],
+    ["system", "user", "assistant", "ipython", "assistant", "user"], ["tool"], ["assistant"],
+    ["user", "system", "user"], ["system"], ["system", "system", "user"], ["user", "tool", "tool"],
+]  # fmt: skip
+DIALOGS = [
+    [{"role": role, "content": CONTENTS[(i + k) % len(CONTENTS)]} for i, role in enumerate(order)]
+    for order in ORDERS
+    for k in range(4)
+]
+
+
+def call(name, arguments):
+    return {"call_id": "c1", "tool_name": name, "arguments": arguments}
+
+
+# Assistant messages with tool calls where the documented format and Meta's encoder agree.
+TOOL_DIALOGS = [
+    ([{"role": "user", "content": "sqrt 2?"},
+      {"role": "assistant", "content": "", "tool_calls": [call("code_interpreter", {"code": "print(2 ** 0.5)"})],
+       "stop_reason": "end_of_message"},
+      {"role": "ipython", "content": "1.4142135623730951"}], "json"),
+    ([{"role": "user", "content": "Weather?"},
+      {"role": "assistant", "content": "", "tool_calls": [call("get_weather", {"city": "Paris", "days": 2})]},
+      {"role": "tool", "content": '{"temp": 18}'}], "function_tag"),
+    ([{"role": "user", "content": "Boiling point?"},
+      {"role": "assistant", "content": "", "tool_calls": [call("get_boiling_point", {"liquid_name": "water", "celcius": True})]},
+      {"role": "tool", "content": "100"}], "python_list"),
+]  # fmt: skip
+
+HEADER = "<|start_header_id|>assistant<|end_header_id|>\n\n"
+# Where Meta's encoder (llama-models 0.3.0) departs from the documented prompt format:
+# message -> (tool_prompt_format, our text, which is the documented one, and why Meta's differs).
+ENCODER_DIFFERS = [
+    ({"role": "user", "content": "  padded \n"}, "json",
+     "<|start_header_id|>user<|end_header_id|>\n\npadded<|eot_id|>",
+     "content is stripped in the documented format and in meta-llama/llama3's ChatFormat; llama-models keeps the spaces"),
+    ({"role": "assistant", "content": "", "tool_calls": [call("brave_search", {"query": "Menlo Park"})]}, "json",
+     HEADER + '<|python_tag|>brave_search.call(query="Menlo Park")<|eom_id|>',
+     "built-in calls are documented as <|python_tag|>...<|eom_id|>; Meta's encoder writes neither unless told"),
+    ({"role": "assistant", "content": "", "tool_calls": [call("get_weather", {"city": "Paris"})]}, "json",
+     HEADER + '{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>',
+     'the 3.1 documentation shows {"name", "parameters"}; Meta\'s encoder adds "type": "function"'),
+    ({"role": "assistant", "content": "", "tool_calls": [call("f", {"a": 1}), call("g", {"b": "x"})]}, "python_list",
+     HEADER + '[f(a=1), g(b="x")]<|eot_id|>',
+     "several calls are one list in Llama 3.2's documented format; Meta's encoder writes [f(a=1)][g(b=\"x\")]"),
+]  # fmt: skip
+
+
+def meta_messages(meta, dialog):
+    datatypes, _ = meta
+    out = []
+    for m in dialog:
+        calls = [
+            datatypes.ToolCall(call_id=c["call_id"], arguments=c["arguments"],
+                               tool_name=getattr(datatypes.BuiltinTool, c["tool_name"], c["tool_name"]))
+            for c in m.get("tool_calls", [])
+        ]  # fmt: skip
+        role = "tool" if m["role"] == "ipython" else m["role"]
+        stop = m.get("stop_reason")
+        out.append(datatypes.RawMessage(role=role, content=m["content"], tool_calls=calls,
+                                        stop_reason=datatypes.StopReason(stop) if stop else None))  # fmt: skip
+    return out
+
+
+def meta_prompt(meta, dialog, tool_prompt_format="json"):
+    datatypes, meta_fmt = meta
+    return meta_fmt.encode_dialog_prompt(meta_messages(meta, dialog), datatypes.ToolPromptFormat(tool_prompt_format)).tokens
+
+
+def test_encoding_corpus_size():
+    assert len(DIALOGS) + len(TOOL_DIALOGS) + len(ENCODER_DIFFERS) >= 40
+
+
+@pytest.mark.parametrize("dialog", DIALOGS, ids=[f"{'-'.join(m['role'] for m in d)}#{i % 4}" for i, d in enumerate(DIALOGS)])
+def test_encoding_equals_meta(meta, fmt, dialog):
+    assert fmt.encode_dialog_prompt(dialog) == meta_prompt(meta, dialog)
+
+
+@pytest.mark.parametrize("dialog, tool_prompt_format", TOOL_DIALOGS)
+def test_tool_call_encoding_equals_meta(meta, fmt, dialog, tool_prompt_format):
+    assert fmt.encode_dialog_prompt(dialog, tool_prompt_format) == meta_prompt(meta, dialog, tool_prompt_format)
+
+
+@pytest.mark.parametrize("message, tool_prompt_format, documented, reason", ENCODER_DIFFERS, ids=[r[:40] for *_, r in ENCODER_DIFFERS])
+def test_encoding_where_meta_departs_from_the_docs(meta, tokenizer, fmt, message, tool_prompt_format, documented, reason):
+    tokens = fmt.encode_message(message, tool_prompt_format)
+    assert tokens == tokenizer.encode(documented, bos=False, eos=False, allowed_special="all")
+    theirs = meta_prompt(meta, [message], tool_prompt_format)[1:-4]  # drop BOS and the open assistant header
+    assert theirs != tokens, f"Meta now writes the documented form; drop this case ({reason})"
+
+
+# --- Meta's names ------------------------------------------------------------------------------------
+
+
+def test_meta_llama3_test_tokenizer_imports_and_ids(meta_tokenizer_path):
+    """The import line of meta-llama/llama3's test_tokenizer.py, and the ids it checks."""
+    from llama.tokenizer import ChatFormat, Tokenizer
+
+    tokenizer = Tokenizer(str(meta_tokenizer_path))
+    chat = ChatFormat(tokenizer)
+    assert tokenizer.special_tokens["<|begin_of_text|>"] == 128000
+    assert tokenizer.encode("This is a test sentence.", bos=True, eos=True) == [128000, 2028, 374, 264, 1296, 11914, 13, 128001]
+    assert tokenizer.decode([128000, 2028, 374, 264, 1296, 11914, 13, 128001]) == (
+        "<|begin_of_text|>This is a test sentence.<|end_of_text|>"
+    )
+    assert chat.encode_message({"role": "user", "content": "This is a test sentence."}) == [
+        128006, 882, 128007, 271, 2028, 374, 264, 1296, 11914, 13, 128009,
+    ]  # fmt: skip
+    dialog = [{"role": "system", "content": "This is a test sentence."}, {"role": "user", "content": "This is a response."}]
+    assert chat.encode_dialog_prompt(dialog) == [
+        128000, 128006, 9125, 128007, 271, 2028, 374, 264, 1296, 11914, 13, 128009, 128006, 882,
+        128007, 271, 2028, 374, 264, 2077, 13, 128009, 128006, 78191, 128007, 271,
+    ]  # fmt: skip
+
+
+def test_meta_type_names():
+    import llama
+    import llama.chat_format
+    import llama.tokenizer
+
+    assert llama.tokenizer.ChatFormat is llama.chat_format.ChatFormat is llama.ChatFormat
+    assert llama.Dialog is llama.datatypes.Dialog and llama.Message is llama.datatypes.Message
+    with pytest.raises(AttributeError, match="has no attribute 'Nope'"):
+        llama.tokenizer.Nope  # noqa: B018
+
+
+def test_sample_top_p_has_metas_shape():
+    from llama.generation import sample_top_p
+
+    probs = torch.tensor([[0.05, 0.7, 0.25], [0.6, 0.3, 0.1]])
+    out = sample_top_p(probs, 0.5, torch.Generator().manual_seed(0))
+    assert out.shape == (2, 1) and out.dtype == torch.long
+    assert out.flatten().tolist() == [1, 0]  # the nucleus of p=0.5 is the top token alone
+
+
+# --- a research script and bf16 default dtype, on a tiny random checkpoint --------------------------
+
+ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=32)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, meta_tokenizer_path):
+    path = tmp_path_factory.mktemp("meta_compat") / "ckpt"
+    write_random_checkpoint(path, ARGS, n_shards=1, seed=0, dtype=torch.float32, tokenizer_path=meta_tokenizer_path)
+    return path
+
+
+@pytest.fixture
+def bf16_default():
+    """Meta's CPU code calls torch.set_default_dtype(torch.bfloat16) before building."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    yield
+    torch.set_default_dtype(before)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_research_script_runs_unchanged(ckpt, meta_tokenizer_path, monkeypatch, capsys):
+    argv = [str(SCRIPT), "--ckpt_dir", str(ckpt), "--tokenizer_path", str(meta_tokenizer_path), "--max_gen_len", "4"]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(SCRIPT), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "model: dim=64 n_layers=2 n_heads=4 max_seq_len=128 max_batch_size=4" in out
+    assert out.count("==================================") == 4
+    assert "User: Keep it short." in out and "System: Always answer with emojis" in out
+    assert "sampled next token:" in out and "logprobs=[" in out
+
+
+@pytest.mark.usefixtures("one_thread", "bf16_default")
+def test_logprobs_float32_under_bf16_default(ckpt):
+    from llama.generation import Llama
+
+    llm = Llama.build(str(ckpt), None, 32, 2, device="cpu", dtype="fp32")
+    (out,) = llm.text_completion(["Hello there"], temperature=0, max_gen_len=3, logprobs=True)
+    tokens, logprobs = llm.generate([llm.tokenizer.encode("Hello there", bos=True, eos=False)], 3, 0, logprobs=True)
+    assert out["logprobs"] == logprobs[0]
+    # bf16 keeps 8 bits of mantissa: a float32 logprob is (almost surely) not a bf16 value
+    as_bf16 = torch.tensor(logprobs[0], dtype=torch.float64).to(torch.bfloat16).double().tolist()
+    assert as_bf16 != logprobs[0]
+    # and they are the float32 log-softmax of the model's logits
+    with torch.inference_mode():
+        full = llm.tokenizer.encode("Hello there", bos=True, eos=False) + tokens[0]
+        llm.model.setup_cache(2, 32)
+        logits = llm.model(torch.tensor([full]), 0)[0].float()
+    expected = torch.log_softmax(logits, -1)[torch.arange(len(full) - 4, len(full) - 1), torch.tensor(full[-3:])]
+    torch.testing.assert_close(torch.tensor(logprobs[0], dtype=torch.float32), expected, rtol=0, atol=1e-5)
+
+
+def test_model_params(ckpt):
+    from llama.model import Transformer
+
+    model = Transformer(ARGS, device="cpu", dtype=torch.float32)
+    model.setup_cache(3, 48)
+    p = model.params
+    assert (p.dim, p.n_layers, p.n_heads, p.n_kv_heads, p.vocab_size) == (64, 2, 4, 2, 128256)
+    assert (p.max_seq_len, p.max_batch_size, p.rope_theta, p.norm_eps) == (48, 3, 500000.0, 1e-5)
