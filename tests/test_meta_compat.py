@@ -424,6 +424,7 @@ def bf16_default():
     torch.set_default_dtype(before)
 
 
+@pytest.mark.slow  # ~7 s: builds the default (bf16, CPU kernels) model
 @pytest.mark.usefixtures("one_thread")
 def test_research_script_runs_unchanged(ckpt, meta_tokenizer_path, monkeypatch, capsys):
     argv = [str(SCRIPT), "--ckpt_dir", str(ckpt), "--tokenizer_path", str(meta_tokenizer_path), "--max_gen_len", "4"]
