@@ -67,7 +67,8 @@ def check_message(message: Any, roles: Sequence[str] = LLAMA3_ROLES, where: str 
     if not isinstance(calls, (list, tuple)):
         raise ValueError(f"{where}: tool_calls must be a list, got {type(calls).__name__}")
     for k, call in enumerate(calls):
-        ok = isinstance(call, dict) and isinstance(call.get("tool_name"), str) and isinstance(call.get("arguments"), dict)
+        ok = isinstance(call, dict) and isinstance(call.get("tool_name"), str)
+        ok = ok and isinstance(call.get("arguments"), dict)
         if not ok:
             raise ValueError(f"{where}: tool call {k} must be {{'tool_name': str, 'arguments': dict}}, got {call!r}")
     return role
@@ -112,7 +113,9 @@ class ChatFormat:
         if calls:
             builtin = [c["tool_name"] for c in calls if is_builtin_tool(c["tool_name"])]
             if builtin and len(calls) > 1:
-                raise ValueError(f"a built-in tool call ({builtin[0]}) must be the only call of its message, got {len(calls)}")
+                raise ValueError(
+                    f"a built-in tool call ({builtin[0]}) must be the only call of its message, got {len(calls)}"
+                )
             if tool_prompt_format not in TOOL_PROMPT_FORMATS:
                 raise ValueError(f"unknown tool_prompt_format {tool_prompt_format!r}; valid: {TOOL_PROMPT_FORMATS}")
             tagged = eom or bool(builtin)
