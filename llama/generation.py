@@ -13,14 +13,13 @@ from typing import Callable, Iterator, Optional, Sequence, TypedDict
 
 import torch
 
-from llama import native
-from llama.chat_format import ChatFormat, validate_dialog  # noqa: F401  (validate_dialog: old home)
+from llama import native, sampling
+from llama.chat_format import ChatFormat
 from llama.checkpoint import load_params, load_transformer
 from llama.datatypes import ChatPrediction, CompletionPrediction, Dialog
 from llama.memory import check_fits, plan_memory
 from llama.model import Transformer
 from llama.parallel import parallelize, setup_model_parallel
-from llama import sampling
 from llama.sampling import sample_next
 from llama.tokenizer import Tokenizer
 
@@ -422,7 +421,6 @@ class Llama:
                 pred["logprobs"] = lp
             out.append(pred)
         return out
-
 
 
 def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
