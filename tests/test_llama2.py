@@ -214,13 +214,20 @@ def test_mixed_embedding_layouts_are_an_error(tmp_path, llama2_folders):
         load_state_dict(bad, args)
 
 
-@pytest.mark.parametrize("mp", [1, 4])
-def test_reshard_llama2(tmp_path, llama2_folders, mp):
+@pytest.mark.parametrize("src_shards, mp", [(2, 1), (2, 4), (1, 2)])
+def test_reshard_llama2_keeps_its_format(tmp_path, llama2_folders, src_shards, mp):
     args, full, folders = llama2_folders["gqa-70b-style"]
-    dst = reshard(folders[2], tmp_path / "out", mp, log=lambda _: None)
-    written = load_params(dst)
-    assert (written.vocab_size, written.rope_theta, written.n_kv_heads) == (VOCAB, 10000.0, max(2, mp))
+    dst = reshard(folders[src_shards], tmp_path / "out", mp, log=lambda _: None)
+    # Meta's Llama 2 params.json and layout, as its own code loads them: only n_kv_heads changes
+    # when there are more shards than KV heads (each KV head duplicated).
+    params = json.loads((dst / "params.json").read_text())
+    assert params == {**TINY["gqa-70b-style"], "n_kv_heads": max(2, mp)}
     assert tokenizer_kind(dst / "tokenizer.model") == "sentencepiece"
+    shard = torch.load(dst / "consolidated.00.pth", weights_only=True)
+    assert shard["tok_embeddings.weight"].shape == (VOCAB, args.dim // mp)
+    assert torch.equal(shard["tok_embeddings.weight"], full["tok_embeddings.weight"].chunk(mp, dim=1)[0])
+    written = load_params(dst)
+    assert (written.vocab_size, written.rope_theta) == (VOCAB, 10000.0)
     got = load_state_dict(dst, written)
     for key in ("tok_embeddings.weight", "output.weight", "layers.1.attention.wq.weight", "layers.0.feed_forward.w2.weight"):
         assert torch.equal(got[key], full[key])
