@@ -409,3 +409,20 @@ def test_chat_completion_on_llama2_folder(tmp_path, sp_model, sp_tok):
     assert streamed == " Hello there"  # streaming keeps SentencePiece's leading space
     text = llm.text_completion(["Say"], temperature=0.0, max_gen_len=3)[0]["generation"]
     assert isinstance(text, str)
+
+
+@torch.no_grad()
+def test_meta_to_hf_and_memory_on_llama2_folder(tmp_path, llama2_folders):
+    from transformers import LlamaForCausalLM
+
+    from llama.convert import meta_to_hf
+    from llama.memory import _load_args
+
+    args, full, folders = llama2_folders["gqa-70b-style"]
+    assert _load_args(folders[2]) == args  # python -m llama.memory on a Llama 2 folder
+    config = meta_to_hf(folders[2], tmp_path / "hf")
+    assert config["vocab_size"] == VOCAB and config["num_key_value_heads"] == 2
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf").float().eval()
+    tokens = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(2))
+    ours = load_transformer(folders[2], args=args).eval()(tokens)
+    assert rel_err(ours, hf(tokens).logits) < 1e-4
