@@ -144,6 +144,8 @@ class Llama:
         dtype = resolve_dtype(dtype, device)
         torch.manual_seed(seed)  # the same seed on every rank: ranks must sample the same tokens
 
+        if not Path(ckpt_dir).is_dir():  # before the tokenizer, whose default path is inside it
+            raise FileNotFoundError(f"checkpoint folder not found: {ckpt_dir}")
         tokenizer_file = Path(tokenizer_path) if tokenizer_path else Path(ckpt_dir) / "tokenizer.model"
         tokenizer = load_tokenizer(tokenizer_file)  # tiktoken (Llama 3) or SentencePiece (Llama 2), by content
         args = load_params(ckpt_dir, vocab_size=tokenizer.n_words)  # Llama 2's vocab_size -1: the tokenizer's
