@@ -66,12 +66,34 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def load_params(ckpt_dir: str | Path) -> ModelArgs:
-    """``ModelArgs`` from ``ckpt_dir/params.json``, with errors that name the folder."""
+def load_params(ckpt_dir: str | Path, vocab_size: Optional[int] = None) -> ModelArgs:
+    """``ModelArgs`` from ``ckpt_dir/params.json``, with errors that name the folder.
+
+    Llama 2's ``"vocab_size": -1`` becomes ``vocab_size`` (the tokenizer's size) or, when that is
+    not given, the size of the folder's own ``tokenizer.model``.
+    """
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"checkpoint folder not found: {ckpt_dir}")
-    return ModelArgs.load(ckpt_dir / "params.json")
+    path = ckpt_dir / "params.json"
+    if vocab_size is None and _says_vocab_minus_one(path):
+        tokenizer_path = ckpt_dir / "tokenizer.model"
+        if not tokenizer_path.is_file():
+            raise FileNotFoundError(
+                f"{path} has vocab_size -1 (Llama 2: the tokenizer decides), but {ckpt_dir} has no tokenizer.model"
+            )
+        from llama.family import load_tokenizer  # imported here: checkpoint.py needs no tokenizer otherwise
+
+        vocab_size = load_tokenizer(tokenizer_path).n_words
+    return ModelArgs.load(path, vocab_size)
+
+
+def _says_vocab_minus_one(path: Path) -> bool:
+    try:
+        params = json.loads(path.read_text())
+    except (OSError, ValueError):  # ModelArgs.load reports these
+        return False
+    return isinstance(params, dict) and params.get("vocab_size") == -1
 
 
 def find_shards(ckpt_dir: str | Path) -> list[Path]:
@@ -149,6 +171,17 @@ def load_state_dict(
     check_layout(args, n, world_size)
     shapes = expected_shapes(args)
     cache: dict[int, dict[str, torch.Tensor]] = {}
+    file_dims: dict[str, int] = {}  # split dims of the files where they differ from SHARD_DIMS
+
+    def split_dim(k: str, shape: torch.Size) -> Optional[int]:
+        # Llama 2 split tok_embeddings along dim 1 ([vocab, dim/N] per file), Llama 3 along dim 0:
+        # the first shard's shape decides, and every other shard is then checked against it.
+        d = shard_dim(k)
+        if k == "tok_embeddings.weight" and n > 1:
+            if tuple(shape) == (shapes[k][0], shapes[k][1] // n) and shapes[k][1] % n == 0:
+                d = 1
+            d = file_dims.setdefault(k, d)
+        return d
 
     def shard(i: int) -> dict[str, torch.Tensor]:
         if i not in cache:
@@ -169,7 +202,7 @@ def load_state_dict(
                     f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)})"
                 )
             for k, full in shapes.items():
-                d = shard_dim(k)
+                d = split_dim(k, sd[k].shape)
                 want = list(full)
                 if d is not None:
                     if full[d] % n:
@@ -184,11 +217,15 @@ def load_state_dict(
         return cache[i]
 
     out: dict[str, torch.Tensor] = {}
+    shard(0)  # validates the first file and finds its layout (file_dims)
     for key, full in shapes.items():
         d = shard_dim(key)
         rng = rank_range(key, args, rank, world_size)
         if d is None or (rng is None and n == 1):
             t = shard(0)[key]
+        elif file_dims.get(key, d) != d:  # Llama 2 embedding: this rank's rows, from every file's columns
+            pieces = [_take(shard(i)[key], d, rng) for i in range(n)]
+            t = torch.cat(pieces, dim=file_dims[key]).contiguous()
         else:
             lo, hi = rng if rng is not None else (0, full[d])
             per = full[d] // n

@@ -14,9 +14,9 @@ from typing import Callable, Iterator, Optional, Sequence, TypedDict
 import torch
 
 from llama import native, sampling
-from llama.chat_format import ChatFormat
 from llama.checkpoint import load_params, load_transformer
 from llama.datatypes import ChatPrediction, CompletionPrediction, Dialog
+from llama.family import chat_format_for, load_tokenizer
 from llama.memory import check_fits, plan_memory
 from llama.model import Transformer
 from llama.parallel import parallelize, setup_model_parallel
@@ -144,9 +144,11 @@ class Llama:
         dtype = resolve_dtype(dtype, device)
         torch.manual_seed(seed)  # the same seed on every rank: ranks must sample the same tokens
 
-        args = load_params(ckpt_dir)
+        if not Path(ckpt_dir).is_dir():  # before the tokenizer, whose default path is inside it
+            raise FileNotFoundError(f"checkpoint folder not found: {ckpt_dir}")
         tokenizer_file = Path(tokenizer_path) if tokenizer_path else Path(ckpt_dir) / "tokenizer.model"
-        tokenizer = Tokenizer(tokenizer_file)
+        tokenizer = load_tokenizer(tokenizer_file)  # tiktoken (Llama 3) or SentencePiece (Llama 2), by content
+        args = load_params(ckpt_dir, vocab_size=tokenizer.n_words)  # Llama 2's vocab_size -1: the tokenizer's
         if args.vocab_size != tokenizer.n_words:
             raise ValueError(
                 f"{Path(ckpt_dir) / 'params.json'} has vocab_size={args.vocab_size}, but the tokenizer "
@@ -183,7 +185,7 @@ class Llama:
             raise ValueError("the model has no KV cache: call model.setup_cache(max_batch_size, max_seq_len) first")
         self.model = model
         self.tokenizer = tokenizer
-        self.formatter = ChatFormat(tokenizer)
+        self.formatter = chat_format_for(tokenizer)
         self.rank = rank
         self.device = model.tok_embeddings.weight.device
         # Sampling draws from this generator only, seeded identically on every rank.

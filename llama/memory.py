@@ -115,7 +115,11 @@ def check_fits(plan: MemoryPlan, device: torch.device | str, available: Optional
 
 def _load_args(path: str | Path) -> ModelArgs:
     path = Path(path)
-    return ModelArgs.load(path / "params.json" if path.is_dir() else path)
+    if path.is_dir():  # load_params resolves Llama 2's vocab_size -1 from the folder's tokenizer
+        from llama.checkpoint import load_params
+
+        return load_params(path)
+    return ModelArgs.load(path)
 
 
 def report(args: ModelArgs, max_seq_len: int, max_batch_size: int, dtype: torch.dtype, world_size: int = 1) -> str:

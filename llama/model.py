@@ -22,6 +22,8 @@ from torch import nn
 ROPE_LOW_FREQ_FACTOR = 1.0
 ROPE_HIGH_FREQ_FACTOR = 4.0
 ROPE_ORIGINAL_CONTEXT = 8192
+# Llama 1/2 params.json files carry no rope_theta: Meta's Llama 2 code fixes theta at 10000.
+LLAMA2_ROPE_THETA = 10000.0
 
 
 @dataclass
@@ -85,8 +87,17 @@ class ModelArgs:
         return 131072 if self.use_scaled_rope else ROPE_ORIGINAL_CONTEXT
 
     @classmethod
-    def from_dict(cls, params: dict[str, Any], source: str = "params") -> "ModelArgs":
-        """Build from a ``params.json`` dict; unknown or missing keys are errors naming the key."""
+    def from_dict(cls, params: dict[str, Any], source: str = "params", vocab_size: Optional[int] = None) -> "ModelArgs":
+        """Build from a ``params.json`` dict; unknown or missing keys are errors naming the key.
+
+        Llama 1/2 files: an absent ``rope_theta`` is 10000 (Llama 3 files always state theirs), and
+        ``"vocab_size": -1`` means "the tokenizer decides": pass ``vocab_size`` (tokenizer.n_words).
+        """
+        params = {"rope_theta": LLAMA2_ROPE_THETA, **params}
+        if params.get("vocab_size") == -1:
+            if vocab_size is None:
+                raise ValueError(f"{source}: vocab_size is -1 (Llama 2: the tokenizer decides); give the tokenizer's size")
+            params["vocab_size"] = vocab_size
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(params) - known)
         if unknown:
@@ -101,8 +112,8 @@ class ModelArgs:
             raise ValueError(f"{source}: {e}") from None
 
     @classmethod
-    def load(cls, path: str | Path) -> "ModelArgs":
-        """Read a ``params.json`` file."""
+    def load(cls, path: str | Path, vocab_size: Optional[int] = None) -> "ModelArgs":
+        """Read a ``params.json`` file (``vocab_size``: the tokenizer's, for Llama 2's -1)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"params file not found: {path} (a checkpoint folder holds params.json)")
@@ -112,7 +123,7 @@ class ModelArgs:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(params, dict):
             raise ValueError(f"{path}: expected a JSON object, got {type(params).__name__}")
-        return cls.from_dict(params, source=str(path))
+        return cls.from_dict(params, source=str(path), vocab_size=vocab_size)
 
     def to_dict(self) -> dict[str, Any]:
         """The params.json form: Meta's keys, plus ``rope_scale_factor`` only when it is not 8."""
