@@ -254,9 +254,9 @@ unsupported() {
     return 1
 }
 # ---- the signed URL -----------------------------------------------------------------------
-# Cleans the URL in $URL (quotes, whitespace, line breaks) and checks it; exits 2 if unusable.
-clean_and_check_url() {
-    local url=$1 notes=() stars ws
+# Removes what copying adds to a URL (whitespace, line breaks, quotes); prints the result.
+clean_url() {
+    local url=$1 notes=() ws
     # Whitespace of any kind (spaces, tabs, CR, line breaks) cannot be part of a URL.
     ws=$(printf ' \t\r\n')
     case $url in
@@ -276,8 +276,15 @@ clean_and_check_url() {
     if [ ${#notes[@]} -gt 0 ]; then
         local joined='' note
         for note in "${notes[@]}"; do joined="$joined${joined:+; }$note"; done
-        say "Note: cleaned up the URL you gave: $joined."
+        say "Note: cleaned up the URL you gave: $joined." >&2
     fi
+    printf '%s' "$url"
+}
+
+# Cleans the URL and checks it; exits 2 if unusable. Sets URL, URL_PREFIX, URL_SUFFIX.
+clean_and_check_url() {
+    local url stars
+    url=$(clean_url "$1")
     if [ -z "$url" ]; then
         die $EXIT_BAD_INPUT "no URL given. Paste the URL from Meta's e-mail (it starts with https:// and contains a '*')."
     fi
@@ -433,50 +440,9 @@ markup_summary() {
 # Runs the downloader once: URL -> PART (resuming). Sets DL_KIND to one of
 # ok | http | network | write | norange | other, and DL_HTTP to the HTTP status if known.
 run_downloader() {
-    local url=$1 part=$2 rc log
+    local url=$1 part=$2 rc
     DL_HTTP='' DL_TOOL='' DL_WHY=''
-    if [ "$DOWNLOADER" = wget ]; then
-        local progress=()
-        [ -t 2 ] && progress=(--show-progress --progress=bar:force:noscroll)
-        # wget's messages (which repeat the signed URL) go to a log; only the progress bar is
-        # shown. On failure the log is shown with the URL's signature hidden.
-        log="$part.log"
-        CURRENT_LOG=$log
-        LC_ALL=C wget --continue --tries=1 --timeout=60 --no-verbose ${progress[@]+"${progress[@]}"} \
-            --output-file="$log" -O "$part" -- "$url"
-        rc=$?
-        DL_HTTP=$(sed -n 's/.*ERROR \([0-9][0-9][0-9]\).*/\1/p' "$log" 2>/dev/null | tail -n 1)
-        if [ "$rc" -ne 0 ]; then
-            [ -z "$DL_HTTP" ] && grep -q -e 'Cannot write to' -e 'No space left' -e 'Is a directory' \
-                -e 'Permission denied' -e 'Read-only file system' "$log" 2>/dev/null && rc=3
-            sed -e 's/?[^ ]*/?<signature hidden>/g' -e 's/^/  wget: /' "$log" 2>/dev/null | grep -v '^  wget: *$' >&2
-        fi
-        rm -f "$log"
-        CURRENT_LOG=''
-        case $rc in
-            0) DL_KIND=ok ;;
-            8) DL_KIND=http ;;
-            3) DL_KIND='write' ;;
-            4 | 5 | 7) DL_KIND=network ;;
-            *) DL_KIND=other ;;
-        esac
-    else
-        local progress=()
-        [ -t 2 ] || progress=(--silent --show-error)
-        DL_HTTP=$(LC_ALL=C curl --location --fail --continue-at - --connect-timeout 30 \
-            --speed-limit 1 --speed-time 120 ${progress[@]+"${progress[@]}"} \
-            --output "$part" --write-out '%{http_code}' -- "$url")
-        rc=$?
-        case $DL_HTTP in 000) DL_HTTP='' ;; esac
-        case $rc in
-            0) DL_KIND=ok ;;
-            22) DL_KIND=http ;;
-            23) DL_KIND='write' ;;
-            33) DL_KIND=norange ;;
-            5 | 6 | 7 | 16 | 18 | 28 | 35 | 52 | 55 | 56 | 92) DL_KIND=network ;;
-            *) DL_KIND=other ;;
-        esac
-    fi
+    if [ "$DOWNLOADER" = wget ]; then run_wget "$url" "$part"; else run_curl "$url" "$part"; fi
     DL_RC=$rc
     if [ "$DL_KIND" = http ] && [ "$DL_HTTP" = 416 ] && [ -s "$part" ]; then
         # Asked to resume at or past the end: the .part already holds the whole file.
@@ -488,6 +454,53 @@ run_downloader() {
         # A zero-byte file: some tools create nothing when the body is empty.
         : >"$part" || DL_KIND='write'
     fi
+}
+
+# wget's half of run_downloader: sets rc and DL_HTTP in the caller.
+run_wget() {
+    local url=$1 part=$2 progress=() log
+    [ -t 2 ] && progress=(--show-progress --progress=bar:force:noscroll)
+    # wget's messages (which repeat the signed URL) go to a log; only the progress bar is
+    # shown. On failure the log is shown with the URL's signature hidden.
+    log="$part.log"
+    CURRENT_LOG=$log
+    LC_ALL=C wget --continue --tries=1 --timeout=60 --no-verbose ${progress[@]+"${progress[@]}"} \
+        --output-file="$log" -O "$part" -- "$url"
+    rc=$?
+    DL_HTTP=$(sed -n 's/.*ERROR \([0-9][0-9][0-9]\).*/\1/p' "$log" 2>/dev/null | tail -n 1)
+    if [ "$rc" -ne 0 ]; then
+        [ -z "$DL_HTTP" ] && grep -q -e 'Cannot write to' -e 'No space left' -e 'Is a directory' \
+            -e 'Permission denied' -e 'Read-only file system' "$log" 2>/dev/null && rc=3
+        sed -e 's/?[^ ]*/?<signature hidden>/g' -e 's/^/  wget: /' "$log" 2>/dev/null | grep -v '^  wget: *$' >&2
+    fi
+    rm -f "$log"
+    CURRENT_LOG=''
+    case $rc in
+        0) DL_KIND=ok ;;
+        8) DL_KIND=http ;;
+        3) DL_KIND='write' ;;
+        4 | 5 | 7) DL_KIND=network ;;
+        *) DL_KIND=other ;;
+    esac
+}
+
+# curl's half of run_downloader: sets rc and DL_HTTP in the caller.
+run_curl() {
+    local url=$1 part=$2 progress=()
+    [ -t 2 ] || progress=(--silent --show-error)
+    DL_HTTP=$(LC_ALL=C curl --location --fail --continue-at - --connect-timeout 30 \
+        --speed-limit 1 --speed-time 120 ${progress[@]+"${progress[@]}"} \
+        --output "$part" --write-out '%{http_code}' -- "$url")
+    rc=$?
+    case $DL_HTTP in 000) DL_HTTP='' ;; esac
+    case $rc in
+        0) DL_KIND=ok ;;
+        22) DL_KIND=http ;;
+        23) DL_KIND='write' ;;
+        33) DL_KIND=norange ;;
+        5 | 6 | 7 | 16 | 18 | 28 | 35 | 52 | 55 | 56 | 92) DL_KIND=network ;;
+        *) DL_KIND=other ;;
+    esac
 }
 
 # Downloads REMOTE to DEST (via DEST.part) unless DEST already exists. Returns 0 on success;
@@ -928,6 +941,7 @@ choose_models() {
         if info=$(unsupported "$item"); then
             refused+=("  $item is ${info%%|*}, which this library cannot run; it can run instead: ${info#*|}.")
         elif id=$(model_of "$item"); then
+            [ ${#SELECTED[@]} -eq 0 ] && FIRST_ROWS=$(rows_named "$item")
             for s in ${SELECTED[@]+"${SELECTED[@]}"}; do [ "$s" = "$id" ] && id=''; done
             [ -n "$id" ] && SELECTED+=("$id")
         else unknown+=("$item")
@@ -964,7 +978,11 @@ detect_layout() {
     local candidates=() row tried='' all403=1 id
     if [ $ALL = 1 ]; then candidates=("$(row_of 3-8b A)" "$(row_of 3.1-8b B)")
     else
-        for row in "${!T_MODEL[@]}"; do [ "${T_MODEL[$row]}" = "${SELECTED[0]}" ] && candidates+=("$row"); done
+        # The layout of the name typed first, then the model's other layouts.
+        read -r -a candidates <<<"$FIRST_ROWS"
+        for row in "${!T_MODEL[@]}"; do
+            [ "${T_MODEL[$row]}" = "${SELECTED[0]}" ] && [[ " $FIRST_ROWS " != *" $row "* ]] && candidates+=("$row")
+        done
     fi
     say "Finding out which layout the link serves (asking for params.json of ${T_FOLDER[${candidates[0]}]}):"
     LAYOUT=''
@@ -1025,8 +1043,10 @@ download_top_level() {
 # Fetches one model (its checklist first, where the layout has one) and verifies it.
 download_model() {
     local row=$1 dir=${T_FOLDER[$1]} remote=${T_REMOTE[$1]} shards=${T_SHARDS[$1]} files=() f n failed=0
+    local what="$shards shard$([ "$shards" -gt 1 ] && echo s)"
+    [ "${T_EXTRA[$row]}" = fp8 ] && what="$what + $shards fp8 scales"
     say ""
-    say "== ${T_NAMES[$row]} -> $dir ($shards shard$([ "$shards" -gt 1 ] && echo s)${T_EXTRA[$row]/#-/}${T_EXTRA[$row]/#fp8/ + fp8 scales})"
+    say "== ${T_NAMES[$row]} -> $dir ($what)"
     mkdir -p -- "$dir" || { err "cannot create $dir"; exit $EXIT_DOWNLOAD; }
     if [ "$LAYOUT" != B ]; then
         # checklist.chk first: a bad one (error page, wrong link) is caught before the big files.
