@@ -176,6 +176,11 @@ load_tables() {
     done <<EOF2
 $MODEL_TABLE
 EOF2
+    # Lowercase ",names,folder," of every row, made with one `tr` (names are case-insensitive).
+    T_KEYS=()
+    while IFS= read -r line; do T_KEYS+=("$line"); done <<EOF2
+$(for i in "${!T_MODEL[@]}"; do printf ',%s,%s,\n' "${T_NAMES[$i]}" "${T_FOLDER[$i]}"; done | tr '[:upper:]' '[:lower:]')
+EOF2
     while IFS='|' read -r names model line; do
         [ -z "$names" ] && continue
         U_NAMES+=("$(trim "$names")") U_WHAT+=("$(trim "$model")") U_INSTEAD+=("$(trim "$line")")
@@ -208,14 +213,11 @@ names_by_family() {
 
 # Indexes (space-separated) of the table rows whose names or folder match $1, or return 1.
 rows_named() {
-    local wanted i n out='' IFS_SAVE=$IFS
+    local wanted i out=''
     wanted=$(to_lower "$1")
-    for i in "${!T_MODEL[@]}"; do
-        IFS=,
-        for n in ${T_NAMES[$i]} ${T_FOLDER[$i]}; do
-            [ "$wanted" = "$(to_lower "$n")" ] && { out="$out $i"; break; }
-        done
-        IFS=$IFS_SAVE
+    case $wanted in '' | *,*) return 1 ;; esac
+    for i in "${!T_KEYS[@]}"; do
+        case ${T_KEYS[$i]} in *",$wanted,"*) out="$out $i" ;; esac
     done
     [ -n "$out" ] && printf '%s' "${out# }"
 }
@@ -238,21 +240,17 @@ row_of() {
 
 # If $1 names a model this library cannot run, prints "what it is|instead" and returns 0.
 unsupported() {
-    local i n wanted IFS_SAVE=$IFS
+    local i wanted
     wanted=$(to_lower "$1")
     for i in "${!U_NAMES[@]}"; do
-        IFS=,
-        for n in ${U_NAMES[$i]}; do
-            if [ "$wanted" = "$(to_lower "$n")" ]; then
-                IFS=$IFS_SAVE
-                printf '%s|%s' "${U_WHAT[$i]}" "${U_INSTEAD[$i]}"
-                return 0
-            fi
-        done
-        IFS=$IFS_SAVE
+        case ,$(to_lower "${U_NAMES[$i]}"), in *",$wanted,"*)
+            printf '%s|%s' "${U_WHAT[$i]}" "${U_INSTEAD[$i]}"
+            return 0 ;;
+        esac
     done
     return 1
 }
+
 # ---- the signed URL -----------------------------------------------------------------------
 # Removes what copying adds to a URL (whitespace, line breaks, quotes); prints the result.
 clean_url() {
@@ -402,8 +400,6 @@ PY
             ;;
     esac
 }
-
-tool_for() { [ "$1" = md5 ] && printf '%s' "$MD5_TOOL" || printf '%s' "$SHA_TOOL"; }
 
 file_size() { wc -c <"$1" | tr -d ' '; }
 
@@ -838,7 +834,7 @@ record_model() {
     NOT_VERIFIED+=("$dir")
     [ $failures -eq 0 ]
 }
-# shellcheck disable=SC2317  # called by the trap
+# shellcheck disable=SC2317,SC2329  # called by the trap
 on_signal() {
     [ -n "$CURRENT_LOG" ] && rm -f "$CURRENT_LOG"
     [ -n "${TMP_PREFIX-}" ] && rm -f "$TMP_PREFIX.probe" "$TMP_PREFIX.headers"
@@ -929,7 +925,7 @@ ask_url_and_models() {
 # Names -> model ids in SELECTED (unknown and unsupported names refused before any download).
 choose_models() {
     local item id s unknown=() refused=() info IFS_SAVE=$IFS
-    SELECTED=() ALL=0
+    SELECTED=() TYPED=() ALL=0
     MODELS=$(printf '%s' "$MODELS" | tr -d ' \t\r\n')
     case $(to_lower "$MODELS") in '' | all) ALL=1; return 0 ;; esac
     IFS=,
@@ -943,7 +939,7 @@ choose_models() {
         elif id=$(model_of "$item"); then
             [ ${#SELECTED[@]} -eq 0 ] && FIRST_ROWS=$(rows_named "$item")
             for s in ${SELECTED[@]+"${SELECTED[@]}"}; do [ "$s" = "$id" ] && id=''; done
-            [ -n "$id" ] && SELECTED+=("$id")
+            [ -n "$id" ] && SELECTED+=("$id") TYPED+=("$item")
         else unknown+=("$item")
         fi
     done
@@ -975,7 +971,7 @@ probe() {
 
 # Finds out which layout the link serves (LAYOUT) and the table rows to fetch (ROWS).
 detect_layout() {
-    local candidates=() row tried='' all403=1 id
+    local candidates=() row tried='' all403=1
     if [ $ALL = 1 ]; then candidates=("$(row_of 3-8b A)" "$(row_of 3.1-8b B)")
     else
         # The layout of the name typed first, then the model's other layouts.
@@ -988,7 +984,10 @@ detect_layout() {
     LAYOUT=''
     for row in "${candidates[@]}"; do
         probe "${T_REMOTE[$row]}"
-        say "  ${T_REMOTE[$row]}/params.json ($(layout_title "${T_LAYOUT[$row]}")): ${DL_HTTP:-$DL_KIND}"
+        local answer="HTTP ${DL_HTTP:-error}"
+        [ "$DL_KIND" = ok ] && answer=found
+        [ "$DL_KIND" = network ] && answer='no answer (network failure)'
+        say "  ${T_REMOTE[$row]}/params.json (layout ${T_LAYOUT[$row]}): $answer"
         [ "$DL_KIND" = ok ] && { LAYOUT=${T_LAYOUT[$row]}; break; }
         [ "$DL_KIND" = network ] && die $EXIT_DOWNLOAD "network failure while asking the server ($DOWNLOADER exit code $DL_RC). Check your connection and run this script again."
         tried="$tried
@@ -1002,13 +1001,20 @@ detect_layout() {
         exit $EXIT_DOWNLOAD
     fi
     say "The link serves the layout of $(layout_title "$LAYOUT")."
+    choose_rows
+}
+
+# ROWS: the table rows of the selected models (or all models) in LAYOUT.
+choose_rows() {
+    local row i
     ROWS=()
     if [ $ALL = 1 ]; then
         for row in "${!T_MODEL[@]}"; do [ "${T_LAYOUT[$row]}" = "$LAYOUT" ] && ROWS+=("$row"); done
         return 0
     fi
-    for id in "${SELECTED[@]}"; do
-        row=$(row_of "$id" "$LAYOUT") || die $EXIT_BAD_INPUT "$id is not served by $(layout_title "$LAYOUT"); nothing was downloaded. Known names of this layout: $(layout_names "$LAYOUT")."
+    for i in "${!SELECTED[@]}"; do
+        row=$(row_of "${SELECTED[$i]}" "$LAYOUT") || die $EXIT_BAD_INPUT "${TYPED[$i]} is not served by $(layout_title "$LAYOUT"); nothing was downloaded.
+  Known names of this layout: $(layout_names "$LAYOUT")."
         ROWS+=("$row")
     done
 }
@@ -1043,7 +1049,8 @@ download_top_level() {
 # Fetches one model (its checklist first, where the layout has one) and verifies it.
 download_model() {
     local row=$1 dir=${T_FOLDER[$1]} remote=${T_REMOTE[$1]} shards=${T_SHARDS[$1]} files=() f n failed=0
-    local what="$shards shard$([ "$shards" -gt 1 ] && echo s)"
+    local what="$shards shard"
+    [ "$shards" -gt 1 ] && what="${what}s"
     [ "${T_EXTRA[$row]}" = fp8 ] && what="$what + $shards fp8 scales"
     say ""
     say "== ${T_NAMES[$row]} -> $dir ($what)"

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from download_server import LAYOUT_A, FakeSignedURLServer  # noqa: E402
+from download_server import LAYOUT_A, LAYOUT_B, LAYOUT_C, FakeSignedURLServer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "download.sh"
@@ -753,6 +753,59 @@ def test_main_and_every_step_under_40_lines():
 def test_shellcheck_clean():
     res = subprocess.run(["shellcheck", str(SCRIPT)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout
+
+
+def script_table() -> list[dict]:
+    """The rows of MODEL_TABLE at the top of download.sh."""
+    text = SCRIPT.read_text()
+    body = text[text.index("MODEL_TABLE='") + len("MODEL_TABLE='"):]
+    body = body[:body.index("'\n")]
+    keys = "model layout remote folder shards extra policy gb shard_bytes names".split()
+    return [dict(zip(keys, line.split())) for line in body.splitlines()
+            if line.strip() and not line.startswith("#")]
+
+
+def test_script_table_is_the_facts_tables():
+    rows = script_table()
+    by_layout = {layout: [r for r in rows if r["layout"] == layout] for layout in "ABC"}
+    assert {r["names"]: (r["folder"], r["remote"], int(r["shards"])) for r in by_layout["A"]} == LAYOUT_A
+    for layout, facts in (("B", LAYOUT_B), ("C", LAYOUT_C)):
+        got = {r["folder"]: (int(r["shards"]), r["extra"] == "fp8") for r in by_layout[layout]}
+        assert got == facts, layout
+        assert all(r["remote"] == r["folder"] for r in by_layout[layout])
+    assert {r["layout"]: r["policy"] for r in rows} == {"A": "USE_POLICY", "B": "USE_POLICY.md", "C": "-"}
+    names = [n.lower() for r in rows for n in r["names"].split(",")]
+    assert len(names) == len(set(names))  # a name typed means one model
+    # The candidate layouts of one model are the same checkpoint: same shards and extras.
+    for model in {r["model"] for r in rows}:
+        assert len({(r["shards"], r["extra"]) for r in rows if r["model"] == model}) == 1, model
+
+
+def test_llama_cli_names_match_metas_model_list():
+    # Oracle: the model list of llama-models (what the `llama` CLI downloads), read as data.
+    sku_list = pytest.importorskip("llama_models.sku_list", reason="llama-models is not installed")
+    for row in (r for r in script_table() if r["layout"] == "C"):
+        model = sku_list.resolve_model(row["names"])
+        assert model is not None, row["names"]
+        info = sku_list.llama_meta_net_info(model)
+        assert info.folder == row["folder"], row["names"]
+        assert model.pth_file_count == int(row["shards"]), row["names"]
+        assert ("fp8_scales_0.pt" in info.files) == (row["extra"] == "fp8"), row["names"]
+        assert info.pth_size == int(row["shard_bytes"]), row["names"]
+    text = SCRIPT.read_text()
+    unsupported = text[text.index("UNSUPPORTED_TABLE='"):].split("'")[1]
+    for line in filter(str.strip, unsupported.splitlines()):
+        descriptor = line.split("|")[0].split(",")[0].strip()
+        assert sku_list.resolve_model(descriptor) is not None, descriptor
+
+
+@pytest.mark.slow
+def test_model_not_on_the_layout_found_is_refused_before_downloading(server, run, tmp_path):
+    res = run(*args_for(server, "8B,Llama3.2-1B", tmp_path / "t"))
+    assert res.rc == 2, res
+    assert "Llama3.2-1B is not served by Llama 3 links" in res.out
+    assert [e["path"] for e in server.log] == ["8b_pre_trained/params.json"]
+    assert list((tmp_path / "t").iterdir()) == []
 
 
 def test_fake_checklists_hold_the_hash_kind_the_facts_say():
