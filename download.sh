@@ -680,7 +680,11 @@ fetch_ranged() {
         say "  retrying range $((n + 1)) in ${RETRY_WAIT}s (attempt $((attempt + 1)) of $((RETRIES + 1))), resuming from byte $(size_or_0 "$part")${DL_WHY:+: $DL_WHY}"
         sleep "$RETRY_WAIT"
     done
-    [ "$(file_size "$part")" -eq "$total" ] || { FAIL=other; err "$part has more than $total bytes."; return 1; }
+    if [ "$(file_size "$part")" -ne "$total" ]; then
+        FAIL=other
+        err "$part has more bytes than the $total the server now reports for $remote: remove it and run this script again."
+        return 1
+    fi
     mv -f "$part" "$dest" || { FAIL='write'; err "could not rename $part to $dest."; return 1; }
 }
 

@@ -622,6 +622,18 @@ def test_dropped_connection_then_rerun_resumes(server, run, downloader, tmp_path
 
 
 @pytest.mark.slow
+def test_retry_within_one_run_resumes(server, run, tmp_path):
+    shard = "8b_pre_trained/consolidated.00.pth"
+    server.replace_file(shard, os.urandom(8000))
+    server.truncate[shard] = (2000, 3)  # the size probe, then the first two downloads break off
+    res = run(*args_for(server, "8B", tmp_path / "t"), env={"LLAMA_RETRIES": "3"})
+    assert res.rc == 0, res
+    ranges = [entry["range"] for entry in server.requests_for(shard)]
+    assert ranges == ["bytes=0-0", None, "bytes=2000-", "bytes=4000-"]
+    assert_model_complete(tmp_path / "t", server, "Meta-Llama-3-8B", "8b_pre_trained")
+
+
+@pytest.mark.slow
 def test_complete_part_file_is_finished_not_refetched(server, run, downloader, tmp_path):
     # Killed between the last byte and the rename: resuming gets 416, the .part is complete.
     _, path = downloader
@@ -749,6 +761,7 @@ def test_main_and_every_step_under_40_lines():
         assert f"{step}() {{" in lines
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not shutil.which("shellcheck"), reason="shellcheck is not installed")
 def test_shellcheck_clean():
     res = subprocess.run(["shellcheck", str(SCRIPT)], capture_output=True, text=True)
