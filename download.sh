@@ -248,7 +248,13 @@ unsupported() {
             return 0 ;;
         esac
     done
-    return 1
+    # Names not in the table but plainly of these kinds.
+    case $wanted in
+        *vision*) printf 'a vision model|the text models listed by --help' ;;
+        *int4* | *qlora* | *spinquant*) printf 'an INT4 quantized model|its bf16 version (listed by --help)' ;;
+        *int8*) printf 'an INT8 model|its bf16 version (listed by --help)' ;;
+        *) return 1 ;;
+    esac
 }
 
 # ---- the signed URL -----------------------------------------------------------------------
@@ -928,15 +934,12 @@ ask_url_and_models() {
 
 # Names -> model ids in SELECTED (unknown and unsupported names refused before any download).
 choose_models() {
-    local item id s unknown=() refused=() info IFS_SAVE=$IFS
+    local item id s unknown=() refused=() info items=()
     SELECTED=() TYPED=() ALL=0
     MODELS=$(printf '%s' "$MODELS" | tr -d ' \t\r\n')
     case $(to_lower "$MODELS") in '' | all) ALL=1; return 0 ;; esac
-    IFS=,
-    # shellcheck disable=SC2086  # split on commas on purpose
-    set -- $MODELS
-    IFS=$IFS_SAVE
-    for item in "$@"; do
+    IFS=, read -r -a items <<<"$MODELS"
+    for item in "${items[@]}"; do
         [ -z "$item" ] && continue
         if info=$(unsupported "$item"); then
             refused+=("  $item is ${info%%|*}, which this library cannot run; it can run instead: ${info#*|}.")

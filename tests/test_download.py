@@ -515,6 +515,7 @@ def test_405b_without_curl_refused_before_downloading(servers, run, bindir, tmp_
     ("llama3.2-1b-instruct:int4-qlora-eo8", "Llama3.2-1B-Instruct"),
     ("Llama3.2-3B-Instruct:int4-spinquant-eo8", "Llama3.2-3B-Instruct"),
     ("Llama-Guard-3-8B-INT8-HF", "Llama-Guard-3-8B"),
+    ("Llama3.2-1B:int4-qlora", "bf16 version"),  # not in the table, plainly INT4
 ])
 def test_unsupported_model_refused_with_nothing_downloaded(servers, run, tmp_path, name, instead):
     srv = servers("C")
