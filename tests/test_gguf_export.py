@@ -28,7 +28,12 @@ gguf = pytest.importorskip("gguf", reason="the gguf package is a dependency (req
 REPO = Path(__file__).resolve().parents[1]
 # Populated by scripts/setup.sh from the llama-cpp-python 0.3.36 source package.
 LLAMA_CPP_VOCAB = REPO / ".cache" / "llama.cpp" / "ggml-vocab-llama-bpe.gguf"
-LLAMA_CPP_VOCAB_SHA256 = "97272e430d53bc7688f52d5e0ad8ea8f163ede9f1bbd1694feaa504797d5d96e"
+# The vocabulary and llama.cpp's tokenizer test for it: inputs, and the ids llama.cpp expects (no BOS).
+LLAMA_CPP_SHA256 = {
+    "": "97272e430d53bc7688f52d5e0ad8ea8f163ede9f1bbd1694feaa504797d5d96e",
+    ".inp": "be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0",
+    ".out": "118abf2034a197fc5c9dec5204dfdeee7004c7c70952ae577f66b99e212fab9b",
+}
 # Llama 3.2-like: full vocabulary, RoPE scaling factor 32, two shards; untied output.
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=32,
                  ffn_dim_multiplier=1.3, rope_theta=500000.0, use_scaled_rope=True, rope_scale_factor=32.0)  # fmt: skip
@@ -78,11 +83,21 @@ def q8_gguf(tied_dir: Path) -> Path:
 def llama_cpp_vocab() -> Path:
     """llama.cpp's Llama 3 vocabulary; skipped (with the command) when scripts/setup.sh has not
     cached it. CI runs setup.sh, which fails if it cannot fetch the file, so CI never skips."""
-    if not LLAMA_CPP_VOCAB.is_file():
-        pytest.skip(f"{LLAMA_CPP_VOCAB} is not cached: run scripts/setup.sh (fetches llama-cpp-python's source package)")
-    sha = hashlib.sha256(LLAMA_CPP_VOCAB.read_bytes()).hexdigest()
-    assert sha == LLAMA_CPP_VOCAB_SHA256, f"{LLAMA_CPP_VOCAB} changed (sha256 {sha}): remove it and rerun setup.sh"
+    for suffix, want in LLAMA_CPP_SHA256.items():
+        path = Path(f"{LLAMA_CPP_VOCAB}{suffix}")
+        if not path.is_file():
+            pytest.skip(f"{path} is not cached: run scripts/setup.sh (fetches llama-cpp-python's source package)")
+        sha = hashlib.sha256(path.read_bytes()).hexdigest()
+        assert sha == want, f"{path} changed (sha256 {sha}): remove {path.parent} and rerun scripts/setup.sh"
     return LLAMA_CPP_VOCAB
+
+
+def llama_cpp_cases(vocab: Path) -> list[tuple[str, list[int]]]:
+    """llama.cpp's test-tokenizer-0 cases for the file: (text, expected ids)."""
+    texts = Path(f"{vocab}.inp").read_bytes().decode("utf-8").split("\n__ggml_vocab_test__\n")[:-1]
+    ids = [[int(i) for i in line.split()] for line in Path(f"{vocab}.out").read_text().split("\n")[:-1]]
+    assert len(texts) == len(ids) > 40
+    return list(zip(texts, ids))
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +141,14 @@ def test_llama_cpp_vocabulary_imports_and_encodes_like_meta(llama_cpp_meta: dict
     assert ours.bos_id == 128000 and ours.eos_id == 128001 and ours.eot_id == 128009  # llama.cpp adds BOS
     assert len(TEXTS) >= 200
     assert not (bad := encode_mismatches(ours, meta_oracle)), f"{len(bad)} texts differ, e.g. {bad[:3]}"
+    for text, ids in llama_cpp_cases(LLAMA_CPP_VOCAB):  # what llama.cpp's own test expects
+        assert ours.encode(text, bos=False, eos=False) == ids, text
+
+
+def test_meta_tokenizer_gives_llama_cpps_expected_ids(llama_cpp_vocab: Path, tokenizer) -> None:
+    """llama.cpp's expected ids for its Llama 3 vocabulary are what Meta's tokenizer.model gives."""
+    for text, ids in llama_cpp_cases(llama_cpp_vocab):
+        assert tokenizer.encode(text, bos=False, eos=False) == ids, text
 
 
 @pytest.mark.slow
