@@ -43,12 +43,13 @@ def _gguf_names(args: ModelArgs) -> dict[str, str]:
 
 
 def _pre_tokenizer(pattern: str) -> str:
-    from llama.gguf import PRE_TOKENIZER_PATTERNS
+    """llama.cpp's name for the pre-tokenizer: Llama 3's only. (llama.cpp skips the merges for a
+    pre-token that is a whole token, as tiktoken does, only for Llama 3's pre-tokenizers.)"""
+    from llama.gguf import LLAMA3_PATTERN
 
-    for pre, known in PRE_TOKENIZER_PATTERNS.items():
-        if known == pattern:
-            return pre
-    raise ValueError("the tokenizer's pre-tokenizer regex has no llama.cpp name: it cannot be exported to GGUF")
+    if pattern != LLAMA3_PATTERN:
+        raise ValueError("only Llama 3 vocabularies (pre-tokenizer 'llama-bpe') can be exported to GGUF")
+    return "llama-bpe"
 
 
 def add_vocabulary(writer: Any, tokenizer: Tokenizer) -> None:
