@@ -129,6 +129,7 @@ def export_gguf(
         raise FileNotFoundError(f"{src}: no tokenizer.model (a GGUF carries the vocabulary)")
     args = load_params(src)
     tokenizer = Tokenizer(src / "tokenizer.model")
+    _pre_tokenizer(tokenizer.spec.pattern)  # before the heavy part
     if tokenizer.n_words != args.vocab_size:
         raise ValueError(f"{src}: tokenizer has {tokenizer.n_words} tokens but params.json vocab_size is {args.vocab_size}")
     qtype = {"bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[out_type]

@@ -91,3 +91,23 @@ def test_chat_template_renders_our_prompt(auto_tokenizer, tokenizer, dialog: lis
     ids = auto_tokenizer.apply_chat_template(dialog, add_generation_prompt=True, tokenize=True, return_dict=True)
     if "<|" not in json.dumps(dialog):
         assert ids["input_ids"] == ours
+
+
+@pytest.mark.slow
+def test_chatml_vocabulary_from_gguf(tmp_path: Path) -> None:
+    """The embedded demo model's vocabulary (SmolLM2, imported from GGUF: ChatML, digits split,
+    a default system prompt): AutoTokenizer on our files encodes and renders chats like ours."""
+    from llama import demo
+    from llama.convert import meta_to_hf
+    from llama.gguf import import_gguf
+    from llama.tokenizer import Tokenizer
+
+    import_gguf(demo.smollm2_gguf(), tmp_path / "meta")
+    meta_to_hf(tmp_path / "meta", tmp_path / "hf")
+    ours = Tokenizer(tmp_path / "meta" / "tokenizer.model")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    differ = [t for t in TEXTS if hf(t, split_special_tokens=True)["input_ids"] != ours.encode(t, bos=True, eos=False)]
+    assert not differ, f"{len(differ)} of {len(TEXTS)} texts differ, e.g. {differ[:3]}"
+    for dialog in DIALOGS[:3]:
+        rendered = hf.apply_chat_template(dialog, add_generation_prompt=True, tokenize=False)
+        assert rendered == ours.decode(ChatFormat(ours).encode_dialog_prompt(dialog))
