@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from llama.checkpoint import load_params, load_state_dict
+from llama.checkpoint import expected_shapes, find_shards, load_params, load_state_dict, shard_dim
 from llama.hf_tokenizer import base_tokens, bpe_merges, chat_template
 from llama.model import ModelArgs, rope_frequencies
 from llama.tokenizer import Tokenizer
@@ -99,6 +99,25 @@ def add_hyperparameters(writer: Any, args: ModelArgs, name: str, file_type: int)
     writer.add_vocab_size(args.vocab_size)
 
 
+def full_tensors(src: Path, args: ModelArgs) -> dict[str, Callable[[], torch.Tensor]]:
+    """Meta name -> a function giving the full tensor, assembled from the shards only when called.
+
+    The shards are memory-mapped, so exporting holds one full tensor at a time, not the model
+    (70B: 8 shards). Layouts with KV heads repeated across shards are read whole instead.
+    """
+    n = len(find_shards(src))
+    if n == 1 or args.n_kv_heads % n or args.n_heads % n:
+        state = load_state_dict(src, args)  # one memory-mapped file, or the resharding reader
+        return {k: (lambda t=t: t) for k, t in state.items()}
+    files = [load_state_dict(src, args, rank=r, world_size=n) for r in range(n)]  # file r's tensors, mapped
+
+    def full(key: str) -> torch.Tensor:
+        d = shard_dim(key)
+        return files[0][key] if d is None else torch.cat([f[key] for f in files], dim=d)
+
+    return {k: (lambda k=k: full(k)) for k in files[0]}
+
+
 def _encode(t: torch.Tensor, qtype: Any) -> np.ndarray:
     """One tensor's GGUF bytes as a numpy array: F32 for 1-D, else BF16 (raw bits) or Q8_0 blocks."""
     import gguf
@@ -139,8 +158,8 @@ def export_gguf(
         widths = {"dim": args.dim, "FFN width": args.ffn_hidden_dim, "n_heads * head_dim": args.n_heads * args.head_dim}
         if bad := {k: v for k, v in widths.items() if v % block}:
             raise ValueError(f"Q8_0 needs rows that are multiples of {block} values; {bad} are not: export bf16")
-    state = load_state_dict(src, args)  # memory-mapped; every shard count
-    if torch.equal(state["output.weight"], state["tok_embeddings.weight"]):
+    state = full_tensors(src, args)
+    if torch.equal(state["output.weight"](), state["tok_embeddings.weight"]()):
         del state["output.weight"]  # tied: llama.cpp uses token_embd when output is absent
     names = _gguf_names(args)
     tensors: dict[str, Callable[[], np.ndarray]] = {}
@@ -149,8 +168,8 @@ def export_gguf(
         unscaled = ModelArgs(**{**args.to_dict(), "use_scaled_rope": False})
         divisors = (rope_frequencies(unscaled) / rope_frequencies(args)).to(torch.float32)
         tensors["rope_freqs.weight"] = lambda: divisors.numpy()
-    for key, t in state.items():
-        tensors[names[key]] = lambda t=t: _encode(t, qtype)
+    for key, get in state.items():
+        tensors[names[key]] = lambda get=get: _encode(get(), qtype)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.partial-", dir=out.parent)
@@ -160,13 +179,13 @@ def export_gguf(
         writer = gguf.GGUFWriter(tmp, "llama")
         add_hyperparameters(writer, args, src.resolve().name, int(file_type))
         add_vocabulary(writer, tokenizer)
+        shapes = expected_shapes(args)
         for name, key in ((n, k) for k, n in names.items() if k in state):
-            t = state[key]
-            shape = tuple(t.shape)
-            if t.dim() == 1:
-                writer.add_tensor_info(name, shape, np.dtype(np.float32), t.numel() * 4)
+            shape, numel = shapes[key], int(np.prod(shapes[key]))
+            if len(shape) == 1:
+                writer.add_tensor_info(name, shape, np.dtype(np.float32), numel * 4)
             elif qtype == gguf.GGMLQuantizationType.BF16:
-                writer.add_tensor_info(name, shape, np.dtype(np.uint16), t.numel() * 2, raw_dtype=qtype)
+                writer.add_tensor_info(name, shape, np.dtype(np.uint16), numel * 2, raw_dtype=qtype)
             else:
                 byte_shape = gguf.quant_shape_to_byte_shape(shape, qtype)
                 writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=qtype)
@@ -175,7 +194,7 @@ def export_gguf(
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        # tensors in the order of their infos, one at a time: peak memory is one converted tensor
+        # tensors in the order of their infos, one at a time: memory holds one full tensor and its encoding
         order = [n for k, n in names.items() if k in state] + (["rope_freqs.weight"] * ("rope_freqs.weight" in tensors))
         for n, name in enumerate(order, 1):
             writer.write_tensor_data(tensors[name]())

@@ -295,3 +295,14 @@ def test_needs_a_tokenizer(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as e:
         main(["export", str(tmp_path / "m"), str(tmp_path / "m.gguf")])
     assert "no tokenizer.model" in str(e.value)
+
+
+@pytest.mark.slow
+def test_shard_count_does_not_change_the_file(meta_dir: Path, bf16_gguf: Path, tmp_path: Path) -> None:
+    """Two shards (each tensor assembled when written) and one file give the same bytes."""
+    one = tmp_path / "meta"  # same folder name: general.name is the folder's name
+    write_checkpoint(one, random_state_dict(ARGS, seed=1), ARGS)
+    (one / "tokenizer.model").write_bytes((meta_dir / "tokenizer.model").read_bytes())
+    export_gguf(one, tmp_path / "one.gguf")
+    assert len(list(meta_dir.glob("consolidated.*.pth"))) == 2
+    assert (tmp_path / "one.gguf").read_bytes() == bf16_gguf.read_bytes()
