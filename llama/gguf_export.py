@@ -144,6 +144,8 @@ def export_gguf(
         raise ValueError(f"unknown GGUF type {out_type!r}; choose one of {list(EXPORT_TYPES)}")
     if out.exists():
         raise FileExistsError(f"{out} already exists; refusing to overwrite it (remove it or choose another path)")
+    if not src.is_dir():
+        raise FileNotFoundError(f"checkpoint folder not found: {src}")
     if not (src / "tokenizer.model").is_file():
         raise FileNotFoundError(f"{src}: no tokenizer.model (a GGUF carries the vocabulary)")
     args = load_params(src)
