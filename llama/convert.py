@@ -318,14 +318,19 @@ def meta_to_hf(
 
     Writes ``config.json`` and ``model.safetensors`` (or numbered shards plus
     ``model.safetensors.index.json`` above ``max_shard_bytes``); copies the tokenizer files to
-    ``original/`` as Hugging Face repos do. When output equals the embedding bit for bit the
+    ``original/`` as Hugging Face repos do, and writes ``tokenizer.json`` / ``tokenizer_config.json``. When output equals the embedding bit for bit the
     embeddings are written tied (no ``lm_head``). Returns the config written.
     """
     from safetensors.torch import save_file
 
+    from llama.hf_tokenizer import write_hf_tokenizer
+    from llama.tokenizer import Tokenizer
+
     src = Path(src)
     args = load_params(src)
     params = json.loads((src / "params.json").read_text())
+    # tokenizer.json + tokenizer_config.json for AutoTokenizer and llama.cpp's converter; read first to fail fast
+    tokenizer = Tokenizer(src / "tokenizer.model") if (src / "tokenizer.model").is_file() else None
     state = load_state_dict(src, args, dtype=dtype)  # unsharded, memory-mapped
     tied = torch.equal(state["output.weight"], state["tok_embeddings.weight"])
     to_hf = {m: h for h, m in hf_to_meta_names(args.n_layers).items()}
@@ -366,6 +371,8 @@ def meta_to_hf(
             if (src / name).is_file():
                 (tmp / "original").mkdir(exist_ok=True)
                 shutil.copyfile(src / name, tmp / "original" / name)
+        if tokenizer is not None:
+            write_hf_tokenizer(tokenizer, tmp, args.max_context)
     return config
 
 
