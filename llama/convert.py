@@ -25,9 +25,9 @@ from typing import Any, Iterator, Optional
 import torch
 
 from llama.checkpoint import expected_shapes, load_params, load_state_dict, shard_state_dict, write_checklist
+from llama.devices import DTYPES
 from llama.model import ROPE_HIGH_FREQ_FACTOR, ROPE_LOW_FREQ_FACTOR, ROPE_ORIGINAL_CONTEXT, ModelArgs
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 # Meta's released (dim, FFN width) -> (multiple_of, ffn_dim_multiplier), from their params.json.

@@ -24,8 +24,7 @@ from typing import Optional
 import torch
 
 from llama.checkpoint import check_layout, find_shards, load_params, load_state_dict, shard_state_dict, write_checklist
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from llama.devices import DTYPES
 
 # Copied verbatim when SRC has them; the tokenizer travels with the weights.
 COPIED_FILES = ("tokenizer.model", "tokenizer_spec.json")
