@@ -11,13 +11,13 @@ import torch
 from hf_reference import hf_logits, hf_model, rel_err
 
 from llama.checkpoint import random_state_dict
+from llama.fast import grouped_attention
 from llama.model import (
     FeedForward,
     ModelArgs,
     RMSNorm,
     Transformer,
     apply_rope,
-    grouped_attention,
     rope_cos_sin,
     rope_frequencies,
 )
