@@ -23,6 +23,7 @@ from child_env import free_port  # noqa: E402
 from download_server import FakeSignedURLServer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # download.sh end to end: many bash runs against a local server
 SCRIPT = REPO / "download.sh"
 BASH = shutil.which("bash")
 

@@ -20,6 +20,7 @@ from llama.model import ModelArgs
 from llama.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # every test starts Python processes (~10 s each on 2 cores)
 ARGS = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=32)
 COMMON = ["--max_seq_len", "128", "--max_gen_len", "8", "--device", "cpu", "--dtype", "fp32"]
 TEXT_PROMPTS = [

@@ -123,6 +123,7 @@ def test_linear_sums_in_float32(rows, dtype):
     assert ((out.double() - exact).abs() <= torch.finfo(dtype).eps * exact.abs() + 1e-3).all()
 
 
+@pytest.mark.slow
 def test_linear_under_compile_is_multiply_sum():
     """The compiled decode step's formulation (weights widened in registers) against the plain product."""
     layer = FastLinear(64, 48, bias=False, dtype=torch.bfloat16)
@@ -252,6 +253,7 @@ def _compile_works() -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _compile_works(), reason="torch.compile cannot build kernels here (no working C++ toolchain)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_compiled_decode_generates_like_eager(tokenizer, dtype):

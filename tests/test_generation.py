@@ -77,6 +77,7 @@ def full_logits(model: Transformer, tokens: list[int]) -> torch.Tensor:
 # --- semantics on the random checkpoint ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_same_seed_same_tokens(ckpt_dir):
     def sample(seed: int) -> list[list[int]]:
         llm = Llama.build(str(ckpt_dir), None, 32, 2, seed=seed, device="cpu", dtype="fp32")
@@ -287,6 +288,7 @@ def _params_only(tmp_path: Path, name: str, **params) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_build_limits_max_seq_len_to_the_model_context(tmp_path, meta_tokenizer_path):
     v30, v31 = _params_only(tmp_path, "v30"), _params_only(tmp_path, "v31", use_scaled_rope=True)
     tok = str(meta_tokenizer_path)

@@ -209,6 +209,7 @@ def test_attention_bad_arguments_are_refused(attention):
         attention(q.half(), k, v)
 
 
+@pytest.mark.slow
 def test_build_is_cached_and_errors_are_clear(tmp_path, monkeypatch):
     if not EXPECTED:
         pytest.skip("needs x86-64 Linux with AVX2 and cc")
@@ -271,6 +272,7 @@ def counting(fn, calls: list):
     return lambda first, *rest: calls.append(tuple(first.shape)) or fn(first, *rest)
 
 
+@pytest.mark.slow
 def test_generation_with_kernels_equals_torch_kernels(tokenizer, matvec, attention):
     """Greedy tokens identical, logprobs within float32 summation-order noise (both compute in float32)."""
     from llama.generation import Llama
@@ -292,6 +294,7 @@ def test_generation_with_kernels_equals_torch_kernels(tokenizer, matvec, attenti
         assert max(abs(x - y) for x, y in zip(a, b)) < 0.05
 
 
+@pytest.mark.slow
 def test_build_uses_them_for_bf16_on_cpus_without_bf16(monkeypatch, tmp_path, meta_tokenizer_path, kernels):
     """Llama.build wires the kernels in exactly when it computes bf16 weights in float32 on the CPU."""
     from llama.checkpoint import write_random_checkpoint
@@ -308,6 +311,7 @@ def test_build_uses_them_for_bf16_on_cpus_without_bf16(monkeypatch, tmp_path, me
         assert (llm.model.layers[0].attention.kernel is not None) == expected, dtype
 
 
+@pytest.mark.slow
 def test_compiled_decode_calls_it_as_a_custom_op(tokenizer, matvec, attention):
     """Inside torch.compile the kernel is an opaque op in one graph: same tokens as eager, no recompiles."""
     from llama.generation import Llama
@@ -328,6 +332,7 @@ def test_compiled_decode_calls_it_as_a_custom_op(tokenizer, matvec, attention):
         assert max(abs(x - y) for x, y in zip(a, b)) < 0.05
 
 
+@pytest.mark.slow
 def test_installed_package_carries_the_kernel_sources(tmp_path):
     """The kernels compile from the installed package: every source and header must be in the wheel."""
     import subprocess

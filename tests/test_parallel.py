@@ -143,6 +143,7 @@ def test_parallelize_needs_setup():
         parallelize(model)
 
 
+@pytest.mark.slow
 @needs_gloo
 @pytest.mark.parametrize("world", [2, 4])
 def test_ranks_match_single_process(world, ckpts, references, build_ckpt, meta_tokenizer_path, tmp_path):
@@ -180,6 +181,7 @@ def test_ranks_match_single_process(world, ckpts, references, build_ckpt, meta_t
         assert json.loads((tmp_path / f"build.rank{rank}.json").read_text()) == want
 
 
+@pytest.mark.slow
 @needs_gloo
 def test_example_text_completion_on_two_ranks(build_ckpt, meta_tokenizer_path):
     """The example runs under torchrun on CPU and only rank 0 prints."""
