@@ -36,10 +36,13 @@ def default_device() -> torch.device:
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from ``/proc/cpuinfo`` (x86 ``flags``, Arm ``Features``); empty elsewhere."""
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (x86 ``flags``, Arm ``Features``); empty elsewhere.
+
+    The one reader of CPU features: ``cpu_has_native_bf16`` and ``llama.native`` both ask it.
+    """
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             lines = f.read().splitlines()
     except OSError:
         return frozenset()

@@ -3,8 +3,9 @@
 Reads top to bottom like the paper: ModelArgs -> RMSNorm -> RoPE -> attention -> feed-forward
 -> block -> Transformer. Module names equal the checkpoint keys (``layers.N.attention.wq`` ...), so
 weights load with no renaming. This file imports only torch: no ranks, no devices picked for you,
-no process groups. Model parallelism is applied afterwards by ``llama.parallel``; the math reshapes
-heads with ``-1`` so it never needs to know how many heads live on this rank.
+no process groups, no speed tricks. Model parallelism is applied afterwards by ``llama.parallel``
+(the math reshapes heads with ``-1`` so it never needs to know how many heads live on this rank),
+and the fast paths of ``Llama.build`` by ``llama.fast``, both by swapping modules.
 """
 
 import json
@@ -162,9 +163,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate adjacent pairs (2i, 2i+1) of each head (Meta's layout). x: [B, S, H, hd]; cos/sin: [S, hd/2].
 
     Each pair (x0, x1) becomes (x0 cos - x1 sin, x0 sin + x1 cos): the complex product
-    (x0 + i x1)(cos + i sin). Eager runs it as one complex multiply (~3x faster than four real
-    ones on a decode step's small tensors); Inductor generates no code for complex tensors, so
-    compiled graphs get the real form, which it fuses.
+    (x0 + i x1)(cos + i sin). Eager runs it as one complex multiply, faster than four real ones on
+    a decode step's small tensors (benchmarks/README.md); Inductor generates no code for complex
+    tensors, so compiled graphs get the real form, which it fuses.
     """
     cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads: [S, 1, hd/2]
     if torch.compiler.is_compiling():

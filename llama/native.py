@@ -169,8 +169,9 @@ def kernels() -> Optional[Kernels]:
 
     # torch.compile sees each kernel as an opaque operator, and so does torch.profiler (a ctypes
     # call is invisible to it). They are registered with torch.library's low-level API: the
-    # dispatcher then adds ~3 us a call, where @custom_op adds ~20 (a decode step makes 113
-    # matvec calls for a 16-layer model). Other eager calls skip the dispatcher.
+    # dispatcher then adds a few us a call, several times less than @custom_op, which matters at
+    # the 113 matvec calls of a 16-layer decode step (benchmarks/README.md). Other eager calls
+    # skip the dispatcher.
     global _LIBRARY
     if _LIBRARY is None:  # once per process: a namespace is defined once (this function's cache can be cleared)
         _LIBRARY = torch.library.Library("llama", "DEF")
