@@ -19,28 +19,42 @@ from llama.model import ModelArgs, Transformer
 # Keys present in old (Llama 1/2) checkpoints that the model does not use; dropped by name.
 UNUSED_KEYS = ("rope.freqs",)
 
-# Which dim each tensor is split along across model-parallel shards (None: replicated).
+# The model-parallel plan: how each module is split across shards (and ranks), keyed by its name
+# with ``layers.N.`` stripped; modules not named (the norms) are replicated. Meta's files are split
+# this way, and ``llama.parallel`` swaps each module for the fairscale layer of its kind:
+# - "colwise": rows of the weight (output features) split; "colwise_kv" the same, but never less than
+#   one whole KV head per rank; "colwise_gathered" the same, with the output all-gathered;
+# - "rowwise": columns (input features) split; "vocab": rows of the embedding table split.
+PLAN: dict[str, str] = {
+    "tok_embeddings": "vocab",
+    "attention.wq": "colwise",
+    "attention.wk": "colwise_kv",
+    "attention.wv": "colwise_kv",
+    "attention.wo": "rowwise",
+    "feed_forward.w1": "colwise",
+    "feed_forward.w3": "colwise",
+    "feed_forward.w2": "rowwise",
+    "output": "colwise_gathered",
+}
+REPLICATED = ("attention_norm", "ffn_norm", "norm")
+
+# Which dim each tensor is split along across model-parallel shards (None: replicated), from PLAN.
 SHARD_DIMS: dict[str, Optional[int]] = {
-    "tok_embeddings.weight": 0,
-    "attention.wq.weight": 0,
-    "attention.wk.weight": 0,
-    "attention.wv.weight": 0,
-    "attention.wo.weight": 1,
-    "feed_forward.w1.weight": 0,
-    "feed_forward.w3.weight": 0,
-    "feed_forward.w2.weight": 1,
-    "attention_norm.weight": None,
-    "ffn_norm.weight": None,
-    "norm.weight": None,
-    "output.weight": 0,
+    **{f"{name}.weight": 1 if kind == "rowwise" else 0 for name, kind in PLAN.items()},
+    **{f"{name}.weight": None for name in REPLICATED},
 }
 
 SHARD_PATTERN = re.compile(r"^consolidated\.(\d+)\.pth$")
 
 
+def layer_suffix(name: str) -> str:
+    """``layers.3.attention.wq`` -> ``attention.wq``: a module or key name as ``PLAN`` and ``SHARD_DIMS`` use it."""
+    return re.sub(r"^layers\.\d+\.", "", name)
+
+
 def shard_dim(key: str) -> Optional[int]:
     """The split dim of a checkpoint key (``layers.3.attention.wq.weight`` -> 0)."""
-    suffix = re.sub(r"^layers\.\d+\.", "", key)
+    suffix = layer_suffix(key)
     if suffix not in SHARD_DIMS:
         raise KeyError(key)
     return SHARD_DIMS[suffix]

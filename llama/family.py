@@ -1,4 +1,4 @@
-"""Which tokenizer and chat format a checkpoint uses, decided by the tokenizer file's content.
+"""Which tokenizer a checkpoint uses (and so which chat format), decided by the tokenizer file's content.
 
 - Llama 3 / 3.1 (and generic BPE with ``tokenizer_spec.json``): ``tokenizer.model`` is text, one
   ``base64-token rank`` line per token -> ``llama.tokenizer.Tokenizer``, Llama 3 (or ChatML) chat.
@@ -15,8 +15,6 @@ import re
 from pathlib import Path
 from typing import Union
 
-from llama.chat_format import ChatFormat
-from llama.chat_format_llama2 import Llama2ChatFormat
 from llama.sp_tokenizer import SentencePieceTokenizer
 from llama.tokenizer import Tokenizer
 
@@ -53,10 +51,3 @@ def load_tokenizer(path: str | os.PathLike) -> AnyTokenizer:
     if tokenizer_kind(path) == "sentencepiece":
         return SentencePieceTokenizer(path)
     return Tokenizer(path)
-
-
-def chat_format_for(tokenizer: AnyTokenizer) -> Union[ChatFormat, Llama2ChatFormat]:
-    """The dialog encoder matching ``tokenizer.chat_format`` ("llama2", "llama3" or "chatml")."""
-    if tokenizer.chat_format == "llama2":
-        return Llama2ChatFormat(tokenizer)
-    return ChatFormat(tokenizer)

@@ -29,24 +29,11 @@ import numpy as np
 import torch
 
 from llama.checkpoint import expected_shapes, write_checklist
-from llama.convert import DTYPES, atomic_folder, meta_ffn_params
+from llama.convert import atomic_folder, meta_ffn_params
+from llama.devices import DTYPES
 from llama.model import ModelArgs
-
-# GGUF tensor names -> Meta names; "{}" is the layer number.
-TENSOR_NAMES = {
-    "token_embd.weight": "tok_embeddings.weight",
-    "output_norm.weight": "norm.weight",
-    "output.weight": "output.weight",
-    "blk.{}.attn_q.weight": "layers.{}.attention.wq.weight",
-    "blk.{}.attn_k.weight": "layers.{}.attention.wk.weight",
-    "blk.{}.attn_v.weight": "layers.{}.attention.wv.weight",
-    "blk.{}.attn_output.weight": "layers.{}.attention.wo.weight",
-    "blk.{}.ffn_gate.weight": "layers.{}.feed_forward.w1.weight",
-    "blk.{}.ffn_down.weight": "layers.{}.feed_forward.w2.weight",
-    "blk.{}.ffn_up.weight": "layers.{}.feed_forward.w3.weight",
-    "blk.{}.attn_norm.weight": "layers.{}.attention_norm.weight",
-    "blk.{}.ffn_norm.weight": "layers.{}.ffn_norm.weight",
-}
+from llama.gguf_export import TENSOR_NAMES
+from llama.tokenizer import LLAMA3_PATTERN
 
 # Pre-tokenizer regexes (tokenizer.ggml.pre) for tiktoken, which applies one regex.
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -55,10 +42,6 @@ GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s
 # regex, a whitespace run just before a digit ends its piece, so `\s+(?!\S)` becomes
 # `\s+(?![^\s\p{N}])`: "a   1" splits "a", "   ", "1" as the two-stage split does.
 DIGITS_PATTERN = r"\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"
-LLAMA3_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 PRE_TOKENIZER_PATTERNS = {
     "smollm": DIGITS_PATTERN,
     "starcoder": DIGITS_PATTERN,
@@ -320,7 +303,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m llama.gguf", description=__doc__.split("\n\n")[0])
     parser.add_argument("gguf", type=Path, help="a llama-architecture .gguf file")
     parser.add_argument("out_dir", type=Path, help="Meta-format folder to create (must not exist)")
-    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="fp32", help="weight dtype (default fp32)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weight dtype (default fp32)")
     a = parser.parse_args(argv)
     try:
         args = import_gguf(a.gguf, a.out_dir, DTYPES[a.dtype], progress=print_progress)

@@ -5,7 +5,7 @@
 The file holds what llama.cpp's own converter writes for a Llama 3 model:
 - ``llama.*`` hyperparameters and, for Llama 3.1 RoPE scaling, a ``rope_freqs.weight`` tensor
   (the per-frequency divisor: 1, blended, or the scale factor);
-- tensors named ``token_embd``, ``blk.N.attn_q`` ... (``llama.gguf.TENSOR_NAMES``) with q/k rows in
+- tensors named ``token_embd``, ``blk.N.attn_q`` ... (``TENSOR_NAMES``) with q/k rows in
   Meta's adjacent-pair order, which is llama.cpp's RoPE layout (its converter un-permutes
   Hugging Face's rotate-half rows back to this order); ``output`` is left out when it equals the
   embedding bit for bit (llama.cpp then reuses the embedding);
@@ -27,7 +27,23 @@ import torch
 from llama.checkpoint import expected_shapes, find_shards, load_params, load_state_dict, shard_dim
 from llama.hf_tokenizer import base_tokens, bpe_merges, chat_template
 from llama.model import ModelArgs, rope_frequencies
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import LLAMA3_PATTERN, Tokenizer
+
+# GGUF tensor names -> Meta names; "{}" is the layer number.
+TENSOR_NAMES = {
+    "token_embd.weight": "tok_embeddings.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+    "blk.{}.attn_q.weight": "layers.{}.attention.wq.weight",
+    "blk.{}.attn_k.weight": "layers.{}.attention.wk.weight",
+    "blk.{}.attn_v.weight": "layers.{}.attention.wv.weight",
+    "blk.{}.attn_output.weight": "layers.{}.attention.wo.weight",
+    "blk.{}.ffn_gate.weight": "layers.{}.feed_forward.w1.weight",
+    "blk.{}.ffn_down.weight": "layers.{}.feed_forward.w2.weight",
+    "blk.{}.ffn_up.weight": "layers.{}.feed_forward.w3.weight",
+    "blk.{}.attn_norm.weight": "layers.{}.attention_norm.weight",
+    "blk.{}.ffn_norm.weight": "layers.{}.ffn_norm.weight",
+}
 
 EXPORT_TYPES = ("bf16", "q8_0")
 Progress = Callable[[int, int, str], None]
@@ -35,8 +51,6 @@ Progress = Callable[[int, int, str], None]
 
 def _gguf_names(args: ModelArgs) -> dict[str, str]:
     """Meta name -> GGUF name for every tensor of ``args``."""
-    from llama.gguf import TENSOR_NAMES
-
     names = {m: g for g, m in TENSOR_NAMES.items() if "{}" not in g}
     names.update({m.format(i): g.format(i) for i in range(args.n_layers) for g, m in TENSOR_NAMES.items() if "{}" in g})
     return names
@@ -45,8 +59,6 @@ def _gguf_names(args: ModelArgs) -> dict[str, str]:
 def _pre_tokenizer(pattern: str) -> str:
     """llama.cpp's name for the pre-tokenizer: Llama 3's only. (llama.cpp skips the merges for a
     pre-token that is a whole token, as tiktoken does, only for Llama 3's pre-tokenizers.)"""
-    from llama.gguf import LLAMA3_PATTERN
-
     if pattern != LLAMA3_PATTERN:
         raise ValueError("only Llama 3 vocabularies (pre-tokenizer 'llama-bpe') can be exported to GGUF")
     return "llama-bpe"

@@ -13,6 +13,7 @@ from typing import Optional
 import fire
 import torch
 
+from llama.devices import parse_dtype
 from llama.model import ModelArgs
 
 GiB = 1024**3
@@ -140,7 +141,7 @@ def main(
 ) -> None:
     """Print weights and KV-cache needs for a checkpoint folder or a params.json file."""
     args = _load_args(path)
-    print(report(args, max_seq_len, max_batch_size, getattr(torch, dtype), world_size))
+    print(report(args, max_seq_len, max_batch_size, parse_dtype(dtype), world_size))
 
 
 if __name__ == "__main__":

@@ -36,9 +36,9 @@ from llama.checkpoint import (
     shard_state_dict,
     write_checklist,
 )
+from llama.devices import DTYPES
 from llama.model import ModelArgs
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # Copied verbatim when SRC has them; the tokenizer travels with the weights.
 COPIED_FILES = ("tokenizer.model", "tokenizer_spec.json")

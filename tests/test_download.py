@@ -12,7 +12,6 @@ import hashlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from child_env import free_port  # noqa: E402
 from download_server import LAYOUT_A, LAYOUT_B, LAYOUT_C, FakeSignedURLServer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -700,9 +700,7 @@ def test_404_names_the_missing_file_and_other_models_still_complete(server, run,
 
 
 def test_network_failure_says_what_to_retry(run, tmp_path):
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # a port nobody listens on
     url = f"http://127.0.0.1:{port}/*?Policy=x&Signature=GOOD&Key-Pair-Id=k"
     res = run("--url", url, "--models", "8B", "--target", str(tmp_path / "t"))
     assert res.rc == 3, res

@@ -18,7 +18,8 @@ from hf_reference import hf_logits, hf_model, rel_err
 
 from llama.chat_format_llama2 import Llama2ChatFormat
 from llama.checkpoint import load_params, load_state_dict, load_transformer, random_state_dict
-from llama.family import chat_format_for, load_tokenizer, tokenizer_kind
+from llama.family import load_tokenizer, tokenizer_kind
+from llama.generation import chat_format_for
 from llama.generation import Llama
 from llama.memory import parameter_count
 from llama.model import ModelArgs
