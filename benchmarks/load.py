@@ -31,6 +31,7 @@ PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 
 def worker(opts: argparse.Namespace) -> None:
     """One measurement in this process: prints MARK + {"tok_s", "threads", "steps"}."""
+    import llama  # first: it sets OpenMP's wait policy before torch loads the runtime (llama/openmp.py)
     import torch
 
     from llama import native
@@ -65,7 +66,8 @@ def worker(opts: argparse.Namespace) -> None:
             logits = model(nxt, pos, last_only=True)
             nxt, pos, steps = logits[:, -1].argmax(-1, keepdim=True), pos + 1, steps + 1
         elapsed = time.perf_counter() - start
-    print(MARK + json.dumps({"tok_s": steps / elapsed, "threads": torch.get_num_threads(), "steps": steps}), flush=True)
+    policy = os.environ.get("OMP_WAIT_POLICY", "libgomp default") if llama.openmp else ""
+    print(MARK + json.dumps({"tok_s": steps / elapsed, "threads": torch.get_num_threads(), "steps": steps, "policy": policy}), flush=True)
 
 
 def measure(opts: argparse.Namespace, engine: str, threads: int, env: dict[str, str], loaded: bool) -> dict:
