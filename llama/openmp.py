@@ -4,10 +4,10 @@ Decoding one token runs a few hundred short parallel regions (each matrix produc
 kernels and in ours, llama/native.py), statically split over the threads, each ending in a
 barrier. GNU OpenMP's threads spin at a barrier before sleeping. When another process holds a
 core, the thread that shares a core with it is descheduled for a time slice while its partner
-spins, at every barrier: measured on 2 cores beside ``python -c "while True: pass"``, decoding
-the demo model fell from ~8-12 tok/s (one thread) to ~0.7 tok/s (two threads, libgomp's default
-spinning); with ``OMP_WAIT_POLICY=passive`` two threads ran at 10-11 tok/s (benchmarks/README.md,
-``python benchmarks/load.py --variants``).
+spins, at every barrier. Measured on a busy 2-core machine (benchmarks/README.md, ``python
+benchmarks/load.py --variants``), decoding the demo model with two threads ran at 0.1-0.7 tok/s
+with libgomp's default spinning, against 3-12 tok/s with one thread; with
+``OMP_WAIT_POLICY=passive`` two threads ran at 7.6-13 tok/s.
 
 Torch and our kernels share one OpenMP runtime (torch ships ``libgomp.so.1``; our library links the
 same soname, so the loader reuses it), which reads its settings once, when torch is imported.
