@@ -205,9 +205,9 @@ def load_state_dict(
             t = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=d)
             if not t.is_contiguous():
                 t = t.contiguous()
-        if bar is not None:
-            bar.update(t.numel() * t.element_size())
         out[key] = t.to(device=device, dtype=dtype)
+        if bar is not None:  # bytes read from the files, counted once they are cast and moved
+            bar.update(t.numel() * t.element_size())
     if bar is not None:
         bar.close()
     return out
