@@ -3,7 +3,7 @@
     bar = Progress("loading consolidated.00.pth", total=16_060_522_496)
     for block in blocks:
         ...
-        bar.update(len(block))          # "  loading ...:  45%  7.2/16.1 GB  850 MB/s"
+        bar.update(len(block))          # "  loading consolidated.00.pth:  45% (7.2 GB of 16.1 GB, 850.0 MB/s)"
     bar.close()
 
 On a terminal the line is redrawn (carriage return) at most ten times a second. When stderr is a
