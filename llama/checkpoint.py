@@ -8,6 +8,7 @@ the shard files and copies only its own slice, so peak RAM per rank stays near i
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Callable, Optional
@@ -15,6 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from llama.model import ModelArgs, Transformer
+from llama.progress import Progress
 
 # Keys present in old (Llama 1/2) checkpoints that the model does not use; dropped by name.
 UNUSED_KEYS = ("rope.freqs",)
@@ -174,11 +176,14 @@ def load_state_dict(
     rank: int = 0,
     world_size: int = 1,
     dtype: Optional[torch.dtype] = None,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
 ) -> dict[str, torch.Tensor]:
     """This rank's tensors for ``world_size`` ranks, resharded from however many files there are.
 
     Files are memory-mapped (``weights_only=True``: a checkpoint is untrusted input); only the
-    slices this rank needs are read, and each is cast to ``dtype`` as it is taken.
+    slices this rank needs are read, and each is cast to ``dtype`` and moved to ``device`` as it
+    is taken. ``progress`` prints bytes taken and the rate on stderr (llama/progress.py).
     """
     paths = find_shards(ckpt_dir)
     n = len(paths)
@@ -231,7 +236,8 @@ def load_state_dict(
         return cache[i]
 
     out: dict[str, torch.Tensor] = {}
-    shard(0)  # validates the first file and finds its layout (file_dims)
+    first = shard(0)  # validates the first file and finds its layout (file_dims)
+    bar = _progress_bar(paths, shapes, args, rank, world_size, first) if progress else None
     for key, full in shapes.items():
         d = shard_dim(key)
         rng = rank_range(key, args, rank, world_size)
@@ -250,8 +256,27 @@ def load_state_dict(
             t = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=d)
             if not t.is_contiguous():
                 t = t.contiguous()
-        out[key] = t.to(dtype) if dtype is not None else t
+        out[key] = t.to(device=device, dtype=dtype)
+        if bar is not None:  # bytes read from the files, counted once they are cast and moved
+            bar.update(t.numel() * t.element_size())
+    if bar is not None:
+        bar.close()
     return out
+
+
+def _progress_bar(
+    paths: list[Path], shapes: dict[str, tuple[int, ...]], args: ModelArgs, rank: int, world_size: int,
+    first_shard: dict[str, torch.Tensor],
+) -> Progress:
+    """A progress line over the bytes this rank takes from ``paths`` (sizes from the shapes)."""
+    itemsize = first_shard["tok_embeddings.weight"].element_size()
+    total = 0
+    for key, full in shapes.items():
+        rng = rank_range(key, args, rank, world_size)
+        numel = math.prod(full)
+        total += itemsize * (numel if rng is None else numel // full[shard_dim(key)] * (rng[1] - rng[0]))
+    names = paths[0].name if len(paths) == 1 else f"{len(paths)} shards ({paths[0].name} ... {paths[-1].name})"
+    return Progress(f"loading {names}", total)
 
 
 def load_transformer(
@@ -262,6 +287,7 @@ def load_transformer(
     world_size: int = 1,
     parallelize: Optional[Callable[[Transformer], Transformer]] = None,
     args: Optional[ModelArgs] = None,
+    progress: bool = False,
 ) -> Transformer:
     """Construct on ``meta`` (no memory), shard (``parallelize``), load this rank's weights, move.
 
@@ -269,7 +295,7 @@ def load_transformer(
     checkpoint that is already in the requested dtype stays memory-mapped on CPU.
     """
     args = args or load_params(ckpt_dir)
-    state = load_state_dict(ckpt_dir, args, rank, world_size, dtype)
+    state = load_state_dict(ckpt_dir, args, rank, world_size, dtype, device, progress)
     model = Transformer(args, device="meta")
     if parallelize is not None:
         model = parallelize(model)

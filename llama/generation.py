@@ -100,10 +100,14 @@ class Llama:
             )
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} must be at least 1")
-        check_fits(plan_memory(args, max_seq_len, max_batch_size, dtype, world_size), device)
+        plan = plan_memory(args, max_seq_len, max_batch_size, dtype, world_size)
+        check_fits(plan, device)
+        if rank == 0:  # before the load, which can take minutes: what it will take, and where
+            print(f"Memory plan on {device}: {plan.describe()}", file=sys.stderr, flush=True)
 
         model = load_transformer(
-            ckpt_dir, device, dtype, rank, world_size, parallelize if world_size > 1 else None, args=args
+            ckpt_dir, device, dtype, rank, world_size, parallelize if world_size > 1 else None, args=args,
+            progress=rank == 0,
         )
         model.setup_cache(max_batch_size, max_seq_len)
         speed_up(model, world_size)  # float32 compute of bf16 weights on CPUs without bf16, and more: llama/fast.py
