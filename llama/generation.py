@@ -15,12 +15,13 @@ import torch
 
 from llama import native
 from llama.chat_format import ChatFormat
-from llama.checkpoint import load_params, load_transformer
+from llama.checkpoint import load_params, load_transformer, verify_checkpoint
 from llama.datatypes import ChatPrediction, CompletionPrediction, Dialog
+from llama.diagnose import NonFiniteLogitsError, nonfinite_logits_message
 from llama.memory import check_fits, plan_memory
 from llama.model import Transformer
 from llama.parallel import parallelize, setup_model_parallel
-from llama.sampling import sample_next
+from llama.sampling import check_temperature, check_top_p, sample_next
 from llama.tokenizer import Tokenizer
 
 DTYPES = {
@@ -98,6 +99,14 @@ def compile_decode_step(model: Transformer, device: torch.device) -> Callable[..
     return torch.compile(model, fullgraph=True, dynamic=False)
 
 
+def check_int(name: str, value: object, minimum: int) -> None:
+    """Raise unless ``value`` is an int >= ``minimum`` (5.5, "64" and True are not); the error names ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name}={value} must be at least {minimum}")
+
+
 def resolve_dtype(dtype: Optional[str | torch.dtype], device: torch.device) -> torch.dtype:
     """A torch dtype from None (default for the device), a torch.dtype, or a name like "bf16"."""
     if dtype is None:
@@ -123,6 +132,7 @@ class Llama:
         device: Optional[str | torch.device] = None,
         dtype: Optional[str | torch.dtype] = None,
         compile: bool = False,
+        verify: Optional[bool] = None,
     ) -> "Llama":
         """Load ``ckpt_dir`` (params.json + consolidated.NN.pth) and its tokenizer, ready to generate.
 
@@ -135,8 +145,18 @@ class Llama:
         step attends over the whole cache with a position mask; see ``compile_decode_step``). The
         first generation compiles (about a minute on CPU, three on a GPU, where kernels are tuned);
         later ones are faster than eager, by ~3x on a GPU. Prefill stays eager.
+
+        ``verify``: None checks the files against ``checklist.chk`` when there is one and they were
+        not verified before (``llama.checkpoint.verify_checkpoint``), True always, False never.
         """
         start = time.time()
+        check_int("max_seq_len", max_seq_len, 2)
+        check_int("max_batch_size", max_batch_size, 1)
+        check_int("seed", seed, 0)
+        if model_parallel_size is not None:
+            check_int("model_parallel_size", model_parallel_size, 1)
+        if verify not in (None, True, False):
+            raise TypeError(f"verify must be None (auto), True or False, got {verify!r}")
         device = torch.device(device) if device is not None else default_device()
         rank, world_size, local_rank = setup_model_parallel(model_parallel_size, device.type)
         if device.type == "cuda" and device.index is None:
@@ -160,6 +180,10 @@ class Llama:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} must be at least 1")
         check_fits(plan_memory(args, max_seq_len, max_batch_size, dtype, world_size), device)
+        log = (lambda m: print(m, file=sys.stderr, flush=True)) if rank == 0 else (lambda m: None)
+        for note in args.notes:  # a RoPE factor chosen for a Llama 3.2 shape, a params.json key ignored
+            log(f"note: {note}")
+        verify_checkpoint(ckpt_dir, verify, log, rank, world_size)
 
         model = load_transformer(
             ckpt_dir, device, dtype, rank, world_size, parallelize if world_size > 1 else None, args=args
@@ -175,6 +199,7 @@ class Llama:
         else:
             model.set_compute_dtype(compute_dtype, kernels.matvec, native.MAX_ROWS, kernels.attention)
         llama = Llama(model, tokenizer, rank=rank, seed=seed, compile=compile)
+        llama.ckpt_dir = Path(ckpt_dir)
         llama.log(f"Loaded {ckpt_dir} on {device} as {dtype} ({world_size} rank(s)) in {time.time() - start:.2f} s")
         return llama
 
@@ -185,6 +210,7 @@ class Llama:
         self.tokenizer = tokenizer
         self.formatter = ChatFormat(tokenizer)
         self.rank = rank
+        self.ckpt_dir: Optional[Path] = None  # named by errors about the weights; set by build
         self.device = model.tok_embeddings.weight.device
         # Sampling draws from this generator only, seeded identically on every rank.
         self.generator = torch.Generator(self.device).manual_seed(seed)
@@ -208,8 +234,13 @@ class Llama:
         if bsz > limits[0]:
             raise ValueError(f"batch of {bsz} prompts exceeds max_batch_size={limits[0]}; rebuild with a larger one")
         for i, p in enumerate(prompt_tokens):
+            if not isinstance(p, Sequence) or isinstance(p, str):
+                raise TypeError(f"prompt {i} must be a list of token ids (ints), got {type(p).__name__}: {p!r:.60}")
             if len(p) == 0:
                 raise ValueError(f"prompt {i} is empty")
+            for j, t in enumerate(p):  # 1.7 or "5" would be truncated or fail deep in torch
+                if isinstance(t, bool) or not isinstance(t, int):
+                    raise TypeError(f"prompt {i}, token {j}: {t!r} is a {type(t).__name__}; token ids must be ints")
             if len(p) >= limits[1]:
                 raise ValueError(
                     f"prompt {i} has {len(p)} tokens; it must be shorter than max_seq_len={limits[1]} "
@@ -217,12 +248,9 @@ class Llama:
                 )
             if min(p) < 0 or max(p) >= self.tokenizer.n_words:
                 raise ValueError(f"prompt {i} has token ids outside 0..{self.tokenizer.n_words - 1}")
-        if max_gen_len < 1:
-            raise ValueError(f"max_gen_len={max_gen_len} must be at least 1")
-        if temperature < 0:
-            raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy)")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p={top_p} must be in (0, 1]")
+        check_int("max_gen_len", max_gen_len, 1)
+        check_temperature(temperature)
+        check_top_p(top_p)
 
     @torch.inference_mode()
     def _steps(
@@ -265,6 +293,9 @@ class Llama:
                 logits = self.decode_step(step_tokens, start_pos.fill_(prev), last_only=not logprobs)
             else:
                 logits = self.model(tokens[:, prev:cur], prev, last_only=not logprobs)  # [B, S or 1, V]
+            if not bool(torch.isfinite(logits[:, -1]).all()):  # a broken checkpoint: never sample from NaN
+                message = nonfinite_logits_message(self.model, tokens[:, prev:cur], prev, cur, self.ckpt_dir)
+                raise NonFiniteLogitsError(message)
             nxt = sample_next(logits[:, -1], temperature, top_p, self.generator)
             is_new = ~in_prompt[:, cur] & ~stopped & (cur < limit)
             tokens[:, cur] = torch.where(in_prompt[:, cur], tokens[:, cur], nxt)
@@ -360,11 +391,16 @@ class Llama:
         """Stream the continuation of one text prompt (BOS prepended), token by token."""
         return self._stream_one(self.tokenizer.encode(prompt, bos=True, eos=False), temperature, top_p, max_gen_len)
 
-    def _stream_one(self, prompt: list[int], temperature: float, top_p: float, max_gen_len: Optional[int]):
-        # Default: whatever room the cache leaves after the prompt.
-        max_gen_len = self.model.max_seq_len - len(prompt) if max_gen_len is None else max_gen_len
-        for events in self.generate_stream([prompt], max(max_gen_len, 1), temperature, top_p):
-            yield from events
+    def _stream_one(
+        self, prompt: list[int], temperature: float, top_p: float, max_gen_len: Optional[int]
+    ) -> Iterator[TokenEvent]:
+        # Default: whatever room the cache leaves after the prompt (a prompt that fills it is refused).
+        max_gen_len = max(self.model.max_seq_len - len(prompt), 1) if max_gen_len is None else max_gen_len
+        # Checked now, at the call: the generator's body would run only when first iterated.
+        check_int("max_gen_len", max_gen_len, 1)
+        check_temperature(temperature)
+        check_top_p(top_p)
+        return (event for events in self.generate_stream([prompt], max_gen_len, temperature, top_p) for event in events)
 
     def text_completion(
         self,
