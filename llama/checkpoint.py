@@ -202,8 +202,9 @@ def _check_shard_count(ckpt_dir: Path, path: Path, sd: dict[str, torch.Tensor], 
         missing = [f"consolidated.{i:02d}.pth" for i in range(n, expected)]
         raise FileNotFoundError(
             f"{ckpt_dir}: shard(s) {missing} missing: {path.name} holds {t.shape[0]} of the {args.vocab_size} "
-            f"embedding rows of params.json, so the checkpoint has {expected} shards, but only {n} "
-            f"(consolidated.00.pth ... consolidated.{n - 1:02d}.pth) are here: download the missing file(s)"
+            f"embedding rows of params.json, so the checkpoint has {expected} shards, but only "
+            + ("consolidated.00.pth is" if n == 1 else f"{n} (consolidated.00.pth ... consolidated.{n - 1:02d}.pth) are")
+            + " here: download the missing file(s)"
         )
 
 
