@@ -6,6 +6,7 @@ prints; other ranks compute the same thing silently (``Llama.is_main_process``).
 """
 
 import codecs
+import numbers
 import sys
 import time
 from pathlib import Path
@@ -234,13 +235,17 @@ class Llama:
         if bsz > limits[0]:
             raise ValueError(f"batch of {bsz} prompts exceeds max_batch_size={limits[0]}; rebuild with a larger one")
         for i, p in enumerate(prompt_tokens):
-            if not isinstance(p, Sequence) or isinstance(p, str):
+            if isinstance(p, (str, bytes, dict)) or not hasattr(p, "__len__") or not hasattr(p, "__iter__"):
                 raise TypeError(f"prompt {i} must be a list of token ids (ints), got {type(p).__name__}: {p!r:.60}")
             if len(p) == 0:
                 raise ValueError(f"prompt {i} is empty")
-            for j, t in enumerate(p):  # 1.7 or "5" would be truncated or fail deep in torch
-                if isinstance(t, bool) or not isinstance(t, int):
-                    raise TypeError(f"prompt {i}, token {j}: {t!r} is a {type(t).__name__}; token ids must be ints")
+            if isinstance(p, torch.Tensor):
+                if p.dim() != 1 or p.is_floating_point() or p.is_complex() or p.dtype == torch.bool:
+                    raise TypeError(f"prompt {i}: a tensor of token ids must be 1-D of an integer dtype, got {p.dtype} {tuple(p.shape)}")
+            else:
+                for j, t in enumerate(p):  # 1.7 or "5" would be truncated or fail deep in torch; numpy ints are fine
+                    if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+                        raise TypeError(f"prompt {i}, token {j}: {t!r} is a {type(t).__name__}; token ids must be ints")
             if len(p) >= limits[1]:
                 raise ValueError(
                     f"prompt {i} has {len(p)} tokens; it must be shorter than max_seq_len={limits[1]} "
@@ -274,7 +279,7 @@ class Llama:
         total = min(self.model.max_seq_len, max_gen_len + max_len)
         tokens = torch.zeros((bsz, total), dtype=torch.long, device=self.device)
         for i, p in enumerate(prompt_tokens):
-            tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+            tokens[i, : len(p)] = torch.as_tensor(p, dtype=torch.long)
         positions = torch.arange(total, device=self.device)
         in_prompt = positions[None, :] < lens[:, None]  # [B, total]
         token_logprobs = torch.zeros((bsz, total), device=self.device) if logprobs else None

@@ -14,6 +14,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -269,8 +270,14 @@ def test_7_token_ids_must_be_ints(llm, token, kind):
         llm.generate([[128000, 9906], [128000, 9906, token]], max_gen_len=2)
 
 
-def test_7_numpy_and_tensor_free_ints_still_work(llm):
-    assert llm.generate([[128000, 9906]], max_gen_len=2, temperature=0)[0][0]
+def test_7_numpy_ints_and_tensors_still_work(llm):
+    want = llm.generate([[128000, 9906]], max_gen_len=2, temperature=0)[0]
+    assert llm.generate([np.array([128000, 9906])], max_gen_len=2, temperature=0)[0] == want
+    assert llm.generate([[np.int64(128000), np.int32(9906)]], max_gen_len=2, temperature=0)[0] == want
+    assert llm.generate(torch.tensor([[128000, 9906]]), max_gen_len=2, temperature=0)[0] == want
+    with pytest.raises(TypeError, match=r"^prompt 0: a tensor of token ids must be 1-D of an integer dtype, got "
+                                        r"torch\.float32 \(2,\)$"):  # fmt: skip
+        llm.generate(torch.tensor([[128000.0, 9906.0]]), max_gen_len=2)
 
 
 def test_7_flat_list_of_ids(llm):
