@@ -155,7 +155,8 @@ def _not_a_checkpoint(path: Path, error: Exception) -> str:
     low = head.lstrip().lower()
     if low.startswith((b"<!doctype", b"<html", b"<?xml", b"<head", b"<error")) or b"<html" in low or b"<body" in low:
         title = re.search(rb"<title>(.*?)</title>|<code>(.*?)</code>", head, re.I | re.S)
-        said = f', saying "{(title.group(1) or title.group(2)).decode("utf-8", "replace").strip()[:80]}"' if title else ""
+        words = (title.group(1) or title.group(2)).decode("utf-8", "replace").strip()[:80] if title else ""
+        said = f', saying "{words}"' if words else ""
         return f"{path} is not a PyTorch checkpoint (looks like an HTML page{said}; {size:,} bytes): re-download it"
     if all(32 <= b < 127 or b in b"\r\n\t" for b in head):
         return f"{path} is not a PyTorch checkpoint (looks like a text file; {size:,} bytes): re-download it"

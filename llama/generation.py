@@ -241,7 +241,9 @@ class Llama:
                 raise ValueError(f"prompt {i} is empty")
             if isinstance(p, torch.Tensor):
                 if p.dim() != 1 or p.is_floating_point() or p.is_complex() or p.dtype == torch.bool:
-                    raise TypeError(f"prompt {i}: a tensor of token ids must be 1-D of an integer dtype, got {p.dtype} {tuple(p.shape)}")
+                    raise TypeError(
+                        f"prompt {i}: a tensor of token ids must be 1-D of an integer dtype, got {p.dtype} {tuple(p.shape)}"
+                    )
             else:
                 for j, t in enumerate(p):  # 1.7 or "5" would be truncated or fail deep in torch; numpy ints are fine
                     if isinstance(t, bool) or not isinstance(t, numbers.Integral):

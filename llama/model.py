@@ -54,7 +54,8 @@ UNSUPPORTED_KEYS = {
 
 def _json_type(value: Any) -> str:
     """How a value reads in params.json terms, for error messages."""
-    names = {bool: "a boolean", str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object"}
+    names = {bool: "a boolean", str: "a string", int: "an integer", float: "a number", list: "a list",
+             dict: "an object"}  # fmt: skip
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
@@ -121,11 +122,10 @@ class ModelArgs:
                     f'a "rope_scale_factor" key overrides)'
                 )
         else:
-            self.rope_scale_factor = _positive_real(
-                "rope_scale_factor", self.rope_scale_factor, what="a number >= 1 (3.1: 8, 3.2 1B/3B: 32)"
-            )
+            what = "a number >= 1 (3.1: 8, 3.2 1B/3B: 32)"
+            self.rope_scale_factor = _positive_real("rope_scale_factor", self.rope_scale_factor, what=what)
             if self.rope_scale_factor < 1:
-                raise ValueError(f"rope_scale_factor must be a number >= 1 (3.1: 8, 3.2 1B/3B: 32), got {self.rope_scale_factor!r}")
+                raise ValueError(f"rope_scale_factor must be {what}, got {self.rope_scale_factor!r}")
         if self.dim % self.n_heads != 0:
             raise ValueError(
                 f"dim % n_heads must be 0: dim={self.dim}, n_heads={self.n_heads} "

@@ -19,7 +19,9 @@ TOP_P_CANDIDATES = 64
 def check_temperature(temperature: float) -> None:
     """Raise unless ``temperature`` is a finite number >= 0 (0 is greedy)."""
     if isinstance(temperature, bool) or not isinstance(temperature, Real):
-        raise TypeError(f"temperature must be a number >= 0 (0 is greedy), got {temperature!r} ({type(temperature).__name__})")
+        raise TypeError(
+            f"temperature must be a number >= 0 (0 is greedy), got {temperature!r} ({type(temperature).__name__})"
+        )
     if not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature={temperature!r} must be >= 0 and finite (0 is greedy)")
 
