@@ -96,6 +96,17 @@ def find_shards(ckpt_dir: str | Path) -> list[Path]:
 
 def check_layout(args: ModelArgs, n_shards: int, world_size: int) -> None:
     """Raise unless N shards can run on M ranks with whole heads on every rank."""
+    why = _layout_problems(args, n_shards, world_size)
+    if why:
+        works = [m for m in range(1, args.n_heads + 1) if not _layout_problems(args, n_shards, m)]
+        raise ValueError(
+            f"cannot run a checkpoint of N={n_shards} shards on M={world_size} ranks "
+            f"(n_heads={args.n_heads}, n_kv_heads={args.n_kv_heads}): " + "; ".join(why)
+            + f". Rank counts that work: {', '.join(map(str, works))}"
+        )
+
+
+def _layout_problems(args: ModelArgs, n_shards: int, world_size: int) -> list[str]:
     why = []
     if world_size % n_shards and n_shards % world_size:
         why.append("M must be a multiple of N or N a multiple of M")
@@ -104,11 +115,7 @@ def check_layout(args: ModelArgs, n_shards: int, world_size: int) -> None:
             why.append(f"{name}={value} is not divisible by M")
     if args.n_kv_heads % world_size and world_size % args.n_kv_heads:
         why.append(f"n_kv_heads={args.n_kv_heads} must divide M or be divisible by it")
-    if why:
-        raise ValueError(
-            f"cannot run a checkpoint of N={n_shards} shards on M={world_size} ranks "
-            f"(n_heads={args.n_heads}, n_kv_heads={args.n_kv_heads}): " + "; ".join(why)
-        )
+    return why
 
 
 def rank_range(key: str, args: ModelArgs, rank: int, world_size: int) -> Optional[tuple[int, int]]:
