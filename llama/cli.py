@@ -18,6 +18,7 @@ else is a bug and keeps its traceback; ``LLAMA_DEBUG=1`` shows the traceback of 
 
 import argparse
 import contextlib
+import difflib
 import inspect
 import math
 import os
@@ -113,8 +114,21 @@ class Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``prog: error: ...`` and a hint, exit 2 (argparse's code)."""
 
     def error(self, message: str) -> typing.NoReturn:
-        print(f"{self.prog}: error: {message}\nhint: {self.prog} --help lists the flags", file=sys.stderr)
+        if is_main_rank():  # under torchrun every rank parses the same flags: one message is enough
+            print(f"{self.prog}: error: {message}\nhint: {self.prog} --help lists the flags", file=sys.stderr)
         sys.exit(2)
+
+    def parse_args(self, args: Optional[Sequence[str]] = None, namespace: Any = None) -> argparse.Namespace:
+        """As argparse's, but an unknown flag is named alone, with the closest known flag."""
+        ns, extra = self.parse_known_args(args, namespace)
+        flags = [a.split("=", 1)[0] for a in extra if a.startswith("-") and a != "-"]
+        if flags:
+            known = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+            close = difflib.get_close_matches(flags[0], known, n=1)
+            self.error(f"unknown flag {flags[0]}" + (f" (did you mean {close[0]}?)" if close else ""))
+        if extra:
+            self.error(f"unexpected argument(s): {' '.join(extra)}")
+        return ns
 
 
 def _plain_type(annotation: Any) -> Any:
@@ -184,6 +198,25 @@ def user_errors(prog: str, hint: str = "") -> Iterator[None]:
         sys.exit(1)
 
 
+def check_flags(
+    fn: Callable[..., Any],
+    help: dict[str, str],
+    prog: Optional[str] = None,
+    types: Optional[dict[str, Callable[[str], Any]]] = None,
+    choices: Optional[dict[str, Sequence[str]]] = None,
+    description: Optional[str] = None,
+    argv: Optional[list[str]] = None,
+) -> None:
+    """Check ``argv`` (default ``sys.argv[1:]``) against ``fn`` before ``fire`` runs it.
+
+    A bad flag prints one line and exits 2 before anything is loaded; ``--help`` prints the
+    flags with their descriptions and defaults and exits 0.
+    """
+    prog = prog or os.path.basename(sys.argv[0])
+    argv = sys.argv[1:] if argv is None else argv
+    parser_for(fn, prog, help, types, choices, description).parse_args(argv)
+
+
 def run_fire(
     fn: Callable[..., Any],
     prog: str,
@@ -193,10 +226,10 @@ def run_fire(
     description: Optional[str] = None,
     argv: Optional[list[str]] = None,
 ) -> None:
-    """Check ``argv`` against ``fn`` (exit 2 on a bad flag, before any work), then ``fire.Fire(fn)``."""
+    """``check_flags``, then ``fire.Fire(fn)`` with a user's mistakes turned into one line."""
     import fire
 
     argv = sys.argv[1:] if argv is None else argv
-    parser_for(fn, prog, help, types, choices, description).parse_args(argv)  # --help exits here too
+    check_flags(fn, help, prog, types, choices, description, argv)
     with user_errors(prog):
         fire.Fire(fn, command=argv, name=prog)

@@ -17,7 +17,7 @@ from llama import native
 from llama.chat_format import ChatFormat
 from llama.checkpoint import load_params, load_transformer
 from llama.datatypes import ChatPrediction, CompletionPrediction, Dialog
-from llama.memory import check_fits, plan_memory
+from llama.memory import check_device, check_fits, plan_memory
 from llama.model import Transformer
 from llama.parallel import parallelize, setup_model_parallel
 from llama.sampling import sample_next
@@ -137,7 +137,7 @@ class Llama:
         later ones are faster than eager, by ~3x on a GPU. Prefill stays eager.
         """
         start = time.time()
-        device = torch.device(device) if device is not None else default_device()
+        device = check_device(device) if device is not None else default_device()  # names the devices here
         rank, world_size, local_rank = setup_model_parallel(model_parallel_size, device.type)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", local_rank)

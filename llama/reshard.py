@@ -9,21 +9,29 @@ raised to M when M exceeds it: each KV head is duplicated, as in Meta's 405B MP1
 Each output shard is exactly what rank r of M would load from SRC (``load_state_dict``: the source
 files are memory-mapped and only the needed slices read), so only one output shard is in memory
 at a time. Everything is written into a hidden folder beside DST and renamed into place at the
-end: DST either does not exist or is complete. An existing, non-empty DST is never touched.
+end (``llama.checkpoint.atomic_folder``): DST either does not exist or is complete. An existing,
+non-empty DST is never touched; hidden folders left by a killed run are removed by the next one.
 """
 
-import argparse
-import json
-import os
 import shutil
-import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from llama.checkpoint import check_layout, find_shards, load_params, load_state_dict, shard_state_dict, write_checklist
+from llama.checkpoint import (
+    atomic_folder,
+    check_layout,
+    expected_shapes,
+    find_shards,
+    load_params,
+    load_state_dict,
+    save_params,
+    shard_state_dict,
+    state_bytes,
+    write_checklist,
+)
+from llama.cli import Parser, integer, user_errors
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -39,15 +47,15 @@ def reshard(src: str | Path, dst: str | Path, mp: int, dtype: Optional[torch.dty
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise FileExistsError(f"{dst} already exists and is not an empty folder: refusing to overwrite it")
     args = load_params(src)
-    n = len(find_shards(src))
-    check_layout(args, n, mp)  # before writing anything: the error names N, M, n_heads, n_kv_heads
+    shards = find_shards(src)
+    check_layout(args, len(shards), mp)  # before writing anything: the error names N, M, n_heads, n_kv_heads
     # shard_state_dict is the one place deciding the params of an M-shard checkpoint (n_kv_heads
     # raised to M when KV heads are duplicated); given no tensors it only returns those params.
     _, out_args = shard_state_dict({}, args, mp)
+    # Disk needed: the source's size (its dtype) or the tensors in the new dtype, with duplicated KV heads.
+    need = state_bytes(expected_shapes(out_args), dtype) if dtype else sum(p.stat().st_size for p in shards)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
-    try:
+    with atomic_folder(dst, need, replace_empty=True, log=log) as tmp:
         for rank in range(mp):
             state = load_state_dict(src, args, rank, mp, dtype)
             # clone: a slice of a memory-mapped source tensor would otherwise drag its whole
@@ -57,33 +65,26 @@ def reshard(src: str | Path, dst: str | Path, mp: int, dtype: Optional[torch.dty
             torch.save(state, path)
             del state
             log(f"wrote {dst / path.name} ({path.stat().st_size / 2**20:.1f} MiB)")
-        (tmp / "params.json").write_text(json.dumps(out_args.to_dict(), indent=2) + "\n")
+        save_params(tmp, out_args)
         for name in COPIED_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / name)
         if not (src / "tokenizer.model").is_file():
             log(f"note: {src} has no tokenizer.model; pass --tokenizer_path when loading {dst}")
         write_checklist(tmp)
-        if dst.exists():  # an empty folder the user made: replace it
-            dst.rmdir()
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m llama.reshard", description=__doc__.split("\n\n")[0])
-    ap.add_argument("src", help="checkpoint folder (params.json + consolidated.NN.pth)")
+    """``python -m llama.reshard SRC DST --mp M [--dtype bf16]``; ``--help`` describes the flags."""
+    ap = Parser(prog="python -m llama.reshard", description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    ap.add_argument("src", help="Meta-format checkpoint folder (params.json + consolidated.NN.pth)")
     ap.add_argument("dst", help="new folder to create (must not exist, or be empty)")
-    ap.add_argument("--mp", type=int, required=True, help="number of shards (model-parallel ranks) to write")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the weights (default: keep)")
+    ap.add_argument("--mp", type=integer(1), required=True, help="number of shards (model-parallel ranks) to write, >= 1")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the weights: bf16, fp16 or fp32 (default: keep)")
     a = ap.parse_args(argv)
-    try:
+    with user_errors(ap.prog):
         reshard(a.src, a.dst, a.mp, DTYPES[a.dtype] if a.dtype else None)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        sys.exit(f"llama.reshard: error: {e}")
 
 
 if __name__ == "__main__":

@@ -336,5 +336,6 @@ def test_cli_refuses_an_existing_folder(tmp_path: Path, capsys: pytest.CaptureFi
     main([str(tmp_path / "tiny.gguf"), str(tmp_path / "out"), "--dtype", "bf16"])
     assert '"dim": 32' in capsys.readouterr().out
     assert {t.dtype for t in load_state_dict(tmp_path / "out", TINY).values()} == {torch.bfloat16}
-    with pytest.raises(SystemExit, match="already exists"):
+    with pytest.raises(SystemExit) as exit:
         main([str(tmp_path / "tiny.gguf"), str(tmp_path / "out")])
+    assert exit.value.code == 1 and "already exists" in capsys.readouterr().err
