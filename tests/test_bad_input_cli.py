@@ -117,9 +117,14 @@ BAD_FLAGS = [
 ]
 
 
+# Every bad flag on the text example; the issue's own four on the chat example and llama.chat.
+CASES = [("example_text_completion.py", f, w) for f, w in BAD_FLAGS] + [
+    (script, f, w) for script in EXAMPLES[1:] for f, w in BAD_FLAGS[:4]
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("script", EXAMPLES)
-@pytest.mark.parametrize("flags, words", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+@pytest.mark.parametrize("script, flags, words", CASES, ids=[f"{s} {' '.join(f)}" for s, f, _ in CASES])
 def test_8_bad_flags_fail_before_loading(script, flags, words):
     # The checkpoint folder does not exist: an error about the flag proves nothing was loaded first.
     result = run(script.split() + ["--ckpt_dir", "/nonexistent/ckpt", *flags], timeout=120)
