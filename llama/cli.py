@@ -178,6 +178,13 @@ def is_main_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _message(e: BaseException) -> str:
+    """The text of an error, without Python's ``[Errno 28]`` prefix."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return str(e)
+
+
 @contextlib.contextmanager
 def user_errors(prog: str, hint: str = "") -> Iterator[None]:
     """Turn a user's mistake into ``prog: error: MESSAGE`` plus a hint, exit 1; Ctrl-C exits 130."""
@@ -192,8 +199,7 @@ def user_errors(prog: str, hint: str = "") -> Iterator[None]:
         sys.exit(130)
     except USER_ERRORS as e:
         if is_main_rank():
-            message = str(e) if not isinstance(e, OSError) or not e.filename or e.filename in str(e) else f"{e.strerror}: {e.filename}"
-            print(f"{prog}: error: {message}", file=sys.stderr)
+            print(f"{prog}: error: {_message(e)}", file=sys.stderr)
             print(f"hint: {hint or f'{prog} --help lists the flags'}; {DEBUG_ENV}=1 shows the traceback", file=sys.stderr)
         sys.exit(1)
 

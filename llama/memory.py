@@ -181,7 +181,7 @@ def report(
     lines = [f"parameters: {count:,}"]
     if tied:
         lines[0] += f" (output layer tied to the embedding; loaded as two copies: {parameter_count(args):,})"
-    lines += ["", "weights          size"]
+    lines += ["", "weights          size (GiB = 2^30 bytes)"]
     for name, nbytes in (("fp32", 4), ("bf16/fp16", 2), ("fp8/int8", 1), ("int4", 0.5)):
         lines.append(f"  {name:<14} {count * nbytes / GiB:8.2f} GiB")
     lines += ["", "KV cache (16-bit)  1k tokens   16k tokens   128k tokens"]

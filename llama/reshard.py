@@ -80,7 +80,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap = Parser(prog="python -m llama.reshard", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     ap.add_argument("src", help="Meta-format checkpoint folder (params.json + consolidated.NN.pth)")
     ap.add_argument("dst", help="new folder to create (must not exist, or be empty)")
-    ap.add_argument("--mp", type=integer(1), required=True, help="number of shards (model-parallel ranks) to write, >= 1")
+    ap.add_argument("--mp", "--shards", dest="mp", type=integer(1), required=True,
+                    help="number of shards (model-parallel ranks) to write, >= 1")  # fmt: skip
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the weights: bf16, fp16 or fp32 (default: keep)")
     a = ap.parse_args(argv)
     with user_errors(ap.prog):
