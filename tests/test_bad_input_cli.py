@@ -230,6 +230,17 @@ def test_14_full_disk_is_refused_before_writing(mount, ckpt, hf):
 
 
 @pytest.mark.slow
+def test_14_full_disk_gguf_is_refused_before_dequantizing(mount, tmp_path):
+    from test_gguf import write_tiny_gguf
+
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    small = mount("16k")
+    result = run(["-m", "llama.gguf", str(tmp_path / "tiny.gguf"), str(small / "out")])
+    user_error(result, 1, f"no space left on {small}", "MB free")
+    assert "dequantizing" not in result.stderr and list(small.iterdir()) == []
+
+
+@pytest.mark.slow
 def test_14_read_only_destination(mount, ckpt):
     ro = mount("1m", "ro")
     user_error(run(["-m", "llama.reshard", str(ckpt), str(ro / "out"), "--mp", "1"]), 1, str(ro), "read-only")
