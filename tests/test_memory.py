@@ -115,6 +115,7 @@ def test_report_prints_release_numbers(name, tmp_path, capsys):
     assert " GB" not in out
 
 
+@pytest.mark.slow  # a child process
 def test_memory_cli(tmp_path):
     params = _write_params(tmp_path, "405B")
     run = subprocess.run(
