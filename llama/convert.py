@@ -218,7 +218,8 @@ def read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
 
     index = src / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = read_json(index).get("weight_map") if isinstance(read_json(index), dict) else None
+        content = read_json(index)
+        weight_map = content.get("weight_map") if isinstance(content, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ValueError(f"{index}: no weight_map of tensor name -> file name")
         files = sorted(set(weight_map.values()))
