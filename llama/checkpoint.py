@@ -6,15 +6,20 @@ loads on M model-parallel ranks when M is a multiple of N or N a multiple of M. 
 the shard files and copies only its own slice, so peak RAM per rank stays near its share.
 """
 
+import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
 import re
+import shutil
+import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -137,6 +142,17 @@ def find_shards(ckpt_dir: str | Path) -> list[Path]:
 
 def check_layout(args: ModelArgs, n_shards: int, world_size: int) -> None:
     """Raise unless N shards can run on M ranks with whole heads on every rank."""
+    why = _layout_problems(args, n_shards, world_size)
+    if why:
+        works = [m for m in range(1, args.n_heads + 1) if not _layout_problems(args, n_shards, m)]
+        raise ValueError(
+            f"cannot run a checkpoint of N={n_shards} shards on M={world_size} ranks "
+            f"(n_heads={args.n_heads}, n_kv_heads={args.n_kv_heads}): " + "; ".join(why)
+            + f". Rank counts that work: {', '.join(map(str, works))}"
+        )
+
+
+def _layout_problems(args: ModelArgs, n_shards: int, world_size: int) -> list[str]:
     why = []
     if world_size % n_shards and n_shards % world_size:
         why.append("M must be a multiple of N or N a multiple of M")
@@ -145,11 +161,7 @@ def check_layout(args: ModelArgs, n_shards: int, world_size: int) -> None:
             why.append(f"{name}={value} is not divisible by M")
     if args.n_kv_heads % world_size and world_size % args.n_kv_heads:
         why.append(f"n_kv_heads={args.n_kv_heads} must divide M or be divisible by it")
-    if why:
-        raise ValueError(
-            f"cannot run a checkpoint of N={n_shards} shards on M={world_size} ranks "
-            f"(n_heads={args.n_heads}, n_kv_heads={args.n_kv_heads}): " + "; ".join(why)
-        )
+    return why
 
 
 def rank_range(key: str, args: ModelArgs, rank: int, world_size: int) -> Optional[tuple[int, int]]:
@@ -508,6 +520,176 @@ def shard_state_dict(
     return shards, out_args
 
 
+# --- Writing checkpoint folders (convert, reshard, gguf and the demo write through here) --------
+#
+# A folder is written under a hidden sibling name (``.DST.partial-XXXX``) and renamed into place
+# when complete, so DST either does not exist or is finished. The partial folder holds an owner
+# file ("host pid") until the rename: a later run for the same DST removes partial folders whose
+# writer is gone (killed by kill -9 or a power cut), and leaves a live writer's alone.
+
+PARTIAL_OWNER = ".partial-owner"
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.resolve()
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _partial_prefix(dst: Path) -> str:
+    return f".{dst.name}.partial-"
+
+
+def _writer_alive(folder: Path) -> Optional[str]:
+    """"pid N" when the process writing ``folder`` still runs on this host; None when it is gone."""
+    try:
+        host, pid = (folder / PARTIAL_OWNER).read_text().split()
+    except (OSError, ValueError):
+        return None  # no owner file: written by an older version, or killed before it wrote one
+    if host != socket.gethostname():
+        return f"process {pid} on {host}"  # cannot tell from here: leave it
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return None
+    except (PermissionError, ValueError):
+        pass
+    return f"process {pid}"
+
+
+def remove_stale_partials(dst: str | Path, log: Callable[[str], None]) -> None:
+    """Delete hidden ``.DST.partial-*`` folders of ``dst`` whose writer is gone, saying so."""
+    dst = Path(dst)
+    if not dst.parent.is_dir():
+        return
+    for folder in sorted(dst.parent.iterdir()):
+        if not folder.name.startswith(_partial_prefix(dst)) or not folder.is_dir():
+            continue
+        writer = _writer_alive(folder)
+        if writer:
+            log(f"note: {folder} is being written by {writer}; left alone")
+            continue
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        shutil.rmtree(folder, ignore_errors=True)
+        log(f"removed {folder} ({_size(size)}), left by an interrupted run")
+
+
+def check_free_space(folder: str | Path, need_bytes: int, what: str = "") -> None:
+    """Raise ``OSError(ENOSPC)`` naming the filesystem when ``folder``'s has less than ``need_bytes`` free."""
+    free = shutil.disk_usage(folder).free
+    if need_bytes > free:
+        raise OSError(
+            errno.ENOSPC,
+            f"no space left on {_mount_point(Path(folder))} (need {_size(need_bytes)}, {_size(free)} free)"
+            + (f" to write {what}" if what else "")
+            + ": free some space or choose another destination",
+        )
+
+
+def prepare_destination(
+    dst: str | Path, need_bytes: int = 0, replace_empty: bool = False, log: Optional[Callable[[str], None]] = None
+) -> Path:
+    """Check, before any long work, that ``dst`` can be written: it does not exist (or is an empty
+    folder, with ``replace_empty``), its parent is writable and has ``need_bytes`` free. Removes
+    stale partial folders of ``dst``. Returns ``dst``'s parent."""
+    dst = Path(dst)
+    if dst.exists() and not (replace_empty and dst.is_dir() and not any(dst.iterdir())):
+        raise FileExistsError(f"{dst} already exists; refusing to overwrite it (remove it or choose another path)")
+    parent = dst.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot create {parent}: {e.strerror}") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        why = "read-only file system" if _read_only(parent) else "no write permission"
+        raise OSError(errno.EROFS if why[0] == "r" else errno.EACCES, f"cannot write in {parent}: {why}")
+    remove_stale_partials(dst, log or _stderr)
+    check_free_space(parent, need_bytes, str(dst))
+    return parent
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(
+    dst: str | Path, need_bytes: int = 0, replace_empty: bool = False, log: Optional[Callable[[str], None]] = None
+) -> Iterator[Path]:
+    """Yield a hidden sibling folder of ``dst``, renamed to ``dst`` only when the block succeeds.
+
+    ``prepare_destination`` runs first. A crash or error leaves no ``dst`` and no partial folder
+    (a kill -9 leaves one, which the next run removes); an existing ``dst`` is never overwritten. The
+    folder gets the permissions of a normal new folder (``mkdtemp`` makes it private). A write that
+    fails because the disk filled up is reported as ``OSError(ENOSPC)`` naming the filesystem.
+    """
+    dst = Path(dst)
+    parent = prepare_destination(dst, need_bytes, replace_empty, log)
+    tmp = Path(tempfile.mkdtemp(prefix=_partial_prefix(dst), dir=parent))
+    try:
+        (tmp / PARTIAL_OWNER).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+        yield tmp
+        (tmp / PARTIAL_OWNER).unlink()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        if dst.exists():
+            if not (replace_empty and dst.is_dir() and not any(dst.iterdir())):  # appeared meanwhile: keep theirs
+                raise FileExistsError(f"{dst} appeared while writing it; refusing to overwrite it")
+            dst.rmdir()
+        os.rename(tmp, dst)  # atomic within one filesystem
+    except BaseException as e:
+        free = shutil.disk_usage(parent).free
+        shutil.rmtree(tmp, ignore_errors=True)
+        # torch.save and safetensors report a full disk as RuntimeError ("file write failed",
+        # "iostream error") or their own error types: name the real cause.
+        full = getattr(e, "errno", None) == errno.ENOSPC or (isinstance(e, Exception) and free < 2**20)
+        if full and not (isinstance(e, OSError) and "no space left on" in str(e)):
+            raise OSError(
+                errno.ENOSPC,
+                f"no space left on {_mount_point(parent)} while writing {dst} ({_size(free)} free; "
+                f"{_size(need_bytes)} needed): free some space or choose another destination",
+            ) from e
+        raise
+
+
+def save_shards(folder: str | Path, full: dict[str, torch.Tensor], args: ModelArgs, n_shards: int = 1) -> ModelArgs:
+    """``consolidated.NN.pth`` files of ``full`` in ``folder``; returns the params to write
+    (``n_kv_heads`` raised when KV heads are duplicated). One shard is saved without copies."""
+    folder = Path(folder)
+    if n_shards == 1:  # no resharding copies: an 8B fits in RAM once, not twice
+        torch.save(full, folder / "consolidated.00.pth")
+        return args
+    shards, out_args = shard_state_dict(full, args, n_shards)
+    for i, sd in enumerate(shards):
+        torch.save(sd, folder / f"consolidated.{i:02d}.pth")
+    return out_args
+
+
+def save_params(folder: str | Path, params: ModelArgs | dict[str, Any]) -> None:
+    """``params.json`` as Meta writes it (indented, trailing newline)."""
+    params = params.to_dict() if isinstance(params, ModelArgs) else params
+    (Path(folder) / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+
+
+def state_bytes(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> int:
+    """Bytes of tensors of these shapes in ``dtype``: what their shards take on disk, give or take headers."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(size * int(torch.Size(shape).numel()) for shape in shapes.values())
+
+
 def md5_file(path: str | Path) -> str:
     """Hex md5 of a file, read in chunks."""
     h = hashlib.md5()
@@ -518,9 +700,10 @@ def md5_file(path: str | Path) -> str:
 
 
 def write_checklist(ckpt_dir: str | Path) -> None:
-    """``checklist.chk`` in md5sum format over every file in the folder (as Meta ships it)."""
+    """``checklist.chk`` in md5sum format over every file in the folder (as Meta ships it), hidden
+    files (our .llama-verified record, a partial folder's owner file) left out."""
     ckpt_dir = Path(ckpt_dir)
-    names = sorted(p.name for p in ckpt_dir.iterdir() if p.is_file() and p.name != "checklist.chk")
+    names = sorted(p.name for p in ckpt_dir.iterdir() if p.is_file() and p.name != "checklist.chk" and not p.name.startswith("."))
     lines = [f"{md5_file(ckpt_dir / name)}  {name}\n" for name in names]
     (ckpt_dir / "checklist.chk").write_text("".join(lines))
 
@@ -531,11 +714,14 @@ def write_checkpoint(
     """Write full tensors as a Meta-format folder with ``n_shards`` files; returns params written."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    shards, out_args = shard_state_dict(full, args, n_shards)
+    shards, out_args = shard_state_dict(full, args, n_shards)  # copies: views of larger tensors save small
     for i, sd in enumerate(shards):
         torch.save(sd, ckpt_dir / f"consolidated.{i:02d}.pth")
-    (ckpt_dir / "params.json").write_text(json.dumps(out_args.to_dict(), indent=2) + "\n")
+    save_params(ckpt_dir, out_args)
     return out_args
+
+
+# --- end of the writing section ------------------------------------------------------------------
 
 
 def random_state_dict(args: ModelArgs, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:

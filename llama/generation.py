@@ -19,7 +19,7 @@ from llama.chat_format import ChatFormat
 from llama.chat_format_llama2 import Llama2ChatFormat
 from llama.checkpoint import load_params, load_transformer, verify_checkpoint
 from llama.datatypes import ChatPrediction, CompletionPrediction, Dialog
-from llama.devices import compile_decode_step, default_device, resolve_dtype
+from llama.devices import check_device, compile_decode_step, default_device, resolve_dtype
 from llama.diagnose import NonFiniteLogitsError, nonfinite_logits_message
 from llama.family import AnyTokenizer, load_tokenizer
 from llama.fast import speed_up
@@ -98,7 +98,7 @@ class Llama:
             check_int("model_parallel_size", model_parallel_size, 1)
         if verify not in (None, True, False):
             raise TypeError(f"verify must be None (auto), True or False, got {verify!r}")
-        device = torch.device(device) if device is not None else default_device()
+        device = check_device(device) if device is not None else default_device()  # names the devices here
         rank, world_size, local_rank = setup_model_parallel(model_parallel_size, device.type)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", local_rank)

@@ -1,8 +1,9 @@
 """Memory plan: bytes for weights and KV cache, checked before anything is allocated.
 
-``python -m llama.memory CKPT_DIR_OR_PARAMS_JSON [--max_seq_len N] [--max_batch_size B]`` prints
-the needs in the layout of the Llama 3.1 release post's tables (weights per dtype, KV cache for
-1k / 16k / 128k tokens) plus the plan for the given run.
+``python -m llama.memory CKPT_DIR_OR_PARAMS_JSON [--max_seq_len N] [--max_batch_size B]
+[--dtype bf16] [--world_size M]`` prints the needs in the layout of the Llama 3.1 release post's
+tables (weights per dtype, KV cache for 1k / 16k / 128k tokens) plus the plan for the given run.
+Every size is in GiB (2^30 bytes): the post's "16 GB" for the 8B in 16-bit is 16.1e9 bytes, 14.96 GiB.
 """
 
 import os
@@ -10,22 +11,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import fire
 import torch
 
-from llama.devices import parse_dtype
+from llama.devices import check_device
+from llama.checkpoint import check_layout, find_shards
 from llama.model import ModelArgs
 
 GiB = 1024**3
 GB = 1000**3
 
+# Bytes per weight by dtype name. A local table until the library has one shared dtype table;
+# fp8 / int8 / int4 are sizes to plan with (this library loads 16- and 32-bit weights).
+WEIGHT_BYTES = {
+    "fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2,
+    "fp8": 1, "int8": 1, "int4": 0.5,
+}  # fmt: skip
 
-def parameter_count(args: ModelArgs) -> int:
-    """Parameters of the full model (untied embedding and output), no model built."""
+
+def parameter_count(args: ModelArgs, tied: bool = False) -> int:
+    """Parameters of the model, no model built; ``tied``: the output layer is the embedding, counted once."""
     hd, ffn = args.head_dim, args.ffn_hidden_dim
     attention = args.dim * args.n_heads * hd * 2 + args.dim * args.n_kv_heads * hd * 2
     per_layer = attention + 3 * args.dim * ffn + 2 * args.dim
-    return 2 * args.vocab_size * args.dim + args.n_layers * per_layer + args.dim
+    return (1 if tied else 2) * args.vocab_size * args.dim + args.n_layers * per_layer + args.dim
 
 
 def kv_cache_bytes(args: ModelArgs, tokens: int, bytes_per_element: int, world_size: int = 1) -> int:
@@ -45,7 +53,7 @@ class MemoryPlan:
     kv_cache_bytes: int
     max_seq_len: int
     max_batch_size: int
-    dtype: torch.dtype
+    dtype: torch.dtype | str
     world_size: int
 
     @property
@@ -61,13 +69,27 @@ class MemoryPlan:
 
 
 def plan_memory(
-    args: ModelArgs, max_seq_len: int, max_batch_size: int, dtype: torch.dtype = torch.bfloat16, world_size: int = 1
+    args: ModelArgs,
+    max_seq_len: int,
+    max_batch_size: int,
+    dtype: torch.dtype | str = torch.bfloat16,
+    world_size: int = 1,
+    tied: bool = False,
 ) -> MemoryPlan:
-    """Bytes one of ``world_size`` ranks needs for weights and KV cache, at ``dtype``."""
-    size = torch.empty((), dtype=dtype).element_size()
+    """Bytes one of ``world_size`` ranks needs for weights and KV cache, at ``dtype``.
+
+    ``dtype`` is a torch dtype or a name of ``WEIGHT_BYTES`` (``"int4"``: half a byte per weight);
+    the KV cache is 16-bit when the weights are narrower. ``tied`` counts the output layer once.
+    """
+    if isinstance(dtype, str):
+        if dtype not in WEIGHT_BYTES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(WEIGHT_BYTES)}")
+        size: float = WEIGHT_BYTES[dtype]
+    else:
+        size = torch.empty((), dtype=dtype).element_size()
     return MemoryPlan(
-        weight_bytes=parameter_count(args) * size // world_size,
-        kv_cache_bytes=kv_cache_bytes(args, max_seq_len * max_batch_size, size, world_size),
+        weight_bytes=int(parameter_count(args, tied) * size) // world_size,
+        kv_cache_bytes=kv_cache_bytes(args, max_seq_len * max_batch_size, max(int(size), 2), world_size),
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,
         dtype=dtype,
@@ -77,7 +99,7 @@ def plan_memory(
 
 def available_bytes(device: torch.device | str) -> Optional[int]:
     """Free memory on the device (free GPU memory, or the OS's MemAvailable for CPU); None if unknown."""
-    device = torch.device(device)
+    device = check_device(device)
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return free
@@ -123,11 +145,21 @@ def _load_args(path: str | Path) -> ModelArgs:
     return ModelArgs.load(path)
 
 
-def report(args: ModelArgs, max_seq_len: int, max_batch_size: int, dtype: torch.dtype, world_size: int = 1) -> str:
-    """The release-post style tables plus this run's plan, as text."""
-    lines = [f"parameters: {parameter_count(args):,}", "", "weights          size"]
-    for name, nbytes in (("fp32", 4), ("bf16/fp16", 2), ("fp8", 1), ("int4", 0.5)):
-        lines.append(f"  {name:<14} {parameter_count(args) * nbytes / GB:8.1f} GB")
+def report(
+    args: ModelArgs, max_seq_len: int, max_batch_size: int, dtype: torch.dtype | str, world_size: int = 1, tied: bool = False
+) -> str:
+    """The release-post style tables plus this run's plan, as text; every size in GiB.
+
+    ``tied``: the model's parameters count the output layer once; the run's plan counts it twice,
+    because a Meta-format checkpoint stores it and ``Llama.build`` loads both copies.
+    """
+    count = parameter_count(args, tied)
+    lines = [f"parameters: {count:,}"]
+    if tied:
+        lines[0] += f" (output layer tied to the embedding; loaded as two copies: {parameter_count(args):,})"
+    lines += ["", "weights          size (GiB = 2^30 bytes)"]
+    for name, nbytes in (("fp32", 4), ("bf16/fp16", 2), ("fp8/int8", 1), ("int4", 0.5)):
+        lines.append(f"  {name:<14} {count * nbytes / GiB:8.2f} GiB")
     lines += ["", "KV cache (16-bit)  1k tokens   16k tokens   128k tokens"]
     kv = [kv_cache_bytes(args, n, 2) / GiB for n in (1024, 16384, 131072)]
     lines.append(f"  batch 1         {kv[0]:8.4f} GiB {kv[1]:8.3f} GiB {kv[2]:9.3f} GiB")
@@ -136,13 +168,49 @@ def report(args: ModelArgs, max_seq_len: int, max_batch_size: int, dtype: torch.
     return "\n".join(lines)
 
 
+def is_tied(path: str | Path) -> bool:
+    """True when a checkpoint folder's output layer equals its embedding (read from the
+    memory-mapped first shard; both are split the same way, so shard 0 decides)."""
+    shard = Path(path) / "consolidated.00.pth"
+    if not shard.is_file():
+        return False
+    try:
+        sd = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
+        return torch.equal(sd["output.weight"], sd["tok_embeddings.weight"])
+    except Exception:  # unreadable or odd shard: count both layers (the loader will say what is wrong)
+        return False
+
+
 def main(
-    path: str, max_seq_len: int = 8192, max_batch_size: int = 1, dtype: str = "bfloat16", world_size: int = 1
+    path: str, max_seq_len: int = 8192, max_batch_size: int = 1, dtype: str = "bf16", world_size: int = 1
 ) -> None:
     """Print weights and KV-cache needs for a checkpoint folder or a params.json file."""
     args = _load_args(path)
-    print(report(args, max_seq_len, max_batch_size, parse_dtype(dtype), world_size))
+    for name, value in (("max_batch_size", max_batch_size), ("world_size", world_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"--{name} {value!r} must be a whole number >= 1")
+    if not isinstance(max_seq_len, int) or not 2 <= max_seq_len <= args.max_context:
+        raise ValueError(
+            f"--max_seq_len {max_seq_len!r} must be between 2 and the model's context of {args.max_context} tokens"
+            + ("" if args.use_scaled_rope else " (Llama 3.0; 3.1 checkpoints with use_scaled_rope allow 131072)")
+        )
+    if world_size > 1:
+        folder = Path(path) if Path(path).is_dir() else None
+        check_layout(args, len(find_shards(folder)) if folder and any(folder.glob("consolidated.*.pth")) else 1, world_size)
+    tied = Path(path).is_dir() and is_tied(path)
+    print(report(args, max_seq_len, max_batch_size, dtype, world_size, tied))
 
+
+HELP = {
+    "path": "checkpoint folder (with params.json) or a params.json file",
+    "max_seq_len": "tokens per sequence in the KV cache, 2 ... the model's context",
+    "max_batch_size": "sequences in the KV cache, >= 1",
+    "dtype": f"weight dtype: {', '.join(WEIGHT_BYTES)} (KV cache 16-bit below 16-bit weights)",
+    "world_size": "model-parallel ranks the weights and KV heads are split over, >= 1",
+}
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    from llama.cli import integer, run_fire
+
+    run_fire(main, "python -m llama.memory", HELP, types={"max_seq_len": integer(2), "world_size": integer(1)},
+             choices={"dtype": list(WEIGHT_BYTES)}, description=__doc__)  # fmt: skip
