@@ -217,12 +217,13 @@ def test_cuda_device_is_local_rank(monkeypatch):
     assert chosen == [1]
 
 
-def launch_node(node_rank: int, nnodes: int, nproc: int, port: int, *argv: str) -> subprocess.Popen:
+def launch_node(nnodes: int, nproc: int, port: int, *argv: str) -> subprocess.Popen:
     """One torchrun launcher of a ``--nnodes`` job, as on a separate machine: c10d rendezvous at
-    127.0.0.1:``port`` (the launcher that binds it first hosts the store)."""
+    127.0.0.1:``port`` (the launcher that binds it first hosts the store; the rendezvous numbers
+    the nodes, so there is no ``--node_rank``)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc_per_node", str(nproc),
            "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "two-nodes",
-           "--node_rank", str(node_rank), *argv]  # fmt: skip
+           *argv]  # fmt: skip
     env = child_env(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK"):
         env.pop(k, None)
@@ -241,7 +242,7 @@ def test_two_nodes_match_single_process(ckpts, references, build_ckpt, meta_toke
     argv = [str(WORKER), "--out", str(tmp_path), "--tokens", str(tokens_path), "--gen", str(GEN),
             "--build", str(build_ckpt), "--tokenizer", str(meta_tokenizer_path), *cases]  # fmt: skip
     port = free_port()
-    nodes = [launch_node(node, 2, 2, port, *argv) for node in (0, 1)]
+    nodes = [launch_node(2, 2, port, *argv) for _node in (0, 1)]
     outs = []
     try:
         for p in nodes:
