@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
+from llama import fp8
 from llama.model import ModelArgs, Transformer
 
 # Keys present in old (Llama 1/2) checkpoints that the model does not use; dropped by name.
@@ -169,8 +170,10 @@ def load_state_dict(
     paths = find_shards(ckpt_dir)
     n = len(paths)
     check_layout(args, n, world_size)
+    fp8.check_scale_files(ckpt_dir, n)
     shapes = expected_shapes(args)
     cache: dict[int, dict[str, torch.Tensor]] = {}
+    scales: dict[int, dict[str, torch.Tensor]] = {}  # Meta's FP8 folders: per file, key -> row scales
     file_dims: dict[str, int] = {}  # split dims of the files where they differ from SHARD_DIMS
 
     def split_dim(k: str, shape: torch.Size) -> Optional[int]:
@@ -213,8 +216,18 @@ def load_state_dict(
                         f"{paths[i]}: {k} has shape {tuple(sd[k].shape)}, but params.json implies "
                         f"{tuple(want)} for shard {i} of {n} (full shape {full})"
                     )
+            scales[i] = fp8.shard_scales(ckpt_dir, i, sd)
             cache[i] = sd
         return cache[i]
+
+    def take(i: int, key: str, d: Optional[int], rng: Optional[tuple[int, int]]) -> torch.Tensor:
+        # One file's piece; an FP8 piece is dequantized with its own file's row scales (sliced with
+        # the rows when split by rows; w2 is split by columns and keeps every row's scale).
+        t = _take(shard(i)[key], d, rng)
+        if key not in scales[i]:
+            return t
+        scale = _take(scales[i][key], 0, rng) if d == 0 else scales[i][key]
+        return fp8.dequantize(t, scale, dtype or shard(0)["tok_embeddings.weight"].dtype)
 
     out: dict[str, torch.Tensor] = {}
     shard(0)  # validates the first file and finds its layout (file_dims)
@@ -222,9 +235,9 @@ def load_state_dict(
         d = shard_dim(key)
         rng = rank_range(key, args, rank, world_size)
         if d is None or (rng is None and n == 1):
-            t = shard(0)[key]
+            t = take(0, key, None, None)
         elif file_dims.get(key, d) != d:  # Llama 2 embedding: this rank's rows, from every file's columns
-            pieces = [_take(shard(i)[key], d, rng) for i in range(n)]
+            pieces = [take(i, key, d, rng) for i in range(n)]
             t = torch.cat(pieces, dim=file_dims[key]).contiguous()
         else:
             lo, hi = rng if rng is not None else (0, full[d])
@@ -232,7 +245,7 @@ def load_state_dict(
             pieces = []
             for i in range(lo // per, (hi - 1) // per + 1):  # only the files this range touches
                 a, b = max(lo, i * per) - i * per, min(hi, (i + 1) * per) - i * per
-                pieces.append(_take(shard(i)[key], d, (a, b)))
+                pieces.append(take(i, key, d, (a, b)))
             t = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=d)
             if not t.is_contiguous():
                 t = t.contiguous()

@@ -1,0 +1,212 @@
+"""Meta's FP8 checkpoint folders (Llama 3.1 405B "FP8"), faked small and written in Meta's format.
+
+The fixture follows the published facts, not our loader: a bf16 checkpoint whose feed-forward
+weights w1, w3, w2 of every layer but the first and the last are replaced, in each shard file, by
+FP8 e4m3 values with one float32 scale per output row of that file's slice (scale = the row's
+largest |w| / 448, Meta's per-row recipe), the scales saved in ``fp8_scales_{shard}.pt`` under
+``"{layer}_feed_forward.{w1|w3|w2}_{shard}"``. Loading must give value x scale exactly (float64
+formula, rounded once), and the model must compute what a bf16 model of those weights computes.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama import fp8
+from llama.checkpoint import (
+    expected_shapes,
+    load_params,
+    load_state_dict,
+    load_transformer,
+    random_state_dict,
+    write_checkpoint,
+)
+from llama.model import ModelArgs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# 4 layers: 0 and 3 stay bf16, 1 and 2 are FP8. FFN width 192 and 4 heads split over 1, 2, 4 ranks.
+ARGS = ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32)
+FP8_LAYERS = (1, 2)
+SPLIT = {"w1": 0, "w3": 0, "w2": 1}  # w1/w3 split by rows across shards, w2 by columns
+
+
+def meta_fp8_folder(path: Path, n_shards: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Write an FP8 folder of ``n_shards`` files; returns the full dequantized weights in float64."""
+    write_checkpoint(path, random_state_dict(ARGS, seed, torch.bfloat16), ARGS, n_shards)
+    deq: dict[str, list[torch.Tensor]] = {}
+    for i in range(n_shards):
+        shard_path = path / f"consolidated.{i:02d}.pth"
+        sd = torch.load(shard_path, weights_only=True)
+        scales = {}
+        for layer in FP8_LAYERS:
+            for w in SPLIT:
+                key = f"layers.{layer}.feed_forward.{w}.weight"
+                local = sd[key].double()  # this file's slice [out, in_local] or [out_local, in]
+                scale = local.abs().amax(dim=1) / 448.0
+                value = (local / scale[:, None]).to(torch.float8_e4m3fn)
+                scale = scale.float()
+                sd[key] = value
+                scales[f"{layer}_feed_forward.{w}_{i}"] = scale
+                deq.setdefault(key, []).append(value.double() * scale.double()[:, None])
+        torch.save(sd, shard_path)
+        torch.save(scales, path / f"fp8_scales_{i}.pt")
+    return {k: torch.cat(parts, dim=SPLIT[k.split(".")[-2]]) for k, parts in deq.items()}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[int, tuple[Path, dict[str, torch.Tensor]]]:
+    root = tmp_path_factory.mktemp("fp8")
+    return {n: (root / f"fp8-{n}", meta_fp8_folder(root / f"fp8-{n}", n, seed=n)) for n in (1, 2)}
+
+
+def test_fixture_is_meta_format(folders):
+    """FP8 only in the middle layers' FFN; the dequantized weights are near the bf16 originals."""
+    path, deq = folders[2]
+    sd = torch.load(path / "consolidated.01.pth", weights_only=True)
+    fp8_keys = sorted(k for k, t in sd.items() if t.dtype == torch.float8_e4m3fn)
+    assert fp8_keys == sorted(f"layers.{i}.feed_forward.{w}.weight" for i in FP8_LAYERS for w in SPLIT)
+    assert sorted(torch.load(path / "fp8_scales_1.pt", weights_only=True)) == sorted(
+        f"{i}_feed_forward.{w}_1" for i in FP8_LAYERS for w in SPLIT
+    )
+    original = random_state_dict(ARGS, 2, torch.bfloat16)
+    for key, w in deq.items():
+        # e4m3 keeps 3 mantissa bits: relative error at most 2^-4 of the row's scale-free value.
+        err = (w - original[key].double()).abs() / original[key].double().abs().amax(dim=1, keepdim=True)
+        assert err.max() <= 2**-4 * 1.01, key
+        assert not torch.equal(w, original[key].double()), key  # really quantized
+
+
+@pytest.mark.parametrize("n_shards", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dequantized_exactly(folders, n_shards, dtype):
+    """Every FP8 weight equals value x row scale in float64 rounded once to ``dtype``; the rest is untouched."""
+    path, deq = folders[n_shards]
+    state = load_state_dict(path, load_params(path), dtype=dtype)
+    bf16 = random_state_dict(ARGS, n_shards, torch.bfloat16)
+    assert set(state) == set(expected_shapes(ARGS))
+    for key, t in state.items():
+        assert t.dtype == dtype, key
+        want = deq[key].to(dtype) if key in deq else bf16[key].to(dtype)
+        assert torch.equal(t, want), key
+
+
+def test_keeps_checkpoint_dtype(folders):
+    """dtype None: the FP8 weights become the checkpoint's own dtype (bf16), like every other tensor."""
+    path, deq = folders[1]
+    state = load_state_dict(path, load_params(path))
+    assert {t.dtype for t in state.values()} == {torch.bfloat16}
+    assert torch.equal(state["layers.1.feed_forward.w2.weight"], deq["layers.1.feed_forward.w2.weight"].bfloat16())
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ranks_take_their_slices(folders, world):
+    """2 FP8 files on 2 or 4 ranks: each rank's w1/w3 rows and w2 columns, with their own file's scales."""
+    path, deq = folders[2]
+    args = load_params(path)
+    for rank in range(world):
+        state = load_state_dict(path, args, rank, world, torch.float32)
+        for key, full in deq.items():
+            d = SPLIT[key.split(".")[-2]]
+            size = full.shape[d] // world
+            assert torch.equal(state[key], full.narrow(d, rank * size, size).float()), (key, rank)
+
+
+def test_logits_equal_bf16_model_of_dequantized_weights(folders, tmp_path):
+    """The FP8 folder's model computes exactly what a plain bf16 folder of the dequantized weights computes."""
+    path, deq = folders[2]
+    full = random_state_dict(ARGS, 2, torch.bfloat16)
+    full.update({k: w.bfloat16() for k, w in deq.items()})
+    write_checkpoint(tmp_path / "bf16", full, ARGS, 1)
+    tokens = torch.randint(0, ARGS.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        for dtype in (torch.bfloat16, torch.float32):
+            got = load_transformer(path, "cpu", dtype)(tokens)
+            want = load_transformer(tmp_path / "bf16", "cpu", dtype)(tokens) if dtype == torch.bfloat16 else None
+            if want is None:  # float32: the bf16 rounding of the reference would differ; use float32 weights
+                full32 = {**{k: v.float() for k, v in full.items()}, **{k: w.float() for k, w in deq.items()}}
+                write_checkpoint(tmp_path / "fp32", full32, ARGS, 1)
+                want = load_transformer(tmp_path / "fp32", "cpu", dtype)(tokens)
+            assert torch.equal(got, want), dtype
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for p in src.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+def _edit_scales(path: Path, shard: int, edit) -> None:
+    scales = torch.load(path / f"fp8_scales_{shard}.pt", weights_only=True)
+    edit(scales)
+    torch.save(scales, path / f"fp8_scales_{shard}.pt")
+
+
+def test_missing_scale_is_named(folders, tmp_path):
+    path = _copy(folders[2][0], tmp_path / "c")
+    _edit_scales(path, 1, lambda s: s.pop("2_feed_forward.w3_1"))
+    with pytest.raises(ValueError, match=r"fp8_scales_1\.pt: missing scale\(s\) \['2_feed_forward\.w3_1'\]"):
+        load_state_dict(path, load_params(path))
+
+
+def test_stray_scale_is_named(folders, tmp_path):
+    """A scale for a weight that is not FP8 (layer 0 stays bf16) or for another shard is an error."""
+    path = _copy(folders[2][0], tmp_path / "c")
+    _edit_scales(path, 0, lambda s: s.update({"0_feed_forward.w1_0": torch.ones(96)}))
+    with pytest.raises(ValueError, match=r"stray scale '0_feed_forward\.w1_0'.*layers\.0\.feed_forward\.w1\.weight"):
+        load_state_dict(path, load_params(path))
+    path = _copy(folders[2][0], tmp_path / "d")
+    _edit_scales(path, 0, lambda s: s.update({"1_feed_forward.w1_1": s["1_feed_forward.w1_0"]}))
+    with pytest.raises(ValueError, match=r"fp8_scales_0\.pt: unexpected key '1_feed_forward\.w1_1'"):
+        load_state_dict(path, load_params(path))
+
+
+def test_missing_or_extra_scales_file(folders, tmp_path):
+    path = _copy(folders[2][0], tmp_path / "c")
+    (path / "fp8_scales_1.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"consolidated\.01\.pth holds 6 FP8 weight.*fp8_scales_1\.pt is missing"):
+        load_state_dict(path, load_params(path))
+    path = _copy(folders[2][0], tmp_path / "d")
+    (path / "fp8_scales_2.pt").write_bytes((path / "fp8_scales_1.pt").read_bytes())
+    with pytest.raises(ValueError, match=r"fp8_scales_2\.pt: FP8 scales for shard 2, but the folder has 2"):
+        load_state_dict(path, load_params(path))
+
+
+def test_scales_without_fp8_weights(tmp_path):
+    """A bf16 folder with an fp8_scales file beside it: the scales belong to no weight."""
+    write_checkpoint(tmp_path, random_state_dict(ARGS, 0), ARGS, 1)
+    torch.save({"1_feed_forward.w1_0": torch.ones(192)}, tmp_path / "fp8_scales_0.pt")
+    with pytest.raises(ValueError, match=r"fp8_scales_0\.pt: FP8 scales, but .*consolidated\.00\.pth holds no FP8"):
+        load_state_dict(tmp_path, ARGS)
+
+
+def test_scale_shapes(folders, tmp_path):
+    """[out, 1] scales load like [out]; any other shape is refused with both shapes."""
+    path, deq = folders[1]
+    path = _copy(path, tmp_path / "col")
+    _edit_scales(path, 0, lambda s: s.update({"1_feed_forward.w2_0": s["1_feed_forward.w2_0"][:, None]}))
+    state = load_state_dict(path, load_params(path), dtype=torch.float32)
+    assert torch.equal(state["layers.1.feed_forward.w2.weight"], deq["layers.1.feed_forward.w2.weight"].float())
+    _edit_scales(path, 0, lambda s: s.update({"1_feed_forward.w2_0": torch.ones(3)}))
+    with pytest.raises(ValueError, match=r"scale '1_feed_forward\.w2_0' is \(3,\), expected floats of shape \(64,\)"):
+        load_state_dict(path, load_params(path))
+
+
+def test_fp8_outside_feed_forward_refused(tmp_path):
+    sd = random_state_dict(ARGS, 0)
+    sd["layers.1.attention.wq.weight"] = sd["layers.1.attention.wq.weight"].to(torch.float8_e4m3fn)
+    write_checkpoint(tmp_path, sd, ARGS, 1)
+    with pytest.raises(ValueError, match=r"layers\.1\.attention\.wq\.weight is FP8, but .*only feed_forward"):
+        load_state_dict(tmp_path, ARGS)
+
+
+def test_dequantize_blocks_match_one_product(monkeypatch):
+    """Row blocks (which bound the float64 temporary) change nothing: a tiny block size, same result."""
+    g = torch.Generator().manual_seed(1)
+    value = (torch.randn(37, 48, generator=g) * 100).to(torch.float8_e4m3fn)
+    scale = torch.rand(37, generator=g) + 0.01
+    want = (value.double() * scale.double()[:, None]).to(torch.bfloat16)
+    monkeypatch.setattr(fp8, "_BLOCK_ELEMENTS", 100)  # two rows a block
+    assert torch.equal(fp8.dequantize(value, scale, torch.bfloat16), want)
