@@ -161,11 +161,14 @@ def load_state_dict(
     rank: int = 0,
     world_size: int = 1,
     dtype: Optional[torch.dtype] = None,
+    keep_fp8: bool = False,
 ) -> dict[str, torch.Tensor]:
     """This rank's tensors for ``world_size`` ranks, resharded from however many files there are.
 
     Files are memory-mapped (``weights_only=True``: a checkpoint is untrusted input); only the
-    slices this rank needs are read, and each is cast to ``dtype`` as it is taken.
+    slices this rank needs are read, and each is cast to ``dtype`` as it is taken. FP8 weights
+    (``llama.fp8``) are dequantized, or with ``keep_fp8`` and one file per rank kept as they are,
+    each with its row scales under ``KEY.scale`` (``layers.5.feed_forward.w1.scale``).
     """
     paths = find_shards(ckpt_dir)
     n = len(paths)
@@ -226,6 +229,9 @@ def load_state_dict(
         t = _take(shard(i)[key], d, rng)
         if key not in scales[i]:
             return t
+        if keep_fp8 and n == world_size:  # rank i reads file i whole: its values and scales as they are
+            out[key.removesuffix("weight") + "scale"] = scales[i][key]
+            return t
         scale = _take(scales[i][key], 0, rng) if d == 0 else scales[i][key]
         return fp8.dequantize(t, scale, dtype or shard(0)["tok_embeddings.weight"].dtype)
 
@@ -249,7 +255,7 @@ def load_state_dict(
             t = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=d)
             if not t.is_contiguous():
                 t = t.contiguous()
-        out[key] = t.to(dtype) if dtype is not None else t
+        out[key] = t.to(dtype) if dtype is not None and t.dtype != fp8.FP8 else t
     return out
 
 
@@ -261,17 +267,20 @@ def load_transformer(
     world_size: int = 1,
     parallelize: Optional[Callable[[Transformer], Transformer]] = None,
     args: Optional[ModelArgs] = None,
+    keep_fp8: bool = False,
 ) -> Transformer:
     """Construct on ``meta`` (no memory), shard (``parallelize``), load this rank's weights, move.
 
     ``dtype`` None keeps the checkpoint's dtype. The weights are assigned, not copied, so a
-    checkpoint that is already in the requested dtype stays memory-mapped on CPU.
+    checkpoint that is already in the requested dtype stays memory-mapped on CPU. ``keep_fp8``: the
+    FP8 weights of Meta's FP8 folders stay FP8 in ``llama.fp8.Fp8Linear`` layers (one file per rank).
     """
     args = args or load_params(ckpt_dir)
-    state = load_state_dict(ckpt_dir, args, rank, world_size, dtype)
+    state = load_state_dict(ckpt_dir, args, rank, world_size, dtype, keep_fp8)
     model = Transformer(args, device="meta")
     if parallelize is not None:
         model = parallelize(model)
+    fp8.use_fp8_layers(model, [k for k in state if k.endswith(".scale")])  # keep_fp8: FP8 layers kept
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device)
 

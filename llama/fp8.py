@@ -13,9 +13,10 @@ from it, before pieces of several files are joined (``dequantize``, called by
 memory-mapped shard, never a whole dequantized shard in memory).
 
 Meta multiplies these weights in FP8 on GPUs that have it, quantizing each activation row on the
-fly with an upper bound of ``ACTIVATION_SCALE_UB`` on its scale (see ``quantize_rows``); this
-module gives that product for checking (``fp8_linear``), and the loader dequantizes to the model
-dtype everywhere.
+fly with an upper bound of ``ACTIVATION_SCALE_UB`` on its scale (``quantize_rows``, ``fp8_linear``).
+``Llama.build`` does the same on CUDA GPUs of compute capability >= 8.9 when each rank reads one
+whole file (``Fp8Linear``, loaded with ``load_state_dict(..., keep_fp8=True)``); everywhere else
+the loader dequantizes to the model dtype.
 """
 
 import re
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch import nn
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -147,19 +149,85 @@ def quantize_rows(x: torch.Tensor, scale_ub: float = ACTIVATION_SCALE_UB) -> tup
 
 
 def fp8_linear(
-    x: torch.Tensor, value: torch.Tensor, scale: torch.Tensor, scale_ub: float = ACTIVATION_SCALE_UB
+    x: torch.Tensor,
+    value: torch.Tensor,
+    scale: torch.Tensor,
+    scale_ub: float = ACTIVATION_SCALE_UB,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """x [..., in] @ (value [out, in] FP8 x scale [out]).T, multiplied in FP8 (``torch._scaled_mm``).
 
     Activations are quantized per row (``quantize_rows``); the FP8 product is accumulated in
-    float32 and scaled by both row scales, then returned in x's dtype. This is the arithmetic of
-    Meta's FP8 inference; ``torch._scaled_mm`` runs it on CUDA GPUs of compute capability >= 8.9
-    and, in recent torch, on CPU (slowly: for checking the math, not for speed).
+    float32 and scaled by both row scales, rounded to ``out_dtype`` (None: bf16 on CUDA, whose
+    row-wise kernel writes only bf16; float32 elsewhere), then returned in x's dtype. This is the
+    arithmetic of Meta's FP8 inference; ``torch._scaled_mm`` runs it on CUDA GPUs of compute
+    capability >= 8.9 and, in recent torch, on CPU (slowly: for checking the math, not for speed).
     """
     lead, k = x.shape[:-1], x.shape[-1]
     xq, x_scale = quantize_rows(x.reshape(-1, k), scale_ub)
     w_scale = scale.reshape(1, -1).float()
-    out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
+    if out_dtype is None:
+        out_dtype = torch.bfloat16 if x.device.type == "cuda" else torch.float32
     # mat2 must be column-major: value [out, in] row-major, transposed, is exactly that.
     y = torch._scaled_mm(xq, value.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=out_dtype)
     return y.reshape(*lead, -1).to(x.dtype)
+
+
+class Fp8Linear(nn.Module):
+    """A bias-free linear layer kept in FP8: y = fp8_linear(x, weight, scale), in x's dtype.
+
+    Buffers ``weight`` (FP8 [out, in], the checkpoint key's name) and ``scale`` (float32 [out]).
+    ``reduce``: the layer is one rank's row-parallel slice (``w2``), whose partial outputs are summed
+    over the model-parallel group, as fairscale's ``RowParallelLinear`` does.
+    """
+
+    def __init__(self, in_features: int, out_features: int, reduce: bool = False, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.reduce = in_features, out_features, reduce
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=FP8, device=device))
+        self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = fp8_linear(x, self.weight, self.scale)
+        if self.reduce:
+            from fairscale.nn.model_parallel.mappings import reduce_from_model_parallel_region
+
+            y = reduce_from_model_parallel_region(y)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 per-row scales"
+
+
+def fp8_supported(device: torch.device | str) -> bool:
+    """True on CUDA GPUs of compute capability >= 8.9 (Ada, Hopper and later), whose tensor cores
+    multiply FP8: there Meta's FP8 weights are kept and multiplied as FP8 (``Fp8Linear``)."""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def is_fp8_folder(ckpt_dir: str | Path) -> bool:
+    """Whether the folder has Meta's ``fp8_scales_N.pt`` files (checked strictly when it loads)."""
+    return any(SCALES_PATTERN.match(p.name) for p in Path(ckpt_dir).iterdir())
+
+
+def use_fp8_layers(model: nn.Module, scale_keys: list[str]) -> None:
+    """Swap the layers named by ``scale_keys`` (``layers.5.feed_forward.w1.scale``) for ``Fp8Linear``s
+    on ``meta``, before the weights are assigned; row-parallel layers (fairscale's) keep their all-reduce."""
+    for key in scale_keys:
+        name = key.removesuffix(".scale")
+        old = model.get_submodule(name)
+        out_features, in_features = old.weight.shape  # this rank's slice
+        reduce = type(old).__name__ == "RowParallelLinear"
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, Fp8Linear(in_features, out_features, reduce, device="meta"))
+
+
+def keep_fp8(ckpt_dir: str | Path, device: torch.device | str, world_size: int) -> bool:
+    """Whether to load ``ckpt_dir`` keeping its FP8 weights: an FP8 folder, an FP8 GPU, and one file
+    per rank (each rank's scales are its file's own; other rank counts dequantize while loading)."""
+    if not fp8_supported(device) or not is_fp8_folder(ckpt_dir):
+        return False
+    from llama.checkpoint import find_shards  # checkpoint imports this module
+
+    return len(find_shards(ckpt_dir)) == world_size

@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Optional, Sequence, TypedDict
 
 import torch
 
-from llama import native, sampling
+from llama import fp8, native, sampling
 from llama.checkpoint import load_params, load_transformer
 from llama.datatypes import ChatPrediction, CompletionPrediction, Dialog
 from llama.family import chat_format_for, load_tokenizer
@@ -161,10 +161,14 @@ class Llama:
             )
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} must be at least 1")
-        check_fits(plan_memory(args, max_seq_len, max_batch_size, dtype, world_size), device)
+        # Meta's FP8 folders stay FP8 on GPUs that multiply it (one file per rank); else bf16 at load.
+        keep_fp8 = fp8.keep_fp8(ckpt_dir, device, world_size)
+        quantize = "fp8" if keep_fp8 else None
+        check_fits(plan_memory(args, max_seq_len, max_batch_size, dtype, world_size, quantize=quantize), device)
 
         model = load_transformer(
-            ckpt_dir, device, dtype, rank, world_size, parallelize if world_size > 1 else None, args=args
+            ckpt_dir, device, dtype, rank, world_size, parallelize if world_size > 1 else None, args=args,
+            keep_fp8=keep_fp8,
         )
         model.setup_cache(max_batch_size, max_seq_len)
         compute_dtype = default_compute_dtype(device, dtype)

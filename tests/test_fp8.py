@@ -210,3 +210,92 @@ def test_dequantize_blocks_match_one_product(monkeypatch):
     want = (value.double() * scale.double()[:, None]).to(torch.bfloat16)
     monkeypatch.setattr(fp8, "_BLOCK_ELEMENTS", 100)  # two rows a block
     assert torch.equal(fp8.dequantize(value, scale, torch.bfloat16), want)
+
+
+# --- FP8 kept as FP8 (the GPU path): its arithmetic checked on CPU, where torch._scaled_mm also runs.
+
+needs_scaled_mm = pytest.mark.skipif(not hasattr(torch, "_scaled_mm"), reason="this torch has no torch._scaled_mm")
+
+
+def test_quantize_rows_follows_meta_recipe():
+    """A row's largest |x| becomes 448 (FP8's largest value); the row maximum is bounded by 1200, beyond
+    which entries saturate at +-448."""
+    x = torch.tensor([[3.0, -1.5, 0.25, 0.0], [5000.0, 600.0, -2400.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    q, s = fp8.quantize_rows(x)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (3, 1) and s.dtype == torch.float32
+    assert s[0, 0].item() == pytest.approx(3.0 / 448) and q[0, 0].float().item() == 448.0
+    assert s[1, 0].item() == pytest.approx(1200.0 / 448)
+    assert q[1].float().tolist()[0] == 448.0 and q[1].float().tolist()[2] == -448.0  # saturated
+    assert q[1, 1].float().item() == pytest.approx(600 / (1200 / 448), rel=2**-4)  # 224: within the bound
+    assert torch.equal(q[2].float(), torch.zeros(4))
+
+
+@needs_scaled_mm
+@pytest.mark.parametrize("out_dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2**-8)])
+def test_fp8_linear_matches_float64_formula(out_dtype, tol):
+    """y = (x values x x scales) @ (w values x w scales).T, the FP8 products summed exactly enough."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 64, generator=g, dtype=torch.float32) * 3
+    w = torch.randn(48, 64, generator=g, dtype=torch.float64)
+    w_scale = (w.abs().amax(dim=1) / 448).float()
+    value = (w / w_scale.double()[:, None]).to(torch.float8_e4m3fn)
+    y = fp8.fp8_linear(x, value, w_scale, out_dtype=out_dtype)
+    assert y.shape == (5, 48) and y.dtype == x.dtype
+    xq, xs = fp8.quantize_rows(x)
+    ref = (xq.double() * xs.double()) @ (value.double() * w_scale.double()[:, None]).T
+    assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < tol
+    # And near the unquantized product: FP8 keeps 3 mantissa bits of both operands.
+    exact = x.double() @ (value.double() * w_scale.double()[:, None]).T
+    assert ((y.double() - exact).abs().max() / exact.abs().max()).item() < 0.05
+
+
+def test_keep_fp8_loads_values_and_scales_as_stored(folders):
+    """One file per rank: the FP8 tensors and their scales, untouched; other rank counts dequantize."""
+    path, deq = folders[2]
+    args = load_params(path)
+    for rank in range(2):
+        state = load_state_dict(path, args, rank, 2, torch.bfloat16, keep_fp8=True)
+        sd = torch.load(path / f"consolidated.{rank:02d}.pth", weights_only=True)
+        scales = torch.load(path / f"fp8_scales_{rank}.pt", weights_only=True)
+        for layer in FP8_LAYERS:
+            for w in SPLIT:
+                key = f"layers.{layer}.feed_forward.{w}"
+                assert state[key + ".weight"].dtype == torch.float8_e4m3fn
+                assert torch.equal(state[key + ".weight"].view(torch.uint8), sd[key + ".weight"].view(torch.uint8))
+                assert torch.equal(state[key + ".scale"], scales[f"{layer}_feed_forward.{w}_{rank}"])
+        assert state["layers.0.feed_forward.w1.weight"].dtype == torch.bfloat16
+    state = load_state_dict(path, args, 0, 1, torch.bfloat16, keep_fp8=True)  # 2 files on 1 rank
+    assert not any(k.endswith(".scale") for k in state)
+    assert torch.equal(state["layers.1.feed_forward.w2.weight"], deq["layers.1.feed_forward.w2.weight"].bfloat16())
+
+
+@needs_scaled_mm
+def test_kept_fp8_model_near_dequantized_model(folders):
+    """The model with FP8 layers (activations quantized per row) stays close to the bf16 model of the
+    same weights; the only difference is the activations' FP8 rounding in layers 1 and 2."""
+    path, _ = folders[1]
+    tokens = torch.randint(0, ARGS.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    kept = load_transformer(path, "cpu", torch.float32, keep_fp8=True)
+    assert [type(kept.layers[i].feed_forward.w1).__name__ for i in range(4)] == ["Linear", "Fp8Linear", "Fp8Linear", "Linear"]
+    with torch.inference_mode():
+        got = kept(tokens)
+        want = load_transformer(path, "cpu", torch.float32)(tokens)
+    rel = ((got - want).abs().max() / want.abs().max()).item()
+    assert 0 < rel < 0.05, rel
+
+
+def test_keep_fp8_decision(folders, tmp_path, monkeypatch):
+    """FP8 kept only for an FP8 folder on a CUDA GPU of compute capability >= 8.9, one file per rank."""
+    path, _ = folders[2]
+    assert not fp8.keep_fp8(path, "cpu", 2)
+    capability = {"value": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["value"])
+    assert fp8.keep_fp8(path, "cuda:0", 2)
+    assert not fp8.keep_fp8(path, "cuda:0", 4)  # 2 files on 4 ranks: dequantized
+    capability["value"] = (8, 9)
+    assert fp8.keep_fp8(path, "cuda:0", 2)
+    capability["value"] = (8, 6)  # A10/A40/RTX 30xx: no FP8 tensor cores
+    assert not fp8.keep_fp8(path, "cuda:0", 2)
+    capability["value"] = (9, 0)
+    write_checkpoint(tmp_path, random_state_dict(ARGS, 0), ARGS, 2)
+    assert not fp8.keep_fp8(tmp_path, "cuda:0", 2)  # a bf16 folder
