@@ -299,3 +299,40 @@ def test_keep_fp8_decision(folders, tmp_path, monkeypatch):
     capability["value"] = (9, 0)
     write_checkpoint(tmp_path, random_state_dict(ARGS, 0), ARGS, 2)
     assert not fp8.keep_fp8(tmp_path, "cuda:0", 2)  # a bf16 folder
+
+
+@needs_scaled_mm
+@pytest.mark.slow
+def test_kept_fp8_on_two_ranks(folders, tmp_path):
+    """2 FP8 files on 2 gloo ranks, kept FP8: w1/w3 column slices and w2's row-parallel slice with its
+    all-reduce. Both ranks give the same logits, near the dequantized model's (without w2's all-reduce
+    the relative difference is about 0.5)."""
+    from test_parallel import dist, torchrun
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs gloo")
+    path, _ = folders[2]
+    tokens = torch.randint(0, ARGS.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    torch.save(tokens, tmp_path / "tokens.pt")
+    worker = Path(__file__).parent / "mp" / "fp8_worker.py"
+    torchrun(2, str(worker), str(path), str(tmp_path / "tokens.pt"), str(tmp_path))
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert got[0]["kinds"] == ["RowParallelLinear", "Fp8Linear", "Fp8Linear", "RowParallelLinear"]
+    assert torch.equal(got[0]["logits"], got[1]["logits"])
+    with torch.inference_mode():
+        want = load_transformer(path, "cpu", torch.float32)(tokens)
+    rel = ((got[0]["logits"] - want).abs().max() / want.abs().max()).item()
+    assert 0 < rel < 0.05, rel
+
+
+def test_reshard_writes_dequantized_bf16(folders, tmp_path):
+    """``llama.reshard`` of an FP8 folder writes a plain bf16 folder (no scales files) of the dequantized weights."""
+    from llama.reshard import reshard
+
+    path, deq = folders[2]
+    out = reshard(path, tmp_path / "bf16", 1, log=lambda _: None)
+    assert not any(p.name.startswith("fp8_scales") for p in Path(out).iterdir())
+    state = load_state_dict(out, load_params(out))
+    assert {t.dtype for t in state.values()} == {torch.bfloat16}
+    for key, w in deq.items():
+        assert torch.equal(state[key], w.bfloat16()), key
