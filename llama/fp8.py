@@ -136,6 +136,25 @@ def dequantize(value: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> 
     return out
 
 
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [out, in] (any float dtype) -> (FP8 values [out, in], float32 scales [out]), per row.
+
+    Meta's recipe for weights: a row's scale is its largest |w| / 448, so that entry becomes 448;
+    an all-zero row gets scale 1. Computed in float64 (row blocks) from the weight's exact values.
+    """
+    rows, cols = weight.shape
+    value = torch.empty((rows, cols), dtype=FP8, device=weight.device)
+    scale = torch.empty(rows, dtype=torch.float32, device=weight.device)
+    step = max(1, _BLOCK_ELEMENTS // max(cols, 1))
+    for r in range(0, rows, step):
+        w = weight[r : r + step].to(torch.float64)
+        amax = w.abs().amax(dim=1)
+        s = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+        value[r : r + step] = (w / s[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+        scale[r : r + step] = s.to(torch.float32)
+    return value, scale
+
+
 def quantize_rows(x: torch.Tensor, scale_ub: float = ACTIVATION_SCALE_UB) -> tuple[torch.Tensor, torch.Tensor]:
     """Activations [rows, in] -> (FP8 values [rows, in], float32 scales [rows, 1]); x ~ values x scales.
 
@@ -231,3 +250,27 @@ def keep_fp8(ckpt_dir: str | Path, device: torch.device | str, world_size: int) 
     from llama.checkpoint import find_shards  # checkpoint imports this module
 
     return len(find_shards(ckpt_dir)) == world_size
+
+
+def quantize_feed_forward(model: nn.Module) -> int:
+    """``quantize="fp8"`` for any loaded model: w1, w3, w2 of every layer but the first and the last
+    become ``Fp8Linear`` (``quantize_weight``), as in Meta's FP8 folders; returns how many layers.
+
+    ``model`` is a ``llama.model.Transformer`` with its weights loaded, on one rank or parallelized
+    (each rank quantizes its own slice; row-parallel ``w2`` keeps its all-reduce). Each float weight
+    is released as soon as its FP8 copy exists.
+    """
+    swapped = 0
+    layers = list(model.layers)
+    for block in layers[1:-1]:
+        ffn = block.feed_forward
+        for name in ("w1", "w3", "w2"):
+            old = getattr(ffn, name)
+            if isinstance(old, Fp8Linear):
+                continue
+            w = old.weight.detach()
+            new = Fp8Linear(w.shape[1], w.shape[0], type(old).__name__ == "RowParallelLinear", device=w.device)
+            new.weight, new.scale = quantize_weight(w)
+            setattr(ffn, name, new)
+            swapped += 1
+    return swapped

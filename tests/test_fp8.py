@@ -336,3 +336,41 @@ def test_reshard_writes_dequantized_bf16(folders, tmp_path):
     assert {t.dtype for t in state.values()} == {torch.bfloat16}
     for key, w in deq.items():
         assert torch.equal(state[key], w.bfloat16()), key
+
+
+def test_quantize_weight_per_row():
+    """Each row's largest |w| becomes exactly 448; value x scale is within FP8's rounding of w."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 96, generator=g).bfloat16()
+    w[5] = 0  # an all-zero row: scale 1, values 0
+    value, scale = fp8.quantize_weight(w)
+    assert value.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32 and scale.shape == (40,)
+    w64 = w.double()
+    amax = w64.abs().amax(dim=1)
+    nonzero = amax > 0
+    assert torch.allclose(scale.double()[nonzero], amax[nonzero] / 448, rtol=2**-23, atol=0)
+    assert scale[5].item() == 1.0 and not value[5].float().any()
+    assert torch.equal(value.float().abs().amax(dim=1)[nonzero], torch.full((39,), 448.0))
+    back = value.double() * scale.double()[:, None]
+    assert ((back - w64).abs() <= 2**-4 * amax[:, None]).all()
+
+
+@needs_scaled_mm
+def test_quantize_feed_forward_equals_meta_fp8_folder(folders, tmp_path):
+    """quantize="fp8" of a bf16 folder gives the layers, values, scales and logits of Meta's FP8 folder
+    of the same weights (the fixture, written from the published recipe)."""
+    path, _ = folders[1]
+    write_checkpoint(tmp_path, random_state_dict(ARGS, 1, torch.bfloat16), ARGS, 1)  # folders[1]'s bf16 weights
+    model = load_transformer(tmp_path, "cpu", torch.float32)
+    assert fp8.quantize_feed_forward(model) == 6
+    assert fp8.quantize_feed_forward(model) == 0  # already FP8
+    kept = load_transformer(path, "cpu", torch.float32, keep_fp8=True)
+    for layer in FP8_LAYERS:
+        for w in SPLIT:
+            a, b = getattr(model.layers[layer].feed_forward, w), getattr(kept.layers[layer].feed_forward, w)
+            assert type(a) is type(b) is fp8.Fp8Linear
+            assert torch.equal(a.weight.view(torch.uint8), b.weight.view(torch.uint8)), (layer, w)
+            assert torch.equal(a.scale, b.scale), (layer, w)
+    tokens = torch.randint(0, ARGS.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.equal(model(tokens), kept(tokens))
