@@ -123,6 +123,7 @@ class Llama:
         device: Optional[str | torch.device] = None,
         dtype: Optional[str | torch.dtype] = None,
         compile: bool = False,
+        quantize: Optional[str] = None,
     ) -> "Llama":
         """Load ``ckpt_dir`` (params.json + consolidated.NN.pth) and its tokenizer, ready to generate.
 
@@ -135,6 +136,10 @@ class Llama:
         step attends over the whole cache with a position mask; see ``compile_decode_step``). The
         first generation compiles (about a minute on CPU, three on a GPU, where kernels are tuned);
         later ones are faster than eager, by ~3x on a GPU. Prefill stays eager.
+
+        ``quantize="fp8"`` (CUDA GPUs of compute capability >= 8.9): after loading, the feed-forward
+        weights of every layer but the first and the last are multiplied in FP8, as in Meta's FP8
+        folders (``llama.fp8``); those folders themselves stay FP8 on such GPUs without it.
         """
         start = time.time()
         device = torch.device(device) if device is not None else default_device()
@@ -142,6 +147,13 @@ class Llama:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", local_rank)
         dtype = resolve_dtype(dtype, device)
+        if quantize not in (None, "fp8"):
+            raise ValueError(f"quantize={quantize!r} is not supported: use None or 'fp8'")
+        if quantize == "fp8" and not fp8.fp8_supported(device):
+            raise ValueError(
+                f"quantize='fp8' multiplies in FP8, which needs a CUDA GPU of compute capability 8.9 or more "
+                f"(Ada, Hopper), not {device}; Meta's FP8 folders load on any device without it (as {dtype})"
+            )
         torch.manual_seed(seed)  # the same seed on every rank: ranks must sample the same tokens
 
         if not Path(ckpt_dir).is_dir():  # before the tokenizer, whose default path is inside it
@@ -163,13 +175,16 @@ class Llama:
             raise ValueError(f"max_batch_size={max_batch_size} must be at least 1")
         # Meta's FP8 folders stay FP8 on GPUs that multiply it (one file per rank); else bf16 at load.
         keep_fp8 = fp8.keep_fp8(ckpt_dir, device, world_size)
-        quantize = "fp8" if keep_fp8 else None
-        check_fits(plan_memory(args, max_seq_len, max_batch_size, dtype, world_size, quantize=quantize), device)
+        # quantize="fp8" of a bf16 folder quantizes after loading: its peak is the bf16 model.
+        plan = plan_memory(args, max_seq_len, max_batch_size, dtype, world_size, quantize="fp8" if keep_fp8 else None)
+        check_fits(plan, device)
 
         model = load_transformer(
             ckpt_dir, device, dtype, rank, world_size, parallelize if world_size > 1 else None, args=args,
             keep_fp8=keep_fp8,
         )
+        if quantize == "fp8":  # a bf16 folder (or an FP8 one on another rank count): FFN to FP8 now
+            fp8.quantize_feed_forward(model)
         model.setup_cache(max_batch_size, max_seq_len)
         compute_dtype = default_compute_dtype(device, dtype)
         # bf16 weights multiplied in float32 on a CPU: the native kernels stream them faster (llama/native.py).

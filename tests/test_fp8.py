@@ -32,15 +32,15 @@ FP8_LAYERS = (1, 2)
 SPLIT = {"w1": 0, "w3": 0, "w2": 1}  # w1/w3 split by rows across shards, w2 by columns
 
 
-def meta_fp8_folder(path: Path, n_shards: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def meta_fp8_folder(path: Path, n_shards: int, seed: int = 0, args: ModelArgs = ARGS) -> dict[str, torch.Tensor]:
     """Write an FP8 folder of ``n_shards`` files; returns the full dequantized weights in float64."""
-    write_checkpoint(path, random_state_dict(ARGS, seed, torch.bfloat16), ARGS, n_shards)
+    write_checkpoint(path, random_state_dict(args, seed, torch.bfloat16), args, n_shards)
     deq: dict[str, list[torch.Tensor]] = {}
     for i in range(n_shards):
         shard_path = path / f"consolidated.{i:02d}.pth"
         sd = torch.load(shard_path, weights_only=True)
         scales = {}
-        for layer in FP8_LAYERS:
+        for layer in range(1, args.n_layers - 1):  # all but the first and the last
             for w in SPLIT:
                 key = f"layers.{layer}.feed_forward.{w}.weight"
                 local = sd[key].double()  # this file's slice [out, in_local] or [out_local, in]
@@ -374,3 +374,32 @@ def test_quantize_feed_forward_equals_meta_fp8_folder(folders, tmp_path):
     tokens = torch.randint(0, ARGS.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         assert torch.equal(model(tokens), kept(tokens))
+
+
+def test_build_quantize_argument_checked_first(tmp_path):
+    from llama.generation import Llama
+
+    with pytest.raises(ValueError, match=r"quantize='int3' is not supported: use None or 'fp8'"):
+        Llama.build(str(tmp_path / "nowhere"), device="cpu", quantize="int3")
+    with pytest.raises(ValueError, match=r"quantize='fp8' .*compute capability 8\.9 or more .*not cpu"):
+        Llama.build(str(tmp_path / "nowhere"), device="cpu", quantize="fp8")
+
+
+@needs_scaled_mm
+def test_build_on_an_fp8_device(tmp_path, meta_tokenizer_path, monkeypatch):
+    """Llama.build as on an FP8 GPU (the capability check stood in for; _scaled_mm runs on CPU): an FP8
+    folder stays FP8, a bf16 folder with quantize="fp8" becomes the same model: same greedy text."""
+    from llama.generation import Llama
+
+    args = ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=32)
+    meta_fp8_folder(tmp_path / "fp8", 1, seed=5, args=args)
+    write_checkpoint(tmp_path / "bf16", random_state_dict(args, 5, torch.bfloat16), args, 1)
+    monkeypatch.setattr(fp8, "fp8_supported", lambda device: True)
+    outs = []
+    for folder, quantize in (("fp8", None), ("bf16", "fp8")):
+        llama = Llama.build(str(tmp_path / folder), str(meta_tokenizer_path), max_seq_len=32, max_batch_size=1,
+                            device="cpu", dtype="fp32", quantize=quantize)  # fmt: skip
+        kinds = [type(layer.feed_forward.w1).__name__ for layer in llama.model.layers]
+        assert kinds == ["Linear", "Fp8Linear", "Fp8Linear", "Linear"], (folder, kinds)
+        outs.append(llama.text_completion(["The capital of France is"], temperature=0.0, max_gen_len=6))
+    assert outs[0] == outs[1]
