@@ -168,7 +168,8 @@ def setup_model_parallel(model_parallel_size: Optional[int], device_type: str) -
         if local_rank >= n_gpus:
             raise ValueError(
                 f"LOCAL_RANK={local_rank} (RANK={rank}) but this machine has {n_gpus} GPU(s): start at most "
-                f"{n_gpus} processes per node (torchrun --nproc_per_node {n_gpus}; more nodes: --nnodes, docs/parallel.md)"
+                f"{n_gpus} processes per node (torchrun --nproc_per_node {n_gpus}; "
+                f"more nodes: --nnodes, docs/parallel.md)"
             )
         torch.cuda.set_device(local_rank)  # before NCCL starts: one GPU per rank
     if world_size == 1:

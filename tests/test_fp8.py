@@ -166,7 +166,8 @@ def test_stray_scale_is_named(folders, tmp_path):
 def test_missing_or_extra_scales_file(folders, tmp_path):
     path = _copy(folders[2][0], tmp_path / "c")
     (path / "fp8_scales_1.pt").unlink()
-    with pytest.raises(FileNotFoundError, match=r"consolidated\.01\.pth holds 6 FP8 weight.*fp8_scales_1\.pt is missing"):
+    missing = r"consolidated\.01\.pth holds 6 FP8 weight.*fp8_scales_1\.pt is missing"
+    with pytest.raises(FileNotFoundError, match=missing):
         load_state_dict(path, load_params(path))
     path = _copy(folders[2][0], tmp_path / "d")
     (path / "fp8_scales_2.pt").write_bytes((path / "fp8_scales_1.pt").read_bytes())
@@ -276,7 +277,8 @@ def test_kept_fp8_model_near_dequantized_model(folders):
     path, _ = folders[1]
     tokens = torch.randint(0, ARGS.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     kept = load_transformer(path, "cpu", torch.float32, keep_fp8=True)
-    assert [type(kept.layers[i].feed_forward.w1).__name__ for i in range(4)] == ["Linear", "Fp8Linear", "Fp8Linear", "Linear"]
+    kinds = [type(kept.layers[i].feed_forward.w1).__name__ for i in range(4)]
+    assert kinds == ["Linear", "Fp8Linear", "Fp8Linear", "Linear"]
     with torch.inference_mode():
         got = kept(tokens)
         want = load_transformer(path, "cpu", torch.float32)(tokens)

@@ -180,5 +180,6 @@ def test_fp8_405b_matches_meta_shard_size():
 
 def test_report_lists_quantized_sizes():
     text = report(args_of("8B"), 1024, 1, torch.bfloat16)
-    for label, nbytes in (("int8 +per-row scales", INT8_8B), ("int4 +group 128", INT4_8B), ("fp8 +Meta's FP8 folders", FP8_8B)):
+    rows = (("int8 +per-row scales", INT8_8B), ("int4 +group 128", INT4_8B), ("fp8 +Meta's FP8 folders", FP8_8B))
+    for label, nbytes in rows:
         assert re.search(rf"{label} +{nbytes / GiB:.2f} GiB", text), (label, text)
