@@ -63,7 +63,7 @@ def quantized_weight_bytes(
     quantized = sum(o * i * count for o, i, _row, count in mats)
     rest = (parameter_count(args) - quantized) * torch.empty((), dtype=dtype).element_size() // world_size
     if quantize == "int4":
-        groups = sum(o * (i // INT4_GROUP) * count for o, i, _row, count in mats)
+        groups = sum(o * -(-i // INT4_GROUP) * count for o, i, _row, count in mats)  # a partial group counts
         return rest + quantized // 2 // world_size + 4 * groups // world_size
     # One float32 scale per output row of the rank's slice: a row-parallel slice keeps every row.
     rows = sum((o if row else o // world_size) * count for o, _i, row, count in mats)
