@@ -405,3 +405,38 @@ def test_build_on_an_fp8_device(tmp_path, meta_tokenizer_path, monkeypatch):
         assert kinds == ["Linear", "Fp8Linear", "Fp8Linear", "Linear"], (folder, kinds)
         outs.append(llama.text_completion(["The capital of France is"], temperature=0.0, max_gen_len=6))
     assert outs[0] == outs[1]
+
+
+# --- On an FP8 GPU (skipped elsewhere; written for the session that has one).
+
+needs_fp8_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available() or not fp8.fp8_supported("cuda"), reason="needs a CUDA GPU of compute capability >= 8.9"
+)
+
+
+@needs_fp8_gpu
+def test_fp8_linear_on_gpu_matches_float64_formula():
+    """CUDA's row-wise _scaled_mm (bf16 output): the same activation quantization as on CPU, and the
+    product within bf16 rounding of the float64 formula."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(5, 256, generator=g) * 3).bfloat16()
+    w = torch.randn(128, 256, generator=g, dtype=torch.float64)
+    value, scale = fp8.quantize_weight(w)
+    y = fp8.fp8_linear(x.cuda(), value.cuda(), scale.cuda())
+    assert y.dtype == torch.bfloat16 and y.shape == (5, 128)
+    xq, xs = fp8.quantize_rows(x)
+    xq_gpu, xs_gpu = fp8.quantize_rows(x.cuda())
+    assert torch.equal(xq_gpu.cpu().view(torch.uint8), xq.view(torch.uint8)) and torch.equal(xs_gpu.cpu(), xs)
+    ref = (xq.double() * xs.double()) @ (value.double() * scale.double()[:, None]).T
+    assert ((y.cpu().double() - ref).abs().max() / ref.abs().max()).item() < 2**-7
+
+
+@needs_fp8_gpu
+def test_kept_fp8_model_on_gpu(folders):
+    """The FP8 folder kept FP8 on the GPU (bf16 elsewhere) against the same on CPU in float32."""
+    path, _ = folders[1]
+    tokens = torch.randint(0, ARGS.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        gpu = load_transformer(path, "cuda", torch.bfloat16, keep_fp8=True)(tokens.cuda()).float().cpu()
+        cpu = load_transformer(path, "cpu", torch.float32, keep_fp8=True)(tokens)
+    assert ((gpu - cpu).abs().max() / cpu.abs().max()).item() < 3e-2
