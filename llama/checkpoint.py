@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
+from llama import fp8
 from llama.model import ModelArgs, Transformer
 from llama.progress import Progress
 
@@ -233,7 +234,12 @@ def load_shard_file(path: str | Path) -> dict[str, torch.Tensor]:
             raise ValueError(_not_a_checkpoint(path, e2)) from None
     if not isinstance(sd, dict):
         raise ValueError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
+    fp8_folder: Optional[bool] = None
     for k, t in sd.items():
+        if isinstance(t, torch.Tensor) and t.dtype == fp8.FP8:  # Meta's FP8 folders (scales checked by llama.fp8)
+            fp8_folder = fp8.is_fp8_folder(path.parent) if fp8_folder is None else fp8_folder
+            if fp8_folder:
+                continue
         if isinstance(t, torch.Tensor) and t.dtype not in WEIGHT_DTYPES:
             raise ValueError(
                 f"{path}: {k} has dtype {str(t.dtype).replace('torch.', '')}, not a float type: integer or "
@@ -267,18 +273,23 @@ def load_state_dict(
     dtype: Optional[torch.dtype] = None,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    keep_fp8: bool = False,
 ) -> dict[str, torch.Tensor]:
     """This rank's tensors for ``world_size`` ranks, resharded from however many files there are.
 
     Files are memory-mapped (``weights_only=True``: a checkpoint is untrusted input); only the
     slices this rank needs are read, and each is cast to ``dtype`` and moved to ``device`` as it
-    is taken. ``progress`` prints bytes taken and the rate on stderr (llama/progress.py).
+    is taken. ``progress`` prints bytes taken and the rate on stderr (llama/progress.py). FP8
+    weights (``llama.fp8``) are dequantized, or with ``keep_fp8`` and one file per rank kept as
+    they are, each with its row scales under ``KEY.scale`` (``layers.5.feed_forward.w1.scale``).
     """
     paths = find_shards(ckpt_dir)
     n = len(paths)
     check_layout(args, n, world_size)
+    fp8.check_scale_files(ckpt_dir, n)
     shapes = expected_shapes(args)
     cache: dict[int, dict[str, torch.Tensor]] = {}
+    scales: dict[int, dict[str, torch.Tensor]] = {}  # Meta's FP8 folders: per file, key -> row scales
     file_dims: dict[str, int] = {}  # split dims of the files where they differ from SHARD_DIMS
 
     def split_dim(k: str, shape: torch.Size) -> Optional[int]:
@@ -317,8 +328,21 @@ def load_state_dict(
                         f"{paths[i]}: {k} has shape {tuple(sd[k].shape)}, but params.json implies "
                         f"{tuple(want)} for shard {i} of {n} (full shape {full})"
                     )
+            scales[i] = fp8.shard_scales(ckpt_dir, i, sd)
             cache[i] = sd
         return cache[i]
+
+    def take(i: int, key: str, d: Optional[int], rng: Optional[tuple[int, int]]) -> torch.Tensor:
+        # One file's piece; an FP8 piece is dequantized with its own file's row scales (sliced with
+        # the rows when split by rows; w2 is split by columns and keeps every row's scale).
+        t = _take(shard(i)[key], d, rng)
+        if key not in scales[i]:
+            return t
+        if keep_fp8 and n == world_size:  # rank i reads file i whole: its values and scales as they are
+            out[key.removesuffix("weight") + "scale"] = scales[i][key]
+            return t
+        scale = _take(scales[i][key], 0, rng) if d == 0 else scales[i][key]
+        return fp8.dequantize(t, scale, dtype or shard(0)["tok_embeddings.weight"].dtype)
 
     out: dict[str, torch.Tensor] = {}
     first = shard(0)  # validates the first file and finds its layout (file_dims)
@@ -327,9 +351,9 @@ def load_state_dict(
         d = shard_dim(key)
         rng = rank_range(key, args, rank, world_size)
         if d is None or (rng is None and n == 1):
-            t = shard(0)[key]
+            t = take(0, key, None, None)
         elif file_dims.get(key, d) != d:  # Llama 2 embedding: this rank's rows, from every file's columns
-            pieces = [_take(shard(i)[key], d, rng) for i in range(n)]
+            pieces = [take(i, key, d, rng) for i in range(n)]
             t = torch.cat(pieces, dim=file_dims[key]).contiguous()
         else:
             lo, hi = rng if rng is not None else (0, full[d])
@@ -337,11 +361,13 @@ def load_state_dict(
             pieces = []
             for i in range(lo // per, (hi - 1) // per + 1):  # only the files this range touches
                 a, b = max(lo, i * per) - i * per, min(hi, (i + 1) * per) - i * per
-                pieces.append(_take(shard(i)[key], d, (a, b)))
+                pieces.append(take(i, key, d, (a, b)))
             t = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=d)
             if not t.is_contiguous():
                 t = t.contiguous()
-        out[key] = t.to(device=device, dtype=dtype)
+        if dtype is not None and t.dtype != fp8.FP8:
+            t = t.to(dtype)
+        out[key] = t.to(device=device)
         if bar is not None:  # bytes read from the files, counted once they are cast and moved
             bar.update(t.numel() * t.element_size())
     if bar is not None:
@@ -373,17 +399,20 @@ def load_transformer(
     parallelize: Optional[Callable[[Transformer], Transformer]] = None,
     args: Optional[ModelArgs] = None,
     progress: bool = False,
+    keep_fp8: bool = False,
 ) -> Transformer:
     """Construct on ``meta`` (no memory), shard (``parallelize``), load this rank's weights, move.
 
     ``dtype`` None keeps the checkpoint's dtype. The weights are assigned, not copied, so a
-    checkpoint that is already in the requested dtype stays memory-mapped on CPU.
+    checkpoint that is already in the requested dtype stays memory-mapped on CPU. ``keep_fp8``: the
+    FP8 weights of Meta's FP8 folders stay FP8 in ``llama.fp8.Fp8Linear`` layers (one file per rank).
     """
     args = args or load_params(ckpt_dir)
-    state = load_state_dict(ckpt_dir, args, rank, world_size, dtype, device, progress)
+    state = load_state_dict(ckpt_dir, args, rank, world_size, dtype, device, progress, keep_fp8)
     model = Transformer(args, device="meta")
     if parallelize is not None:
         model = parallelize(model)
+    fp8.use_fp8_layers(model, [k for k in state if k.endswith(".scale")])  # keep_fp8: FP8 layers kept
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device)
 

@@ -13,8 +13,8 @@ from typing import Optional
 
 import torch
 
-from llama.devices import check_device
 from llama.checkpoint import check_layout, find_shards
+from llama.devices import check_device, parse_dtype
 from llama.model import ModelArgs
 
 GiB = 1024**3
@@ -44,6 +44,50 @@ def kv_cache_bytes(args: ModelArgs, tokens: int, bytes_per_element: int, world_s
     n_kv_local = max(args.n_kv_heads // world_size, 1)
     return 2 * args.n_layers * n_kv_local * args.head_dim * bytes_per_element * tokens
 
+
+# Quantized weights, exact bytes with their scales. int8 and int4 quantize every projection (wq wk
+# wv wo w1 w2 w3) and the output layer; the embedding and norms keep the model dtype. int8: 1 byte
+# a weight + a float32 scale per output row. int4: half a byte a weight + a bf16 scale and a bf16
+# zero point per group of INT4_GROUP weights along a row (the layout of torch's int4 kernels).
+# fp8: Meta's FP8 folders, where only w1 w3 w2 of every layer but the first and the last are FP8:
+# 1 byte a weight + a float32 scale per output row of each rank's slice.
+INT4_GROUP = 128
+QUANTIZATIONS = ("int8", "int4", "fp8")
+
+
+def quantized_weight_bytes(
+    args: ModelArgs, quantize: str, dtype: torch.dtype = torch.bfloat16, world_size: int = 1
+) -> int:
+    """Bytes of one rank's weights with ``quantize`` ("int8", "int4" or "fp8"), the rest at ``dtype``."""
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantize!r}; use one of {', '.join(QUANTIZATIONS)}")
+    hd, ffn, dim = args.head_dim, args.ffn_hidden_dim, args.dim
+    ffn_mats = [(ffn, dim, False), (ffn, dim, False), (dim, ffn, True)]  # w1, w3, w2: (out, in, row-parallel)
+    if quantize == "fp8":
+        mats = [(o, i, row, max(args.n_layers - 2, 0)) for o, i, row in ffn_mats]
+    else:
+        attention = [(args.n_heads * hd, dim, False), (args.n_kv_heads * hd, dim, False),
+                     (args.n_kv_heads * hd, dim, False), (dim, args.n_heads * hd, True)]  # fmt: skip
+        mats = [(o, i, row, args.n_layers) for o, i, row in attention + ffn_mats] + [(args.vocab_size, dim, False, 1)]
+    quantized = sum(o * i * count for o, i, _row, count in mats)
+    rest = (parameter_count(args) - quantized) * torch.empty((), dtype=dtype).element_size() // world_size
+    if quantize == "int4":
+        groups = sum(o * -(-i // INT4_GROUP) * count for o, i, _row, count in mats)  # a partial group counts
+        return rest + quantized // 2 // world_size + 4 * groups // world_size
+    # One float32 scale per output row of the rank's slice: a row-parallel slice keeps every row.
+    rows = sum((o if row else o // world_size) * count for o, _i, row, count in mats)
+    return rest + quantized // world_size + 4 * rows
+
+
+
+def quantized_lines(args: ModelArgs, dtype: torch.dtype, world_size: int = 1) -> list[str]:
+    """Report lines: the weights as loaded quantized here (scales included, the rest at ``dtype``)."""
+    per = " per rank" if world_size > 1 else ""
+    lines = ["", f"quantized, as loaded (scales included, the rest {dtype}){per}"]
+    for name, what in (("int8", "per-row scales"), ("int4", f"group {INT4_GROUP}"), ("fp8", "Meta's FP8 folders")):
+        nbytes = quantized_weight_bytes(args, name, dtype, world_size)
+        lines.append(f"  {name:<5} {what:<19} {nbytes / GiB:8.2f} GiB")
+    return lines
 
 @dataclass
 class MemoryPlan:
@@ -75,21 +119,27 @@ def plan_memory(
     dtype: torch.dtype | str = torch.bfloat16,
     world_size: int = 1,
     tied: bool = False,
+    quantize: Optional[str] = None,
 ) -> MemoryPlan:
     """Bytes one of ``world_size`` ranks needs for weights and KV cache, at ``dtype``.
 
-    ``dtype`` is a torch dtype or a name of ``WEIGHT_BYTES`` (``"int4"``: half a byte per weight);
-    the KV cache is 16-bit when the weights are narrower. ``tied`` counts the output layer once.
+    ``dtype`` is a torch dtype or a name of ``WEIGHT_BYTES``; the names of quantized weights
+    ("int8", "int4", "fp8") mean ``quantize`` with the rest in bf16. ``quantize`` counts the
+    weights exactly as loaded, scales included (``quantized_weight_bytes``); the KV cache stays
+    16-bit or wider. ``tied`` counts the output layer once.
     """
     if isinstance(dtype, str):
         if dtype not in WEIGHT_BYTES:
             raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(WEIGHT_BYTES)}")
-        size: float = WEIGHT_BYTES[dtype]
-    else:
-        size = torch.empty((), dtype=dtype).element_size()
+        if dtype in QUANTIZATIONS:
+            quantize, dtype = quantize or dtype, torch.bfloat16
+        else:
+            dtype = parse_dtype(dtype)
+    size = torch.empty((), dtype=dtype).element_size()
+    weights = quantized_weight_bytes(args, quantize, dtype, world_size) if quantize else parameter_count(args, tied) * size // world_size
     return MemoryPlan(
-        weight_bytes=int(parameter_count(args, tied) * size) // world_size,
-        kv_cache_bytes=kv_cache_bytes(args, max_seq_len * max_batch_size, max(int(size), 2), world_size),
+        weight_bytes=weights,
+        kv_cache_bytes=kv_cache_bytes(args, max_seq_len * max_batch_size, size, world_size),
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,
         dtype=dtype,
@@ -160,6 +210,8 @@ def report(
     lines += ["", "weights          size (GiB = 2^30 bytes)"]
     for name, nbytes in (("fp32", 4), ("bf16/fp16", 2), ("fp8/int8", 1), ("int4", 0.5)):
         lines.append(f"  {name:<14} {count * nbytes / GiB:8.2f} GiB")
+    base = torch.bfloat16 if isinstance(dtype, str) and dtype in QUANTIZATIONS else parse_dtype(dtype)
+    lines += quantized_lines(args, base, world_size)
     lines += ["", "KV cache (16-bit)  1k tokens   16k tokens   128k tokens"]
     kv = [kv_cache_bytes(args, n, 2) / GiB for n in (1024, 16384, 131072)]
     lines.append(f"  batch 1         {kv[0]:8.4f} GiB {kv[1]:8.3f} GiB {kv[2]:9.3f} GiB")
