@@ -37,11 +37,12 @@ COMMON_HELP = {
     "ckpt_dir": "Meta-format checkpoint folder (params.json + consolidated.NN.pth); "
     "leave it out to use the demo model (SmolLM2-135M-Instruct, converted once into ~/.cache/llama)",
     "tokenizer_path": "tokenizer.model to use (default: CKPT_DIR/tokenizer.model)",
-    "temperature": "sampling temperature, finite and >= 0; 0 is greedy",
-    "top_p": "nucleus sampling: keep the smallest set of tokens whose probability reaches top_p, in (0, 1]",
+    "temperature": "sampling temperature, finite and >= 0; 0 is greedy (default 0.6, Meta's; 0 with the demo model)",
+    "top_p": "nucleus sampling: keep the smallest set of tokens whose probability reaches top_p, in (0, 1] "
+    "(default 0.9, Meta's; 1.0 with the demo model)",
     "max_seq_len": "KV-cache length in tokens: prompt plus answer, 2 ... the model's context",
     "max_batch_size": "prompts generated together, >= 1",
-    "max_gen_len": "tokens to generate per answer, >= 1",
+    "max_gen_len": "tokens to generate per answer, >= 1 (default: Meta's for this script; 128 with the demo model)",
     "device": "cpu, cuda or cuda:N, mps (default: cuda when available, else cpu)",
     "dtype": "weight dtype: bf16, fp16 or fp32 (default: bf16, or fp16 on GPUs without bf16)",
 }

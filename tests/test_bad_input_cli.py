@@ -184,8 +184,11 @@ def test_9_memory_counts_int4_bf16_and_a_tied_output_in_gib(tied_ckpt):
     assert f"parameters: {unique:,} (output layer tied" in out
     assert f"loaded as two copies: {unique + 128256 * 64:,}" in out
     assert f"{'int4':<14} {unique * 0.5 / 2**30:8.2f} GiB" in out
-    # this run: int4 weights as loaded (both copies), KV cache 16-bit
-    assert f"weights {(unique + 128256 * 64) * 0.5 / 2**30:.2f} GiB" in out and ", int4)" in out
+    # this run: int4 weights as loaded, scales included, the embedding in bf16 (llama.memory's
+    # quantized_weight_bytes, checked by hand in tests/test_memory.py), KV cache 16-bit
+    from llama.memory import quantized_weight_bytes
+
+    assert f"weights {quantized_weight_bytes(ARGS, 'int4') / 2**30:.2f} GiB" in out
     assert " GB" not in out  # one unit throughout
     bf16 = run(["-m", "llama.memory", str(tied_ckpt), "--dtype", "bf16", "--max_seq_len", "1024"])
     assert bf16.returncode == 0, bf16.stderr
@@ -368,7 +371,10 @@ def test_20_torchrun_on_ranks_that_do_not_divide_the_heads(tmp_path, meta_tokeni
     ours = [x for x in result.stderr.splitlines() if "example_text_completion.py: error:" in x]
     assert len(ours) == 1, result.stderr  # printed once, by rank 0
     assert "M=2 ranks" in ours[0] and "n_heads=9" in ours[0] and "Rank counts that work: 1, 3" in ours[0]
-    assert f'File "{REPO}' not in result.stderr  # no traceback from our ranks (torchrun's own summary follows)
+    # No traceback from our code on the ranks (torchrun's own summary follows, with frames of
+    # torch's files, which live under REPO/.venv in CI).
+    ours = [line for line in result.stderr.splitlines() if f'File "{REPO}' in line and "/.venv/" not in line]
+    assert not ours, ours
 
 
 # --- 21: stale partial folders; gguf checks the destination first --------------------------------
