@@ -23,6 +23,7 @@ from llama.chat_format import ChatFormat
 from llama.checkpoint import load_params, load_state_dict, load_transformer
 from llama.gguf import byte_decoder, import_gguf, main
 from llama.model import ModelArgs, rope_frequencies
+from llama.params import to_dict
 from llama.tokenizer import Tokenizer
 
 SMOLLM2_PARAMS = {"dim": 576, "n_layers": 30, "n_heads": 9, "vocab_size": 49152, "n_kv_heads": 3, "multiple_of": 256,
@@ -314,7 +315,7 @@ def write_tiny_gguf(path: Path, arch: str = "llama", rope_freqs: np.ndarray | No
 
 
 def test_tiny_gguf_round_trip(tmp_path: Path) -> None:
-    scaled = ModelArgs(**{**TINY.to_dict(), "use_scaled_rope": True})
+    scaled = ModelArgs(**{**to_dict(TINY), "use_scaled_rope": True})
     divisors = (rope_frequencies(TINY) / rope_frequencies(scaled)).numpy()  # llama.cpp's rope_freqs
     weights = write_tiny_gguf(tmp_path / "tiny.gguf", rope_freqs=divisors)
     args = import_gguf(tmp_path / "tiny.gguf", tmp_path / "out")

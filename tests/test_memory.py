@@ -10,6 +10,7 @@ import torch
 
 from llama.memory import GB, GiB, check_fits, kv_cache_bytes, main, parameter_count, plan_memory
 from llama.model import ModelArgs, Transformer
+from llama.params import from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +32,7 @@ EXPECTED = {
 
 
 def args_of(name: str) -> ModelArgs:
-    return ModelArgs.from_dict(PARAMS[name])
+    return from_dict(PARAMS[name])
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -21,6 +21,7 @@ from llama.model import (
     rope_cos_sin,
     rope_frequencies,
 )
+from llama.params import from_dict, load as read_params, to_dict
 
 # Tiny architectures for the parity tests: head_dim 16 with theta 500000 puts RoPE indices 0-3 in
 # the "keep" band, 4 in the blended band and 5-7 in the "divide" band, so every band is exercised.
@@ -397,7 +398,7 @@ def shuffled(d: dict, seed: int) -> dict:
 
 @pytest.mark.parametrize("name", list(RELEASED))
 def test_released_architectures_on_meta(name):
-    args = ModelArgs.from_dict(shuffled(RELEASED[name], seed=len(name)))
+    args = from_dict(shuffled(RELEASED[name], seed=len(name)))
     assert args.ffn_hidden_dim == FFN_WIDTH[name]
     assert args.head_dim == HEAD_DIM.get(name, 128)
     assert args.use_scaled_rope == ("use_scaled_rope" in RELEASED[name])
@@ -427,45 +428,45 @@ def test_released_architectures_on_meta(name):
 def test_model_args_accepts_released_params_in_any_order():
     for seed in range(3):
         for params in RELEASED.values():
-            args = ModelArgs.from_dict(shuffled(params, seed))
+            args = from_dict(shuffled(params, seed))
             assert all(getattr(args, k) == v for k, v in params.items())
 
 
 def test_llama_3_0_params_lack_use_scaled_rope():
-    args = ModelArgs.from_dict(RELEASED["3-8B"])
+    args = from_dict(RELEASED["3-8B"])
     assert args.use_scaled_rope is False and args.max_context == 8192
-    assert ModelArgs.from_dict(RELEASED["3.1-8B"]).max_context == 131072
+    assert from_dict(RELEASED["3.1-8B"]).max_context == 131072
 
 
 @pytest.mark.parametrize("name", list(RELEASED))
 def test_to_dict_round_trips(name, tmp_path):
-    args = ModelArgs.from_dict(RELEASED[name])
+    args = from_dict(RELEASED[name])
     # Exactly the released file's keys and values; for 3.2 1B/3B plus the factor their shape implies,
     # written explicitly so that a tool that edits the shape (resharding: n_kv_heads) keeps it.
     extra = {"rope_scale_factor": 32.0} if name.startswith("3.2") else {}
-    assert args.to_dict() == {**RELEASED[name], **extra}
-    assert ModelArgs.from_dict(args.to_dict()) == args
+    assert to_dict(args) == {**RELEASED[name], **extra}
+    assert from_dict(to_dict(args)) == args
     path = tmp_path / "params.json"
-    path.write_text(json.dumps(args.to_dict()))
-    assert ModelArgs.load(path) == args
+    path.write_text(json.dumps(to_dict(args)))
+    assert read_params(path) == args
 
 
 def test_to_dict_keeps_a_non_default_rope_scale_factor():
-    args = ModelArgs.from_dict({**RELEASED["3.2-1B"], "rope_scale_factor": 32.0})
-    assert args.to_dict()["rope_scale_factor"] == 32.0
-    assert ModelArgs.from_dict(args.to_dict()) == args
+    args = from_dict({**RELEASED["3.2-1B"], "rope_scale_factor": 32.0})
+    assert to_dict(args)["rope_scale_factor"] == 32.0
+    assert from_dict(to_dict(args)) == args
 
 
 def test_unknown_key_is_named():
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['max_seq_length'\]"):
-        ModelArgs.from_dict({**RELEASED["3.1-8B"], "max_seq_length": 2048})
+        from_dict({**RELEASED["3.1-8B"], "max_seq_length": 2048})
 
 
 # Meta's llama-models ModelArgs fields that are runtime knobs or vision tiling: no effect on the text math.
 @pytest.mark.parametrize("key,value", [("max_seq_len", 2048), ("max_batch_size", 32), ("vision_max_num_chunks", 4)])
 def test_keys_meta_accepts_without_math_are_ignored_with_a_note(key, value):
-    args = ModelArgs.from_dict({**RELEASED["3.1-8B"], key: value}, "p.json")
-    assert args == ModelArgs.from_dict(RELEASED["3.1-8B"])
+    args = from_dict({**RELEASED["3.1-8B"], key: value}, "p.json")
+    assert args == from_dict(RELEASED["3.1-8B"])
     assert any(f"p.json: ignored {key}={value}" in note for note in args.notes)
 
 
@@ -482,19 +483,19 @@ def test_keys_meta_accepts_without_math_are_ignored_with_a_note(key, value):
 )
 def test_keys_of_checkpoints_we_cannot_run_say_what_they_are(key, value, what):
     with pytest.raises(ValueError, match=rf"p\.json: key '{key}' means this is .*{what}.*not supported"):
-        ModelArgs.from_dict({**RELEASED["3.2-1B"], key: value}, "p.json")
+        from_dict({**RELEASED["3.2-1B"], key: value}, "p.json")
 
 
 def test_null_or_off_values_of_those_keys_are_accepted():
     # What asdict() of Meta's ModelArgs writes for a text model: no quantization, no LoRA, no vision.
     off = {"quantization_args": None, "lora_args": None, "vision_chunk_size": -1,
            "vision_num_cross_attention_layers": -1, "vision_max_num_chunks": 4}  # fmt: skip
-    assert ModelArgs.from_dict({**RELEASED["3.1-8B"], **off}) == ModelArgs.from_dict(RELEASED["3.1-8B"])
+    assert from_dict({**RELEASED["3.1-8B"], **off}) == from_dict(RELEASED["3.1-8B"])
 
 
 @pytest.mark.parametrize("name", ["3.2-1B", "3.2-3B"])
 def test_llama_3_2_shapes_get_rope_factor_32(name):
-    args = ModelArgs.from_dict(RELEASED[name])  # Meta's params.json: no factor
+    args = from_dict(RELEASED[name])  # Meta's params.json: no factor
     assert args.rope_scale_factor == 32.0
     assert any("RoPE scale factor 32" in n and "Llama 3.2" in n for n in args.notes)
     # The frequencies use it: compare with the float64 formula at factor 32 (Hugging Face's
@@ -502,14 +503,14 @@ def test_llama_3_2_shapes_get_rope_factor_32(name):
     torch.testing.assert_close(rope_frequencies(args).double(), ref_rope_frequencies(args.head_dim, 500000.0, True, 32.0),
                                rtol=2e-6, atol=0)
     # An explicit key wins, and is kept when written back.
-    explicit = ModelArgs.from_dict({**RELEASED[name], "rope_scale_factor": 8.0})
+    explicit = from_dict({**RELEASED[name], "rope_scale_factor": 8.0})
     assert explicit.rope_scale_factor == 8.0 and explicit.notes == []
-    assert ModelArgs.from_dict(explicit.to_dict()).rope_scale_factor == 8.0
+    assert from_dict(to_dict(explicit)).rope_scale_factor == 8.0
 
 
 @pytest.mark.parametrize("change", [{"n_kv_heads": 16}, {"n_layers": 15}, {"use_scaled_rope": False}])
 def test_other_shapes_keep_factor_8(change):
-    args = ModelArgs.from_dict({**RELEASED["3.2-1B"], **change})
+    args = from_dict({**RELEASED["3.2-1B"], **change})
     assert args.rope_scale_factor == 8.0 and args.notes == []
 
 
@@ -537,11 +538,11 @@ def test_other_shapes_keep_factor_8(change):
 )
 def test_wrong_types_and_ranges_are_named(key, value, message):
     with pytest.raises(ValueError, match=rf"p\.json: {message}"):
-        ModelArgs.from_dict({**RELEASED["3.1-8B"], key: value}, "p.json")
+        from_dict({**RELEASED["3.1-8B"], key: value}, "p.json")
 
 
 def test_integral_floats_become_floats():
-    args = ModelArgs.from_dict({**RELEASED["3.1-8B"], "rope_theta": 500000, "ffn_dim_multiplier": 1})
+    args = from_dict({**RELEASED["3.1-8B"], "rope_theta": 500000, "ffn_dim_multiplier": 1})
     assert isinstance(args.rope_theta, float) and isinstance(args.ffn_dim_multiplier, float)
 
 
@@ -549,17 +550,17 @@ def test_missing_key_is_named():
     params = dict(RELEASED["3.1-8B"])
     del params["n_heads"]
     with pytest.raises(ValueError, match=r"missing required key\(s\) \['n_heads'\]"):
-        ModelArgs.from_dict(params)
+        from_dict(params)
 
 
 def test_dim_not_divisible_by_n_heads():
     with pytest.raises(ValueError, match=r"dim=4096, n_heads=30 \(dim % n_heads = 16\)"):
-        ModelArgs.from_dict({**RELEASED["3.1-8B"], "n_heads": 30})
+        from_dict({**RELEASED["3.1-8B"], "n_heads": 30})
 
 
 def test_n_heads_not_divisible_by_n_kv_heads():
     with pytest.raises(ValueError, match=r"n_heads=32, n_kv_heads=6 \(n_heads % n_kv_heads = 2\)"):
-        ModelArgs.from_dict({**RELEASED["3.1-8B"], "n_kv_heads": 6})
+        from_dict({**RELEASED["3.1-8B"], "n_kv_heads": 6})
 
 
 def test_odd_head_dim():
@@ -569,21 +570,21 @@ def test_odd_head_dim():
 
 def test_params_json_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"params file not found: .*params\.json"):
-        ModelArgs.load(tmp_path / "params.json")
+        read_params(tmp_path / "params.json")
 
 
 def test_params_json_invalid(tmp_path):
     path = tmp_path / "params.json"
     path.write_text('{"dim": 4096,')
     with pytest.raises(ValueError, match=r"params\.json: not valid JSON"):
-        ModelArgs.load(path)
+        read_params(path)
     path.write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"params\.json: expected a JSON object, got list"):
-        ModelArgs.load(path)
+        read_params(path)
 
 
 def test_load_errors_name_the_file(tmp_path):
     path = tmp_path / "params.json"
     path.write_text(json.dumps({**RELEASED["3.1-8B"], "bogus": 1}))
     with pytest.raises(ValueError, match=rf"{path}: unknown key\(s\) \['bogus'\]"):
-        ModelArgs.load(path)
+        read_params(path)
