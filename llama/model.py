@@ -11,34 +11,35 @@ and the fast paths of ``Llama.build`` by ``llama.fast``, both by swapping module
 import math
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
-from typing import ClassVar, Optional, Sequence
+from typing import ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 # Llama 3.1 RoPE scaling constants (the factor is a parameter: 8 for 3.1, 32 for 3.2 1B/3B).
 ROPE_LOW_FREQ_FACTOR = 1.0
 ROPE_HIGH_FREQ_FACTOR = 4.0
 ROPE_ORIGINAL_CONTEXT = 8192
+# Where a step starts: an int (eager), or a 0-d long tensor (the static-shape compiled decode step).
+Position = int | Tensor
 
 
 @dataclass
 class ModelArgs:
     """The architecture, mirroring ``params.json`` key for key (read and checked by ``llama.params``).
 
-    ``rope_scale_factor`` is ours (Meta hard-codes 8; Llama 3.2 1B/3B were trained with 32, which
-    ``llama.params`` picks for their shapes). Runtime knobs (max_seq_len, max_batch_size) are not
-    architecture and live in ``Transformer.setup_cache``.
+    ``rope_scale_factor`` is ours (Meta hard-codes 8; Llama 3.2 1B/3B were trained with 32). Runtime
+    knobs (max_seq_len, max_batch_size) are not architecture: see ``Transformer.setup_cache``.
     """
 
     dim: int
     n_layers: int
     n_heads: int
     vocab_size: int
-    n_kv_heads: Optional[int] = None  # None: as many as n_heads (multi-head attention)
+    n_kv_heads: int | None = None  # None: as many as n_heads (multi-head attention)
     multiple_of: int = 256
-    ffn_dim_multiplier: Optional[float] = None
+    ffn_dim_multiplier: float | None = None
     norm_eps: float = 1e-5
     rope_theta: float = 500000.0
     use_scaled_rope: bool = False
@@ -92,13 +93,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight
 
 
-def rope_frequencies(args: ModelArgs, device=None) -> torch.Tensor:
+def rope_frequencies(args: ModelArgs, device=None) -> Tensor:
     """RoPE frequencies f_i = theta^(-2i/head_dim), with Llama 3.1 scaling bands; [head_dim/2] fp32."""
     hd = args.head_dim
     freqs = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32)[: hd // 2] / hd))
@@ -113,13 +114,13 @@ def rope_frequencies(args: ModelArgs, device=None) -> torch.Tensor:
     return torch.where(wavelen < high_wavelen, freqs, torch.where(wavelen > low_wavelen, freqs / factor, blended))
 
 
-def rope_cos_sin(freqs: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(freqs: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
     """Angles position * f_i in float32 -> (cos, sin), each [len(positions), head_dim/2]."""
     angles = torch.outer(positions.float(), freqs)
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate adjacent pairs (2i, 2i+1) of each head (Meta's layout). x: [B, S, H, hd]; cos/sin: [S, hd/2].
 
     Each pair (x0, x1) becomes (x0 cos - x1 sin, x0 sin + x1 cos): the complex product
@@ -150,9 +151,7 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
-    def update(
-        self, start_pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, start_pos: Position, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k/v ([B, H, S, hd]) at start_pos; return the cached keys and values to attend over.
 
         An int start_pos (eager) returns positions [0, start_pos + S) only. A 0-d tensor start_pos
@@ -182,16 +181,9 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * hd, bias=False, **kw)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * hd, bias=False, **kw)
         self.wo = nn.Linear(args.n_heads * hd, args.dim, bias=False, **kw)
-        self.cache: Optional[KVCache] = None
+        self.cache: KVCache | None = None
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        start_pos: int | torch.Tensor,
-        mask: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: Position, mask: Tensor | None = None) -> Tensor:
         bsz, seqlen, _ = x.shape
         # -1: the number of heads on this rank (all of them without model parallelism).
         q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)  # [B, S, Hq, hd]
@@ -204,9 +196,7 @@ class Attention(nn.Module):
         out = self.attend(q, k, v, start_pos, mask)  # [B, Hq, S, hd]
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
-    def attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int | torch.Tensor, mask: Optional[torch.Tensor]
-    ) -> torch.Tensor:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, start_pos: Position, mask: Tensor | None) -> Tensor:
         """softmax(q k^T / sqrt(hd) + mask) v. q: [B, Hq, S, hd]; k, v: [B, Hkv, T, hd] -> [B, Hq, S, hd].
 
         ``mask`` ([S, T] bool, from ``causal_mask``) None means causal attention for a prompt from
@@ -221,7 +211,7 @@ class Attention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
 
 
-def causal_mask(start_pos: int | torch.Tensor, seqlen: int, total: int, device=None) -> torch.Tensor:
+def causal_mask(start_pos: Position, seqlen: int, total: int, device=None) -> Tensor:
     """[S, T] bool: query i, at position start_pos + i, may see key j iff j <= start_pos + i."""
     query_pos = start_pos + torch.arange(seqlen, device=device)
     return torch.arange(total, device=device)[None, :] <= query_pos[:, None]
@@ -237,7 +227,7 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden, args.dim, bias=False, **kw)
         self.w3 = nn.Linear(args.dim, hidden, bias=False, **kw)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -251,14 +241,7 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps, device, dtype)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps, device, dtype)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        start_pos: int | torch.Tensor,
-        mask: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: Position, mask: Tensor | None = None) -> Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin, start_pos, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -277,8 +260,8 @@ class Transformer(nn.Module):
         self.max_batch_size = 0
         self.max_seq_len = 0
         # RoPE tables for every cache position, made by setup_cache: [max_seq_len, head_dim/2] fp32.
-        self._rope_cos: Optional[torch.Tensor] = None
-        self._rope_sin: Optional[torch.Tensor] = None
+        self._rope_cos: Tensor | None = None
+        self._rope_sin: Tensor | None = None
 
     @property
     def params(self) -> SimpleNamespace:
@@ -304,7 +287,7 @@ class Transformer(nn.Module):
         self._rope_cos = self._rope_sin = None
         self.max_batch_size = self.max_seq_len = 0
 
-    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0, last_only: bool = False) -> torch.Tensor:
+    def forward(self, tokens: Tensor, start_pos: Position = 0, last_only: bool = False) -> Tensor:
         """Prefill (S tokens) or decode (S = 1) at positions start_pos ... start_pos+S-1.
 
         Without a cache (no ``setup_cache``), ``start_pos`` must be 0 and the whole sequence is given.
