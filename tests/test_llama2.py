@@ -22,7 +22,6 @@ from llama.family import load_tokenizer, tokenizer_kind
 from llama.generation import chat_format_for
 from llama.generation import Llama
 from llama.memory import parameter_count
-from llama.model import ModelArgs
 from llama.params import from_dict
 from llama.reshard import reshard
 from llama.sp_tokenizer import SentencePieceTokenizer
