@@ -18,6 +18,7 @@ import socket
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -25,6 +26,7 @@ import torch
 
 from llama import fp8
 from llama.model import ModelArgs, Transformer
+from llama.params import load as read_params, to_dict
 from llama.progress import Progress
 
 # Keys present in old (Llama 1/2) checkpoints that the model does not use; dropped by name.
@@ -110,13 +112,13 @@ def load_params(ckpt_dir: str | Path, vocab_size: Optional[int] = None) -> Model
         from llama.family import load_tokenizer  # imported here: checkpoint.py needs no tokenizer otherwise
 
         vocab_size = load_tokenizer(tokenizer_path).n_words
-    return ModelArgs.load(path, vocab_size)
+    return read_params(path, vocab_size)
 
 
 def _says_vocab_minus_one(path: Path) -> bool:
     try:
         params = json.loads(path.read_text())
-    except (OSError, ValueError):  # ModelArgs.load reports these
+    except (OSError, ValueError):  # read_params reports these
         return False
     return isinstance(params, dict) and params.get("vocab_size") == -1
 
@@ -539,7 +541,7 @@ def shard_state_dict(
     check_layout(args, 1, n_shards)
     out_args = args
     if n_shards > args.n_kv_heads:
-        out_args = ModelArgs(**{**args.to_dict(), "n_kv_heads": n_shards})
+        out_args = replace(args, n_kv_heads=n_shards)
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(n_shards)]
     for key, t in full.items():
         d = shard_dim(key)
@@ -709,7 +711,7 @@ def save_shards(folder: str | Path, full: dict[str, torch.Tensor], args: ModelAr
 
 def save_params(folder: str | Path, params: ModelArgs | dict[str, Any]) -> None:
     """``params.json`` as Meta writes it (indented, trailing newline)."""
-    params = params.to_dict() if isinstance(params, ModelArgs) else params
+    params = to_dict(params) if isinstance(params, ModelArgs) else params
     (Path(folder) / "params.json").write_text(json.dumps(params, indent=2) + "\n")
 
 

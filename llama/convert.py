@@ -33,6 +33,7 @@ from llama.checkpoint import (
 from llama.cli import Parser, integer, number, user_errors
 from llama.devices import DTYPES
 from llama.model import ROPE_HIGH_FREQ_FACTOR, ROPE_LOW_FREQ_FACTOR, ROPE_ORIGINAL_CONTEXT, ModelArgs
+from llama.params import from_dict, to_dict
 
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
@@ -71,6 +72,8 @@ def meta_ffn_params(dim: int, hidden: int) -> tuple[int, Optional[float]]:
     otherwise multiple_of = hidden, which rounds any width in (0, hidden] up to exactly hidden,
     with ffn_dim_multiplier = hidden / base only when the base width 2*4*dim/3 exceeds it.
     """
+    if hidden <= 0 or dim <= 0:
+        raise ValueError(f"FFN width {hidden} for dim {dim}: both must be positive")
     base = int(2 * (4 * dim) / 3)
     candidates: list[tuple[int, Optional[float]]] = [(256, None), (hidden, None), (hidden, hidden / base)]
     if (dim, hidden) in META_FFN:
@@ -189,15 +192,15 @@ def args_from_hf_config(config: dict[str, Any], source: str = "config.json") -> 
         params["use_scaled_rope"] = True
         if float(rope.get("factor", 8.0)) != 8.0:
             params["rope_scale_factor"] = float(rope["factor"])
-    args = ModelArgs.from_dict(params, source)
+    args = from_dict(params, source)
     original = config.get("meta_params")
     if original is not None:  # written by meta_to_hf: reuse it when it describes the same model
         try:
-            same = _same_model(ModelArgs.from_dict(original, f"{source} meta_params"), args)
+            same = _same_model(from_dict(original, f"{source} meta_params"), args)
         except ValueError:
             same = False
         if same:
-            return ModelArgs.from_dict(original), original
+            return from_dict(original), original
         print(f"note: {source}: meta_params disagrees with the config; using the config", file=sys.stderr)
     return args, params
 
@@ -440,7 +443,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     with user_errors(parser.prog):
         if ns.command == "hf-to-meta":
             args = hf_to_meta(ns.src, ns.dst, dtype, ns.shards)
-            print(f"wrote {ns.dst}: {json.dumps(args.to_dict())}")
+            print(f"wrote {ns.dst}: {json.dumps(to_dict(args))}")
         else:
             meta_to_hf(ns.src, ns.dst, dtype, int(ns.max_shard_size * 10**9))
             print(f"wrote {ns.dst}")

@@ -40,6 +40,7 @@ from llama.cli import Parser, user_errors
 from llama.convert import meta_ffn_params
 from llama.devices import DTYPES
 from llama.model import ModelArgs
+from llama.params import from_dict, to_dict
 from llama.gguf_export import TENSOR_NAMES
 from llama.tokenizer import LLAMA3_PATTERN
 
@@ -106,7 +107,7 @@ def model_args(meta: dict[str, Any]) -> ModelArgs:
     vocab = int(meta.get("llama.vocab_size") or len(meta.get("tokenizer.ggml.tokens", [])))
     ffn = int(get("feed_forward_length"))
     multiple_of, multiplier = meta_ffn_params(dim, ffn)
-    args = ModelArgs(
+    params = dict(
         dim=dim,
         n_layers=int(get("block_count")),
         n_heads=n_heads,
@@ -118,6 +119,7 @@ def model_args(meta: dict[str, Any]) -> ModelArgs:
         norm_eps=float(str(np.float32(get("attention.layer_norm_rms_epsilon")))),
         rope_theta=float(str(np.float32(get("rope.freq_base", 10000.0)))),
     )
+    args = from_dict(params, "GGUF metadata")  # values checked like a params.json's
     rot = int(get("rope.dimension_count", args.head_dim))
     if rot != args.head_dim:
         raise ValueError(f"GGUF rotates {rot} dims per head but head_dim is {args.head_dim}: partial RoPE unsupported")
@@ -134,7 +136,7 @@ def scaled_rope_args(args: ModelArgs, meta: dict[str, Any], rope_freqs: np.ndarr
     # llama.cpp's converter writes no factor key (llama.cpp would read it as linear scaling): the
     # largest divisor, that of the lowest frequencies, is the factor (8 for 3.1, 32 for 3.2)
     factor = float(meta.get("llama.rope.scaling.factor") or np.max(np.asarray(rope_freqs, dtype=np.float32)))
-    scaled = ModelArgs(**{**args.to_dict(), "use_scaled_rope": True, "rope_scale_factor": factor})
+    scaled = from_dict({**to_dict(args), "use_scaled_rope": True, "rope_scale_factor": factor}, "GGUF metadata")
     ours = rope_frequencies(args) / rope_frequencies(scaled)
     theirs = torch.tensor(np.asarray(rope_freqs, dtype=np.float32).reshape(-1))
     if theirs.shape != ours.shape or not torch.allclose(theirs, ours, rtol=1e-3):
@@ -326,7 +328,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     a = parser.parse_args(argv)
     with user_errors(parser.prog):
         args = import_gguf(a.gguf, a.out_dir, DTYPES[a.dtype], progress=print_progress)
-    print(f"wrote {a.out_dir}: {json.dumps(args.to_dict())}")
+    print(f"wrote {a.out_dir}: {json.dumps(to_dict(args))}")
 
 
 if __name__ == "__main__":

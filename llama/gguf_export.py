@@ -18,6 +18,7 @@ Weights are 2-D BF16 or Q8_0 (blocks of 32 values: an fp16 scale ``d = max|x| / 
 
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -27,6 +28,7 @@ import torch
 from llama.checkpoint import expected_shapes, find_shards, load_params, load_state_dict, shard_dim
 from llama.hf_tokenizer import base_tokens, bpe_merges, chat_template
 from llama.model import ModelArgs, rope_frequencies
+from llama.params import to_dict
 from llama.tokenizer import LLAMA3_PATTERN, Tokenizer
 
 # GGUF tensor names -> Meta names; "{}" is the layer number.
@@ -179,7 +181,7 @@ def export_gguf(
     tensors: dict[str, Callable[[], np.ndarray]] = {}
     if args.use_scaled_rope:
         # llama.cpp divides each RoPE frequency by rope_freqs[i]: unscaled / scaled frequencies
-        unscaled = ModelArgs(**{**args.to_dict(), "use_scaled_rope": False})
+        unscaled = replace(args, use_scaled_rope=False)
         divisors = (rope_frequencies(unscaled) / rope_frequencies(args)).to(torch.float32)
         tensors["rope_freqs.weight"] = lambda: divisors.numpy()
     for key, get in state.items():
@@ -255,4 +257,4 @@ def main(argv: Optional[list[str]] = None) -> None:
         args = export_gguf(a.src, a.out, a.type, progress=print_progress)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         sys.exit(f"error: {e}")
-    print(f"wrote {a.out} ({a.type}): {json.dumps(args.to_dict())}")
+    print(f"wrote {a.out} ({a.type}): {json.dumps(to_dict(args))}")

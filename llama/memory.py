@@ -16,6 +16,7 @@ import torch
 from llama.checkpoint import check_layout, find_shards
 from llama.devices import check_device, parse_dtype
 from llama.model import ModelArgs
+from llama.params import load as read_params
 
 GiB = 1024**3
 GB = 1000**3
@@ -192,7 +193,7 @@ def _load_args(path: str | Path) -> ModelArgs:
         from llama.checkpoint import load_params
 
         return load_params(path)
-    return ModelArgs.load(path)
+    return read_params(path)
 
 
 def report(

@@ -40,6 +40,7 @@ from llama.checkpoint import (
 from llama.cli import Parser, integer, user_errors
 from llama.devices import DTYPES
 from llama.model import ModelArgs
+from llama.params import to_dict
 
 
 # Copied verbatim when SRC has them; the tokenizer travels with the weights.
@@ -66,7 +67,7 @@ def reshard(src: str | Path, dst: str | Path, mp: int, dtype: Optional[torch.dty
         if out_args.n_kv_heads != args.n_kv_heads:
             out_params["n_kv_heads"] = out_args.n_kv_heads
     else:
-        out_params = out_args.to_dict()
+        out_params = to_dict(out_args)
 
     # Disk needed: the source's size (its dtype) or the tensors in the new dtype, with duplicated KV heads.
     need = state_bytes(expected_shapes(out_args), dtype) if dtype else sum(p.stat().st_size for p in shards)

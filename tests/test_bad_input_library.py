@@ -22,6 +22,7 @@ from llama.checkpoint import VERIFIED_RECORD, write_checklist, write_random_chec
 from llama.diagnose import NonFiniteLogitsError
 from llama.generation import Llama
 from llama.model import ModelArgs
+from llama.params import load as read_params
 from llama.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -421,21 +422,21 @@ def test_14_6_llama_3_2_params_get_factor_32_and_say_so(tmp_path):
                 "use_scaled_rope": True}  # fmt: skip
     path = tmp_path / "params.json"
     path.write_text(json.dumps(released))
-    args = ModelArgs.load(path)
+    args = read_params(path)
     assert args.rope_scale_factor == 32.0
     assert args.notes == ["Llama 3.2 1B shape: RoPE scale factor 32 (Meta's params.json omits it; "
                           'a "rope_scale_factor" key overrides)']  # fmt: skip
     path.write_text(json.dumps({**released, "rope_scale_factor": 8}))
-    assert ModelArgs.load(path).rope_scale_factor == 8.0
+    assert read_params(path).rope_scale_factor == 8.0
 
 
 def test_14_6_the_load_message_says_so(ckpt, capsys, monkeypatch):
     # The 1B itself is 2.5 GB: make the tiny model's shape count as a released 3.2 shape, so that
     # Llama.build runs the same path (params.json -> factor -> model -> message) on it.
-    import llama.model
+    import llama.params
 
-    shape = {k: getattr(ARGS, k) for k in llama.model.LLAMA_3_2_SHAPES["Llama 3.2 1B"]} | {"use_scaled_rope": True}
-    monkeypatch.setitem(llama.model.LLAMA_3_2_SHAPES, "Llama 3.2 1B", shape)
+    shape = {k: getattr(ARGS, k) for k in llama.params.LLAMA_3_2_SHAPES["Llama 3.2 1B"]} | {"use_scaled_rope": True}
+    monkeypatch.setitem(llama.params.LLAMA_3_2_SHAPES, "Llama 3.2 1B", shape)
     edit_params(ckpt, use_scaled_rope=True)
     llm = build(ckpt)
     assert llm.model.args.rope_scale_factor == 32.0

@@ -24,6 +24,7 @@ from llama.checkpoint import (
     write_random_checkpoint,
 )
 from llama.model import ModelArgs, Transformer
+from llama.params import to_dict
 
 TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, multiple_of=32, use_scaled_rope=True)
 
@@ -82,10 +83,10 @@ def test_random_checkpoint_is_meta_format(tmp_path, n_shards):
     assert (ckpt / "tokenizer.model").read_bytes() == b"aGVsbG8= 0\n"
 
     params = json.loads((ckpt / "params.json").read_text())
-    assert params == written.to_dict()
+    assert params == to_dict(written)
     assert params["n_kv_heads"] == max(TINY.n_kv_heads, n_shards)  # 405B MP16 style duplication
     assert {k: v for k, v in params.items() if k != "n_kv_heads"} == {
-        k: v for k, v in TINY.to_dict().items() if k != "n_kv_heads"
+        k: v for k, v in to_dict(TINY).items() if k != "n_kv_heads"
     }
 
     layout = meta_layout(TINY, n_shards)
@@ -181,7 +182,7 @@ def test_missing_folder_and_files(tmp_path):
         load_transformer(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match=r"params file not found: .*params\.json"):
         load_transformer(tmp_path)
-    (tmp_path / "params.json").write_text(json.dumps(TINY.to_dict()))
+    (tmp_path / "params.json").write_text(json.dumps(to_dict(TINY)))
     with pytest.raises(FileNotFoundError, match=r"no consolidated\.NN\.pth files"):
         load_transformer(tmp_path)
 

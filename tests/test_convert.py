@@ -158,6 +158,8 @@ def test_ffn_params_reproduce_meta_and_any_width() -> None:
             got = ModelArgs(dim=dim, n_layers=1, n_heads=1, vocab_size=1, multiple_of=multiple_of,
                             ffn_dim_multiplier=multiplier).ffn_hidden_dim  # fmt: skip
             assert got == hidden, (dim, hidden, multiple_of, multiplier)
+    with pytest.raises(ValueError, match=r"FFN width 0 for dim 64: both must be positive"):
+        meta_ffn_params(64, 0)
 
 
 def write_config(folder: Path, **changes: object) -> None:

@@ -20,6 +20,7 @@ from llama.devices import DTYPES, default_compute_dtype, default_dtype, parse_dt
 from llama.generation import Llama
 from llama.memory import plan_memory
 from llama.model import ModelArgs, Transformer
+from llama.params import to_dict
 
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=32)
 MAX_SEQ_LEN, MAX_BATCH = 40, 4
@@ -284,7 +285,7 @@ def _params_only(tmp_path: Path, name: str, **params) -> Path:
     """A folder with only params.json: build must fail on it before looking for weights."""
     folder = tmp_path / name
     folder.mkdir()
-    (folder / "params.json").write_text(json.dumps({**ARGS.to_dict(), **params}))
+    (folder / "params.json").write_text(json.dumps({**to_dict(ARGS), **params}))
     return folder
 
 

@@ -21,8 +21,9 @@ import torch
 from llama import demo
 from llama.chat_format import ChatFormat
 from llama.checkpoint import load_params, load_state_dict, load_transformer
-from llama.gguf import byte_decoder, import_gguf, main
+from llama.gguf import byte_decoder, import_gguf, main, model_args
 from llama.model import ModelArgs, rope_frequencies
+from llama.params import to_dict
 from llama.tokenizer import Tokenizer
 
 SMOLLM2_PARAMS = {"dim": 576, "n_layers": 30, "n_heads": 9, "vocab_size": 49152, "n_kv_heads": 3, "multiple_of": 256,
@@ -314,7 +315,7 @@ def write_tiny_gguf(path: Path, arch: str = "llama", rope_freqs: np.ndarray | No
 
 
 def test_tiny_gguf_round_trip(tmp_path: Path) -> None:
-    scaled = ModelArgs(**{**TINY.to_dict(), "use_scaled_rope": True})
+    scaled = ModelArgs(**{**to_dict(TINY), "use_scaled_rope": True})
     divisors = (rope_frequencies(TINY) / rope_frequencies(scaled)).numpy()  # llama.cpp's rope_freqs
     weights = write_tiny_gguf(tmp_path / "tiny.gguf", rope_freqs=divisors)
     args = import_gguf(tmp_path / "tiny.gguf", tmp_path / "out")
@@ -332,6 +333,16 @@ def test_non_llama_architecture_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="architecture is 'gpt2'; only 'llama'"):
         import_gguf(tmp_path / "gpt2.gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_bad_metadata_values_are_named_like_params_json() -> None:
+    # The values go through llama.params like a params.json's: a zero layer count is named, not built.
+    meta = {"general.architecture": "llama", "llama.embedding_length": 64, "llama.attention.head_count": 4,
+            "llama.vocab_size": 96, "llama.feed_forward_length": 256, "llama.block_count": 0,
+            "llama.attention.layer_norm_rms_epsilon": 1e-5}  # fmt: skip
+    with pytest.raises(ValueError, match=r"^GGUF metadata: n_layers must be a positive integer, got 0 \(an integer\)$"):
+        model_args(meta)
+    assert model_args({**meta, "llama.block_count": 2}).n_layers == 2
 
 
 def test_unknown_rope_freqs_are_rejected(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from llama.checkpoint import load_params, load_state_dict, load_transformer, ran
 from llama.gguf import import_gguf, main, read_metadata, tokenizer_files
 from llama.gguf_export import export_gguf
 from llama.model import ModelArgs
+from llama.params import to_dict
 from llama.tokenizer import Tokenizer
 from tokenizer_texts import sample_texts
 
@@ -244,7 +245,7 @@ def test_transformers_reads_the_export_like_our_model(bf16_gguf: Path, meta_dir:
     missing, unexpected = hf.load_state_dict({k: torch.as_tensor(v) for k, v in tensors.items()}, strict=False)
     assert not missing and not unexpected
     hf = hf.float()
-    unscaled = ModelArgs(**{**ARGS.to_dict(), "use_scaled_rope": False})
+    unscaled = ModelArgs(**{**to_dict(ARGS), "use_scaled_rope": False})
     ids = torch.randint(0, ARGS.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         err = rel_err(hf(ids).logits, load_transformer(meta_dir, dtype=torch.float32, args=unscaled)(ids))

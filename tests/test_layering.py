@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "llama"
 LAYERS = [
     # the math, the machine, the vocabularies, types, progress lines, OpenMP settings, NaN hunting
     {"model", "devices", "tokenizer", "sp_tokenizer", "datatypes", "sampling", "progress", "openmp", "diagnose", "fp8"},
-    {"cli"},  # one command-line style for every entry point
+    {"cli", "params"},  # one command-line style for every entry point; params.json <-> ModelArgs
     # which tokenizer a file is, tool syntax, HF tokenizer files, C kernels
     {"family", "tool_calls", "hf_tokenizer", "native"},
     {"checkpoint"},  # files of weights

@@ -22,7 +22,7 @@ from llama.family import load_tokenizer, tokenizer_kind
 from llama.generation import chat_format_for
 from llama.generation import Llama
 from llama.memory import parameter_count
-from llama.model import ModelArgs
+from llama.params import from_dict
 from llama.reshard import reshard
 from llama.sp_tokenizer import SentencePieceTokenizer
 
@@ -127,7 +127,7 @@ def write_llama2_folder(folder: Path, params: dict, full: dict[str, torch.Tensor
 @pytest.mark.parametrize("name", list(LLAMA2_PARAMS))
 def test_released_llama2_params(name):
     params, ffn, kv_heads, count = LLAMA2_PARAMS[name]
-    args = ModelArgs.from_dict(params, vocab_size=32000)
+    args = from_dict(params, vocab_size=32000)
     assert (args.vocab_size, args.rope_theta, args.n_kv_heads, args.ffn_hidden_dim) == (32000, 10000.0, kv_heads, ffn)
     assert args.norm_eps == params["norm_eps"] and not args.use_scaled_rope
     assert parameter_count(args) == count
@@ -135,7 +135,7 @@ def test_released_llama2_params(name):
 
 def test_vocab_minus_one_needs_the_tokenizer(tmp_path, sp_model):
     with pytest.raises(ValueError, match="vocab_size is -1"):
-        ModelArgs.from_dict(LLAMA2_PARAMS["7B"][0])
+        from_dict(LLAMA2_PARAMS["7B"][0])
     (tmp_path / "params.json").write_text(json.dumps(TINY["mha"]))
     with pytest.raises(FileNotFoundError, match="no tokenizer.model"):
         load_params(tmp_path)
@@ -143,7 +143,7 @@ def test_vocab_minus_one_needs_the_tokenizer(tmp_path, sp_model):
     assert load_params(tmp_path).vocab_size == VOCAB  # the folder's tokenizer decides
     assert load_params(tmp_path, vocab_size=32000).vocab_size == 32000
     # Llama 3 files state rope_theta; an explicit value always wins over the Llama 2 default.
-    assert ModelArgs.from_dict({**TINY["mha"], "rope_theta": 500000.0}, vocab_size=8).rope_theta == 500000.0
+    assert from_dict({**TINY["mha"], "rope_theta": 500000.0}, vocab_size=8).rope_theta == 500000.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +155,7 @@ def llama2_folders(tmp_path_factory, sp_model):
     """name -> (args, full fp32 weights, {n_shards: folder}) for 1, 2 and 4 Meta-style shards."""
     out = {}
     for name, params in TINY.items():
-        args = ModelArgs.from_dict(params, vocab_size=VOCAB)
+        args = from_dict(params, vocab_size=VOCAB)
         full = random_state_dict(args, seed=3, dtype=torch.float32)
         folders = {}
         for n in (1, 2, 4):
@@ -391,7 +391,7 @@ def test_bad_dialogs(sp_tok, dialog, match):
 
 def test_chat_completion_on_llama2_folder(tmp_path, sp_model, sp_tok):
     params = TINY["mha"]
-    args = ModelArgs.from_dict(params, vocab_size=VOCAB)
+    args = from_dict(params, vocab_size=VOCAB)
     dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}]
     prompt = Llama2ChatFormat(sp_tok).encode_dialog_prompt(dialog)
     # The tokenizer is trained on this repository's text, so how a reply splits changes with the

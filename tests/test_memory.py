@@ -21,6 +21,7 @@ from llama.memory import (
     report,
 )
 from llama.model import ModelArgs, Transformer
+from llama.params import from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +43,7 @@ EXPECTED = {
 
 
 def args_of(name: str) -> ModelArgs:
-    return ModelArgs.from_dict(PARAMS[name])
+    return from_dict(PARAMS[name])
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

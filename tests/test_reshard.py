@@ -25,6 +25,7 @@ from llama.checkpoint import (
     write_checkpoint,
 )
 from llama.model import ModelArgs
+from llama.params import to_dict
 from llama.reshard import reshard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -211,7 +212,7 @@ def test_every_direction(name, n, m, tmp_path, ckpts, reference_logits):
 def test_kv_heads_duplicated_in_params(tmp_path, full, ckpts):
     dst = reshard(ckpts["kv1", 1], tmp_path / "out", 4, log=quiet)
     params = json.loads((dst / "params.json").read_text())
-    assert params == {**CONFIGS["kv1"].to_dict(), "n_kv_heads": 4}
+    assert params == {**to_dict(CONFIGS["kv1"]), "n_kv_heads": 4}
     for path in find_shards(dst):
         assert torch.equal(torch.load(path, weights_only=True)["layers.1.attention.wv.weight"],
                            full["kv1"]["layers.1.attention.wv.weight"])  # fmt: skip
