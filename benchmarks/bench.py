@@ -29,6 +29,7 @@ import torch
 
 from engines import ENGINES, ensure_checkpoints, load_engine, meta_tokenizer
 
+from llama.devices import DTYPES
 from llama.memory import GB, kv_cache_bytes, parameter_count
 from llama.model import ModelArgs
 
@@ -46,7 +47,6 @@ SHAPES = {
         ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True,
     ),  # fmt: skip
 }
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MARK = "@@bench "  # worker replies are the stdout lines starting with this
 SHORT_PROMPT = 16  # tokens per row of the batched decode run
 
@@ -417,7 +417,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="the small shape only")
     p.add_argument("--shapes", help=f"comma-separated, from {list(SHAPES)} (default: small + 1B on CPU, + 8B on CUDA)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--engines", help=f"comma-separated, from {ENGINES} (default: all but hf-compile for 1B on CPU)")
     p.add_argument("--threads", type=int, help="torch threads per engine (default: torch's, one per core)")
     p.add_argument("--reps", type=int, help="interleaved repetitions, best reported (default: 2 small + 1 1B on CPU, 3 CUDA)")

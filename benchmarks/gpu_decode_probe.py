@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from bench import bandwidth  # the read bandwidth bench.py's floors use
-from llama.generation import compile_decode_step
+from llama.devices import compile_decode_step
+from llama.fast import speed_up
 from llama.model import ModelArgs, Transformer
 
 ARGS_8B = dict(dim=4096, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024, ffn_dim_multiplier=1.3,
@@ -71,7 +72,7 @@ def random_model(n_layers: int) -> Transformer:
             if "norm" in name:
                 p.fill_(1.0)
     model.setup_cache(1, 640)
-    return model.eval()
+    return speed_up(model).eval()  # the modules Llama.build runs
 
 
 def step_ms(model: Transformer, compiled, tokens: torch.Tensor) -> float:

@@ -19,28 +19,42 @@ from llama.model import ModelArgs, Transformer
 # Keys present in old (Llama 1/2) checkpoints that the model does not use; dropped by name.
 UNUSED_KEYS = ("rope.freqs",)
 
-# Which dim each tensor is split along across model-parallel shards (None: replicated).
+# The model-parallel plan: how each module is split across shards (and ranks), keyed by its name
+# with ``layers.N.`` stripped; modules not named (the norms) are replicated. Meta's files are split
+# this way, and ``llama.parallel`` swaps each module for the fairscale layer of its kind:
+# - "colwise": rows of the weight (output features) split; "colwise_kv" the same, but never less than
+#   one whole KV head per rank; "colwise_gathered" the same, with the output all-gathered;
+# - "rowwise": columns (input features) split; "vocab": rows of the embedding table split.
+PLAN: dict[str, str] = {
+    "tok_embeddings": "vocab",
+    "attention.wq": "colwise",
+    "attention.wk": "colwise_kv",
+    "attention.wv": "colwise_kv",
+    "attention.wo": "rowwise",
+    "feed_forward.w1": "colwise",
+    "feed_forward.w3": "colwise",
+    "feed_forward.w2": "rowwise",
+    "output": "colwise_gathered",
+}
+REPLICATED = ("attention_norm", "ffn_norm", "norm")
+
+# Which dim each tensor is split along across model-parallel shards (None: replicated), from PLAN.
 SHARD_DIMS: dict[str, Optional[int]] = {
-    "tok_embeddings.weight": 0,
-    "attention.wq.weight": 0,
-    "attention.wk.weight": 0,
-    "attention.wv.weight": 0,
-    "attention.wo.weight": 1,
-    "feed_forward.w1.weight": 0,
-    "feed_forward.w3.weight": 0,
-    "feed_forward.w2.weight": 1,
-    "attention_norm.weight": None,
-    "ffn_norm.weight": None,
-    "norm.weight": None,
-    "output.weight": 0,
+    **{f"{name}.weight": 1 if kind == "rowwise" else 0 for name, kind in PLAN.items()},
+    **{f"{name}.weight": None for name in REPLICATED},
 }
 
 SHARD_PATTERN = re.compile(r"^consolidated\.(\d+)\.pth$")
 
 
+def layer_suffix(name: str) -> str:
+    """``layers.3.attention.wq`` -> ``attention.wq``: a module or key name as ``PLAN`` and ``SHARD_DIMS`` use it."""
+    return re.sub(r"^layers\.\d+\.", "", name)
+
+
 def shard_dim(key: str) -> Optional[int]:
     """The split dim of a checkpoint key (``layers.3.attention.wq.weight`` -> 0)."""
-    suffix = re.sub(r"^layers\.\d+\.", "", key)
+    suffix = layer_suffix(key)
     if suffix not in SHARD_DIMS:
         raise KeyError(key)
     return SHARD_DIMS[suffix]
@@ -66,12 +80,34 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def load_params(ckpt_dir: str | Path) -> ModelArgs:
-    """``ModelArgs`` from ``ckpt_dir/params.json``, with errors that name the folder."""
+def load_params(ckpt_dir: str | Path, vocab_size: Optional[int] = None) -> ModelArgs:
+    """``ModelArgs`` from ``ckpt_dir/params.json``, with errors that name the folder.
+
+    Llama 2's ``"vocab_size": -1`` becomes ``vocab_size`` (the tokenizer's size) or, when that is
+    not given, the size of the folder's own ``tokenizer.model``.
+    """
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"checkpoint folder not found: {ckpt_dir}")
-    return ModelArgs.load(ckpt_dir / "params.json")
+    path = ckpt_dir / "params.json"
+    if vocab_size is None and _says_vocab_minus_one(path):
+        tokenizer_path = ckpt_dir / "tokenizer.model"
+        if not tokenizer_path.is_file():
+            raise FileNotFoundError(
+                f"{path} has vocab_size -1 (Llama 2: the tokenizer decides), but {ckpt_dir} has no tokenizer.model"
+            )
+        from llama.family import load_tokenizer  # imported here: checkpoint.py needs no tokenizer otherwise
+
+        vocab_size = load_tokenizer(tokenizer_path).n_words
+    return ModelArgs.load(path, vocab_size)
+
+
+def _says_vocab_minus_one(path: Path) -> bool:
+    try:
+        params = json.loads(path.read_text())
+    except (OSError, ValueError):  # ModelArgs.load reports these
+        return False
+    return isinstance(params, dict) and params.get("vocab_size") == -1
 
 
 def find_shards(ckpt_dir: str | Path) -> list[Path]:
@@ -149,6 +185,17 @@ def load_state_dict(
     check_layout(args, n, world_size)
     shapes = expected_shapes(args)
     cache: dict[int, dict[str, torch.Tensor]] = {}
+    file_dims: dict[str, int] = {}  # split dims of the files where they differ from SHARD_DIMS
+
+    def split_dim(k: str, shape: torch.Size) -> Optional[int]:
+        # Llama 2 split tok_embeddings along dim 1 ([vocab, dim/N] per file), Llama 3 along dim 0:
+        # the first shard's shape decides, and every other shard is then checked against it.
+        d = shard_dim(k)
+        if k == "tok_embeddings.weight" and n > 1:
+            if tuple(shape) == (shapes[k][0], shapes[k][1] // n) and shapes[k][1] % n == 0:
+                d = 1
+            d = file_dims.setdefault(k, d)
+        return d
 
     def shard(i: int) -> dict[str, torch.Tensor]:
         if i not in cache:
@@ -169,7 +216,7 @@ def load_state_dict(
                     f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)})"
                 )
             for k, full in shapes.items():
-                d = shard_dim(k)
+                d = split_dim(k, sd[k].shape)
                 want = list(full)
                 if d is not None:
                     if full[d] % n:
@@ -184,11 +231,15 @@ def load_state_dict(
         return cache[i]
 
     out: dict[str, torch.Tensor] = {}
+    shard(0)  # validates the first file and finds its layout (file_dims)
     for key, full in shapes.items():
         d = shard_dim(key)
         rng = rank_range(key, args, rank, world_size)
         if d is None or (rng is None and n == 1):
             t = shard(0)[key]
+        elif file_dims.get(key, d) != d:  # Llama 2 embedding: this rank's rows, from every file's columns
+            pieces = [_take(shard(i)[key], d, rng) for i in range(n)]
+            t = torch.cat(pieces, dim=file_dims[key]).contiguous()
         else:
             lo, hi = rng if rng is not None else (0, full[d])
             per = full[d] // n

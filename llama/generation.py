@@ -9,25 +9,23 @@ import codecs
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence, TypedDict
+from typing import Iterator, Optional, Sequence, TypedDict, Union
 
 import torch
 
-from llama import native
-from llama.chat_format import ChatFormat
+from llama import sampling
 from llama.checkpoint import load_params, load_transformer
 from llama.datatypes import ChatPrediction, CompletionPrediction, Dialog
+from llama.devices import compile_decode_step, default_device, resolve_dtype
+from llama.chat_format import ChatFormat
+from llama.chat_format_llama2 import Llama2ChatFormat
+from llama.family import AnyTokenizer, load_tokenizer
+from llama.fast import speed_up
 from llama.memory import check_fits, plan_memory
 from llama.model import Transformer
 from llama.parallel import parallelize, setup_model_parallel
 from llama.sampling import sample_next
 from llama.tokenizer import Tokenizer
-
-DTYPES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-}
 
 
 class TokenEvent(TypedDict):
@@ -44,69 +42,11 @@ class TokenEvent(TypedDict):
     is_stop: bool
 
 
-def default_device() -> torch.device:
-    """CUDA when available, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX on x86, BF16 on Arm)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return any(flag in flags for flag in (" avx512_bf16", " amx_bf16", " bf16"))
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 (the checkpoints' own dtype) on CPUs and on GPUs with bf16; fp16 on other GPUs.
-
-    On CPUs without native bf16 the weights stay bf16 and are multiplied in float32
-    (``default_compute_dtype``): against fp32 weights that is half the memory and faster, Llama 3.2
-    1B shape on a 2-core AVX2 CPU: decode 87 ms/token (141 without the native kernels) against
-    225, prefill of 512 tokens 6.7 s against 7.8, peak RSS 2.9 GB against 9.1 (benchmarks/README.md).
-    """
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu":
-        return torch.bfloat16
-    return torch.float16
-
-
-def default_compute_dtype(device: torch.device, dtype: torch.dtype) -> Optional[torch.dtype]:
-    """float32 for 16-bit weights on a CPU without native bf16, where 16-bit matmuls are ~10x slower.
-
-    The weights stay 16-bit in memory; each product is computed in float32 and rounded back (see
-    ``llama.model.Linear``). None (multiply in the weights' dtype) everywhere else.
-    """
-    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not cpu_has_native_bf16():
-        return torch.float32
-    return None
-
-
-def compile_decode_step(model: Transformer, device: torch.device) -> Callable[..., torch.Tensor]:
-    """``torch.compile`` of ``model`` for the static-shape one-token step (``start_pos`` a tensor).
-
-    On CUDA: CUDA graphs (no per-kernel launch cost) and Inductor's coordinate-descent tuning of
-    the reductions it generates for one-row matrix products: an 8B step on an H100 takes 6.8 ms
-    with it against 7.6 ms with ``mode="reduce-overhead"`` alone (benchmarks/RESULTS-cuda.md).
-    """
-    if device.type == "cuda":
-        options = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
-        return torch.compile(model, fullgraph=True, dynamic=False, options=options)
-    return torch.compile(model, fullgraph=True, dynamic=False)
-
-
-def resolve_dtype(dtype: Optional[str | torch.dtype], device: torch.device) -> torch.dtype:
-    """A torch dtype from None (default for the device), a torch.dtype, or a name like "bf16"."""
-    if dtype is None:
-        return default_dtype(device)
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
+def chat_format_for(tokenizer: AnyTokenizer) -> Union[ChatFormat, Llama2ChatFormat]:
+    """The dialog encoder matching ``tokenizer.chat_format`` ("llama2", "llama3" or "chatml")."""
+    if tokenizer.chat_format == "llama2":
+        return Llama2ChatFormat(tokenizer)
+    return ChatFormat(tokenizer)
 
 
 class Llama:
@@ -133,8 +73,8 @@ class Llama:
 
         ``compile`` runs each one-token decode step through ``torch.compile`` (static shapes: the
         step attends over the whole cache with a position mask; see ``compile_decode_step``). The
-        first generation compiles (about a minute on CPU, three on a GPU, where kernels are tuned);
-        later ones are faster than eager, by ~3x on a GPU. Prefill stays eager.
+        first generation compiles (minutes on a GPU, where kernels are tuned); later ones are
+        faster than eager (benchmarks/README.md). Prefill stays eager.
         """
         start = time.time()
         device = torch.device(device) if device is not None else default_device()
@@ -142,11 +82,12 @@ class Llama:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", local_rank)
         dtype = resolve_dtype(dtype, device)
-        torch.manual_seed(seed)  # the same seed on every rank: ranks must sample the same tokens
 
-        args = load_params(ckpt_dir)
+        if not Path(ckpt_dir).is_dir():  # before the tokenizer, whose default path is inside it
+            raise FileNotFoundError(f"checkpoint folder not found: {ckpt_dir}")
         tokenizer_file = Path(tokenizer_path) if tokenizer_path else Path(ckpt_dir) / "tokenizer.model"
-        tokenizer = Tokenizer(tokenizer_file)
+        tokenizer = load_tokenizer(tokenizer_file)  # tiktoken (Llama 3) or SentencePiece (Llama 2), by content
+        args = load_params(ckpt_dir, vocab_size=tokenizer.n_words)  # Llama 2's vocab_size -1: the tokenizer's
         if args.vocab_size != tokenizer.n_words:
             raise ValueError(
                 f"{Path(ckpt_dir) / 'params.json'} has vocab_size={args.vocab_size}, but the tokenizer "
@@ -165,15 +106,7 @@ class Llama:
             ckpt_dir, device, dtype, rank, world_size, parallelize if world_size > 1 else None, args=args
         )
         model.setup_cache(max_batch_size, max_seq_len)
-        compute_dtype = default_compute_dtype(device, dtype)
-        # bf16 weights multiplied in float32 on a CPU: the native kernels stream them faster (llama/native.py).
-        # With several ranks fairscale's layers replace every Linear: those run torch's kernels throughout.
-        use_native = compute_dtype == torch.float32 and dtype == torch.bfloat16 and world_size == 1
-        kernels = native.kernels() if use_native else None
-        if kernels is None:
-            model.set_compute_dtype(compute_dtype)
-        else:
-            model.set_compute_dtype(compute_dtype, kernels.matvec, native.MAX_ROWS, kernels.attention)
+        speed_up(model, world_size)  # float32 compute of bf16 weights on CPUs without bf16, and more: llama/fast.py
         llama = Llama(model, tokenizer, rank=rank, seed=seed, compile=compile)
         llama.log(f"Loaded {ckpt_dir} on {device} as {dtype} ({world_size} rank(s)) in {time.time() - start:.2f} s")
         return llama
@@ -183,11 +116,12 @@ class Llama:
             raise ValueError("the model has no KV cache: call model.setup_cache(max_batch_size, max_seq_len) first")
         self.model = model
         self.tokenizer = tokenizer
-        self.formatter = ChatFormat(tokenizer)
+        self.formatter = chat_format_for(tokenizer)
         self.rank = rank
         self.device = model.tok_embeddings.weight.device
-        # Sampling draws from this generator only, seeded identically on every rank.
-        self.generator = torch.Generator(self.device).manual_seed(seed)
+        # Sampling draws from this generator only (no global seed), seeded identically on every rank
+        # so that all ranks sample the same tokens.
+        self.rng = torch.Generator(self.device).manual_seed(seed)
         # The compiled one-token step (start_pos passed as a tensor: one graph for every position).
         self.decode_step = compile_decode_step(model, self.device) if compile else None
 
@@ -249,7 +183,8 @@ class Llama:
             tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
         positions = torch.arange(total, device=self.device)
         in_prompt = positions[None, :] < lens[:, None]  # [B, total]
-        token_logprobs = torch.zeros((bsz, total), device=self.device) if logprobs else None
+        # float32 whatever torch's default dtype (Meta's CPU code sets bf16 globally)
+        token_logprobs = torch.zeros((bsz, total), dtype=torch.float32, device=self.device) if logprobs else None
         limit = lens + max_gen_len  # a row generates positions len(prompt) ... limit - 1
         stop_tokens = torch.tensor(sorted(self.tokenizer.stop_tokens), device=self.device)
         stopped = torch.zeros(bsz, dtype=torch.bool, device=self.device)
@@ -265,13 +200,13 @@ class Llama:
                 logits = self.decode_step(step_tokens, start_pos.fill_(prev), last_only=not logprobs)
             else:
                 logits = self.model(tokens[:, prev:cur], prev, last_only=not logprobs)  # [B, S or 1, V]
-            nxt = sample_next(logits[:, -1], temperature, top_p, self.generator)
+            nxt = sample_next(logits[:, -1], temperature, top_p, self.rng)
             is_new = ~in_prompt[:, cur] & ~stopped & (cur < limit)
             tokens[:, cur] = torch.where(in_prompt[:, cur], tokens[:, cur], nxt)
             if token_logprobs is not None:
                 # Log-probability of each next token under the logits that predicted it.
                 targets = tokens[:, prev + 1 : cur + 1]
-                token_logprobs[:, prev + 1 : cur + 1] = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None])[..., 0]
+                token_logprobs[:, prev + 1 : cur + 1] = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None])[..., 0]
             stopped_now = is_new & torch.isin(nxt, stop_tokens)
             stopped |= stopped_now
             yield cur, tokens, is_new, stopped_now, token_logprobs
@@ -351,7 +286,7 @@ class Llama:
         self, dialog: Dialog, temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None
     ) -> Iterator[TokenEvent]:
         """Stream the assistant's answer to one dialog, token by token (the last event may be the stop)."""
-        prompt = self.formatter.encode_dialog_prompt(validate_dialog(dialog))
+        prompt = self.formatter.encode_dialog_prompt(dialog)
         return self._stream_one(prompt, temperature, top_p, max_gen_len)
 
     def text_stream(
@@ -376,6 +311,11 @@ class Llama:
         echo: bool = False,
     ) -> list[CompletionPrediction]:
         """Complete each prompt (BOS prepended). ``max_gen_len`` None means up to max_seq_len - 1."""
+        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+            raise ValueError(f"text_completion takes a list of prompts, got a {type(prompts).__name__}: use [prompt]")
+        for i, x in enumerate(prompts):
+            if not isinstance(x, str):
+                raise ValueError(f"prompt {i} is a {type(x).__name__}, not a str (token ids go to generate())")
         max_gen_len = self.model.max_seq_len - 1 if max_gen_len is None else max_gen_len
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
         tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
@@ -399,8 +339,12 @@ class Llama:
         The generated message carries ``stop_reason`` ("end_of_turn", "end_of_message",
         "out_of_tokens") and, for Llama 3.1 tool use, the parsed ``tool_calls``.
         """
+        if isinstance(dialogs, (str, dict)) or not isinstance(dialogs, (list, tuple)):
+            raise ValueError(f"chat_completion takes a list of dialogs, got a {type(dialogs).__name__}")
+        if dialogs and isinstance(dialogs[0], dict):
+            raise ValueError("chat_completion takes a list of dialogs, got one dialog (a list of messages): use [dialog]")
         max_gen_len = self.model.max_seq_len - 1 if max_gen_len is None else max_gen_len
-        prompt_tokens = [self.formatter.encode_dialog_prompt(validate_dialog(d, i)) for i, d in enumerate(dialogs)]
+        prompt_tokens = [self.formatter.encode_dialog_prompt(d, index=i) for i, d in enumerate(dialogs)]
         tokens, lps, stops = self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, False)
         out: list[ChatPrediction] = []
         for t, lp, stop in zip(tokens, lps, stops):
@@ -413,31 +357,10 @@ class Llama:
         return out
 
 
-def validate_dialog(dialog: Dialog, index: int = 0) -> Dialog:
-    """Check a dialog's order: [system] then user/ipython and assistant turns, ending for the model.
+def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Meta's ``llama.generation.sample_top_p``: top-p sampling of probs [B, V] -> token ids [B, 1].
 
-    ``ipython`` (a tool result) must follow an assistant turn; the last message must be from
-    user or ipython, since the assistant answers next.
+    A thin alias of ``llama.sampling.sample_top_p`` (which returns [B]) with Meta's output shape.
+    Without ``generator`` it draws from torch's global RNG, as Meta's does.
     """
-    where = f"dialog {index}"
-    if not isinstance(dialog, (list, tuple)) or not dialog:
-        raise ValueError(f"{where} is empty: give at least one user message")
-    prev = None
-    for j, m in enumerate(dialog):
-        if not isinstance(m, dict) or "role" not in m or not isinstance(m.get("content"), str):
-            raise ValueError(f"{where}, message {j}: expected {{'role': ..., 'content': str}}, got {m!r}")
-        role = m["role"]
-        if role not in ("system", "user", "assistant", "ipython"):
-            raise ValueError(f"{where}, message {j}: unknown role {role!r}; use system, user, assistant or ipython")
-        if role == "system" and j != 0:
-            raise ValueError(f"{where}, message {j}: a system message may only come first")
-        if role == "assistant" and prev not in ("user", "ipython"):
-            raise ValueError(f"{where}, message {j}: an assistant message must follow a user or ipython message")
-        if role == "ipython" and prev != "assistant":
-            raise ValueError(f"{where}, message {j}: an ipython (tool result) message must follow an assistant message")
-        if role == "user" and prev not in (None, "system", "assistant"):
-            raise ValueError(f"{where}, message {j}: a user message cannot follow a {prev} message")
-        prev = role
-    if prev not in ("user", "ipython"):
-        raise ValueError(f"{where}: the last message is from {prev}; it must be from user or ipython")
-    return dialog
+    return sampling.sample_top_p(probs, p, generator)[:, None]

@@ -1,6 +1,7 @@
 """Import a llama-architecture GGUF file as a Meta-format checkpoint folder.
 
     python -m llama.gguf MODEL.gguf OUT_DIR [--dtype bf16|fp32]
+    python -m llama.gguf export SRC OUT.gguf [--type bf16|q8_0]   (see llama/gguf_export.py)
 
 writes ``OUT_DIR`` with ``consolidated.00.pth``, ``params.json``, ``tokenizer.model`` (tiktoken
 BPE), ``tokenizer_spec.json`` (the vocabulary's special tokens, pattern and chat format) and
@@ -28,24 +29,11 @@ import numpy as np
 import torch
 
 from llama.checkpoint import expected_shapes, write_checklist
-from llama.convert import DTYPES, atomic_folder, meta_ffn_params
+from llama.convert import atomic_folder, meta_ffn_params
+from llama.devices import DTYPES
 from llama.model import ModelArgs
-
-# GGUF tensor names -> Meta names; "{}" is the layer number.
-TENSOR_NAMES = {
-    "token_embd.weight": "tok_embeddings.weight",
-    "output_norm.weight": "norm.weight",
-    "output.weight": "output.weight",
-    "blk.{}.attn_q.weight": "layers.{}.attention.wq.weight",
-    "blk.{}.attn_k.weight": "layers.{}.attention.wk.weight",
-    "blk.{}.attn_v.weight": "layers.{}.attention.wv.weight",
-    "blk.{}.attn_output.weight": "layers.{}.attention.wo.weight",
-    "blk.{}.ffn_gate.weight": "layers.{}.feed_forward.w1.weight",
-    "blk.{}.ffn_down.weight": "layers.{}.feed_forward.w2.weight",
-    "blk.{}.ffn_up.weight": "layers.{}.feed_forward.w3.weight",
-    "blk.{}.attn_norm.weight": "layers.{}.attention_norm.weight",
-    "blk.{}.ffn_norm.weight": "layers.{}.ffn_norm.weight",
-}
+from llama.gguf_export import TENSOR_NAMES
+from llama.tokenizer import LLAMA3_PATTERN
 
 # Pre-tokenizer regexes (tokenizer.ggml.pre) for tiktoken, which applies one regex.
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -54,10 +42,6 @@ GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s
 # regex, a whitespace run just before a digit ends its piece, so `\s+(?!\S)` becomes
 # `\s+(?![^\s\p{N}])`: "a   1" splits "a", "   ", "1" as the two-stage split does.
 DIGITS_PATTERN = r"\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"
-LLAMA3_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 PRE_TOKENIZER_PATTERNS = {
     "smollm": DIGITS_PATTERN,
     "starcoder": DIGITS_PATTERN,
@@ -66,6 +50,7 @@ PRE_TOKENIZER_PATTERNS = {
     "gpt2": GPT2_PATTERN,
     "llama-bpe": LLAMA3_PATTERN,
     "llama3": LLAMA3_PATTERN,
+    "llama-v3": LLAMA3_PATTERN,
 }
 
 # GGUF token types (llama.cpp's llama_token_type).
@@ -138,7 +123,9 @@ def scaled_rope_args(args: ModelArgs, meta: dict[str, Any], rope_freqs: np.ndarr
     """Llama 3.1 files carry ``rope_freqs.weight`` (per-frequency divisors): map it to use_scaled_rope."""
     from llama.model import rope_frequencies
 
-    factor = float(meta.get("llama.rope.scaling.factor", 8.0))
+    # llama.cpp's converter writes no factor key (llama.cpp would read it as linear scaling): the
+    # largest divisor, that of the lowest frequencies, is the factor (8 for 3.1, 32 for 3.2)
+    factor = float(meta.get("llama.rope.scaling.factor") or np.max(np.asarray(rope_freqs, dtype=np.float32)))
     scaled = ModelArgs(**{**args.to_dict(), "use_scaled_rope": True, "rope_scale_factor": factor})
     ours = rope_frequencies(args) / rope_frequencies(scaled)
     theirs = torch.tensor(np.asarray(rope_freqs, dtype=np.float32).reshape(-1))
@@ -215,6 +202,9 @@ def tokenizer_files(meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         tid = meta.get(f"tokenizer.ggml.{key}")
         return tokens[tid] if tid is not None and 0 <= tid < len(tokens) and tokens[tid] in specials else None
 
+    # llama.cpp adds BOS for the Llama 3 pre-tokenizers when the file has no add_bos_token key
+    # (llama.cpp's own Llama 3 vocabulary has none); otherwise only when the file asks for it.
+    add_bos = meta.get("tokenizer.ggml.add_bos_token", PRE_TOKENIZER_PATTERNS[pre] == LLAMA3_PATTERN)
     template = meta.get("tokenizer.chat_template") or ""
     if "<|im_start|>" in specials and "<|im_end|>" in specials and "<|start_header_id|>" not in template:
         chat_format, eot = "chatml", "<|im_end|>"
@@ -231,7 +221,7 @@ def tokenizer_files(meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         "vocab_size": len(tokens),
         "special_tokens": specials,
         # BOS only when the file asks for it (SmolLM2 names <|im_start|> as BOS but never adds it).
-        "bos_token": name("bos_token_id") if meta.get("tokenizer.ggml.add_bos_token") else None,
+        "bos_token": name("bos_token_id") if add_bos else None,
         "eos_token": eos,
         "eot_token": eot,
         "eom_token": "<|eom_id|>" if chat_format == "llama3" and "<|eom_id|>" in specials else None,
@@ -247,13 +237,18 @@ def tokenizer_files(meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 def _check_merge_order(tokens: list[str], merges: list[str]) -> None:
     """tiktoken merges by rank; the file's BPE merges in list order. Rank = id is the same BPE only
-    if merge i creates token ids in increasing order."""
+    if the merges create token ids in non-decreasing order. Equal ids are splits of one token
+    (Llama 3 lists "Ġ ĠĠĠ", "ĠĠ ĠĠ", "ĠĠĠ Ġ" for id 257, as Hugging Face's tiktoken converter
+    writes them), which tiktoken ranks alike. Two splits of one token that overlap are the same
+    pair (xy = yz forces x = z); only two disjoint, different splits present at once could be
+    merged in another order (tiktoken: leftmost first; llama.cpp: list order first), which
+    tests/test_gguf_export.py checks does not happen on Llama 3 text."""
     ids = {t: i for i, t in enumerate(tokens)}
     last = -1
     for i, merge in enumerate(merges):
         a, _, b = merge.partition(" ")
         tid = ids.get(a + b)
-        if tid is None or tid <= last:
+        if tid is None or tid < last:
             raise ValueError(f"GGUF merge {i} ({merge!r}) breaks id order: token ids are not BPE ranks")
         last = tid
 
@@ -300,10 +295,15 @@ def print_progress(n: int, total: int, name: str) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:  # python -m llama.gguf export SRC OUT.gguf: the other direction
+        from llama.gguf_export import main as export_main
+
+        return export_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m llama.gguf", description=__doc__.split("\n\n")[0])
     parser.add_argument("gguf", type=Path, help="a llama-architecture .gguf file")
     parser.add_argument("out_dir", type=Path, help="Meta-format folder to create (must not exist)")
-    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="fp32", help="weight dtype (default fp32)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weight dtype (default fp32)")
     a = parser.parse_args(argv)
     try:
         args = import_gguf(a.gguf, a.out_dir, DTYPES[a.dtype], progress=print_progress)

@@ -13,6 +13,7 @@ from typing import Optional
 import fire
 import torch
 
+from llama.devices import parse_dtype
 from llama.model import ModelArgs
 
 GiB = 1024**3
@@ -115,7 +116,11 @@ def check_fits(plan: MemoryPlan, device: torch.device | str, available: Optional
 
 def _load_args(path: str | Path) -> ModelArgs:
     path = Path(path)
-    return ModelArgs.load(path / "params.json" if path.is_dir() else path)
+    if path.is_dir():  # load_params resolves Llama 2's vocab_size -1 from the folder's tokenizer
+        from llama.checkpoint import load_params
+
+        return load_params(path)
+    return ModelArgs.load(path)
 
 
 def report(args: ModelArgs, max_seq_len: int, max_batch_size: int, dtype: torch.dtype, world_size: int = 1) -> str:
@@ -136,7 +141,7 @@ def main(
 ) -> None:
     """Print weights and KV-cache needs for a checkpoint folder or a params.json file."""
     args = _load_args(path)
-    print(report(args, max_seq_len, max_batch_size, getattr(torch, dtype), world_size))
+    print(report(args, max_seq_len, max_batch_size, parse_dtype(dtype), world_size))
 
 
 if __name__ == "__main__":

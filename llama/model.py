@@ -3,15 +3,17 @@
 Reads top to bottom like the paper: ModelArgs -> RMSNorm -> RoPE -> attention -> feed-forward
 -> block -> Transformer. Module names equal the checkpoint keys (``layers.N.attention.wq`` ...), so
 weights load with no renaming. This file imports only torch: no ranks, no devices picked for you,
-no process groups. Model parallelism is applied afterwards by ``llama.parallel``; the math reshapes
-heads with ``-1`` so it never needs to know how many heads live on this rank.
+no process groups, no speed tricks. Model parallelism is applied afterwards by ``llama.parallel``
+(the math reshapes heads with ``-1`` so it never needs to know how many heads live on this rank),
+and the fast paths of ``Llama.build`` by ``llama.fast``, both by swapping modules.
 """
 
 import json
 import math
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Optional
+from types import SimpleNamespace
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,8 @@ from torch import nn
 ROPE_LOW_FREQ_FACTOR = 1.0
 ROPE_HIGH_FREQ_FACTOR = 4.0
 ROPE_ORIGINAL_CONTEXT = 8192
+# Llama 1/2 params.json files carry no rope_theta: Meta's Llama 2 code fixes theta at 10000.
+LLAMA2_ROPE_THETA = 10000.0
 
 
 @dataclass
@@ -84,8 +88,17 @@ class ModelArgs:
         return 131072 if self.use_scaled_rope else ROPE_ORIGINAL_CONTEXT
 
     @classmethod
-    def from_dict(cls, params: dict[str, Any], source: str = "params") -> "ModelArgs":
-        """Build from a ``params.json`` dict; unknown or missing keys are errors naming the key."""
+    def from_dict(cls, params: dict[str, Any], source: str = "params", vocab_size: Optional[int] = None) -> "ModelArgs":
+        """Build from a ``params.json`` dict; unknown or missing keys are errors naming the key.
+
+        Llama 1/2 files: an absent ``rope_theta`` is 10000 (Llama 3 files always state theirs), and
+        ``"vocab_size": -1`` means "the tokenizer decides": pass ``vocab_size`` (tokenizer.n_words).
+        """
+        params = {"rope_theta": LLAMA2_ROPE_THETA, **params}
+        if params.get("vocab_size") == -1:
+            if vocab_size is None:
+                raise ValueError(f"{source}: vocab_size is -1 (Llama 2: the tokenizer decides); give the tokenizer's size")
+            params["vocab_size"] = vocab_size
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(params) - known)
         if unknown:
@@ -100,8 +113,8 @@ class ModelArgs:
             raise ValueError(f"{source}: {e}") from None
 
     @classmethod
-    def load(cls, path: str | Path) -> "ModelArgs":
-        """Read a ``params.json`` file."""
+    def load(cls, path: str | Path, vocab_size: Optional[int] = None) -> "ModelArgs":
+        """Read a ``params.json`` file (``vocab_size``: the tokenizer's, for Llama 2's -1)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"params file not found: {path} (a checkpoint folder holds params.json)")
@@ -111,7 +124,7 @@ class ModelArgs:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(params, dict):
             raise ValueError(f"{path}: expected a JSON object, got {type(params).__name__}")
-        return cls.from_dict(params, source=str(path))
+        return cls.from_dict(params, source=str(path), vocab_size=vocab_size)
 
     def to_dict(self) -> dict[str, Any]:
         """The params.json form: Meta's keys, plus ``rope_scale_factor`` only when it is not 8."""
@@ -135,65 +148,6 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight
-
-
-class Linear(nn.Linear):
-    """``nn.Linear`` without bias (same ``weight`` key) that can multiply 16-bit weights in float32.
-
-    CPUs without native bf16 (AVX2; AVX-512 without BF16) multiply bf16 matrices up to 7x slower
-    than float32 ones (benchmarks/README.md), so with ``compute_dtype = torch.float32`` the weights
-    stay 16-bit in memory and each product is computed in float32, rounded back to x's dtype:
-    - one row (batch-1 decode), eager: the bf16 matrix-vector kernel, which already accumulates in
-      float32 and reads half the bytes that a widened copy would;
-    - a few rows inside ``torch.compile`` (the compiled decode step): written as multiply + sum,
-      which Inductor fuses into one pass that widens the weights in registers, on all threads;
-    - otherwise (prefill, batched decode): widen a block of rows at a time into ``widen_buffer``
-      and run the float32 matmul on it. The buffer is cache-sized and allocated once, shared by
-      every layer (``Transformer.set_compute_dtype``): a fresh full-size float32 copy of a weight
-      costs more in page faults than the matmul.
-    ``compute_dtype = None`` (the default) is plain ``F.linear``.
-
-    ``matvec``, when set (``Transformer.set_compute_dtype``), replaces the first two cases for up
-    to ``matvec_rows`` rows: a function (x [rows, in], weight) -> [rows, out] in x's dtype that
-    sums in float32, such as ``llama.native.kernels().matvec``, which streams bf16 weights faster
-    than torch's kernels.
-    """
-
-    WIDEN_BLOCK = 1 << 20  # weights widened per block: 1M elements = 4 MiB of float32, cache-sized
-    COMPILED_MAX_ROWS = 16  # beyond this, the compiled step uses the blocked matmul too
-
-    def __init__(self, in_features: int, out_features: int, device=None, dtype=None):
-        super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
-        self.compute_dtype: Optional[torch.dtype] = None
-        self.widen_buffer: Optional[torch.Tensor] = None  # [WIDEN_BLOCK] in compute_dtype
-        self.matvec: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
-        self.matvec_rows = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight  # [out, in]
-        if self.compute_dtype is None or self.compute_dtype == w.dtype:
-            return F.linear(x, w)
-        rows = x.numel() // x.shape[-1]
-        if self.matvec is not None and rows <= self.matvec_rows:
-            return self.matvec(x.reshape(rows, -1), w).view(*x.shape[:-1], -1)  # [..., out] in x's dtype
-        if torch.compiler.is_compiling() and rows <= self.COMPILED_MAX_ROWS:
-            # [out, 1, in] * [1, rows, in] summed over in -> [out, rows]: each weight row is read once.
-            x2 = x.reshape(1, rows, -1).to(self.compute_dtype)
-            out = (w[:, None, :].to(self.compute_dtype) * x2).sum(-1)
-            return out.T.reshape(*x.shape[:-1], -1).to(x.dtype)
-        if rows == 1:
-            return F.linear(x, w)
-        x32 = x.to(self.compute_dtype)
-        out = torch.empty(*x.shape[:-1], w.shape[0], device=x.device, dtype=x.dtype)  # [..., out]
-        step = max(1, self.WIDEN_BLOCK // w.shape[1])
-        if self.widen_buffer is not None and self.widen_buffer.numel() >= step * w.shape[1]:
-            block = self.widen_buffer[: step * w.shape[1]].view(step, w.shape[1])
-        else:
-            block = torch.empty(step, w.shape[1], device=w.device, dtype=self.compute_dtype)
-        for start in range(0, w.shape[0], step):
-            wide = block[: min(step, w.shape[0] - start)].copy_(w[start : start + step])  # [step, in]
-            out[..., start : start + wide.shape[0]] = torch.matmul(x32, wide.T)
-        return out
 
 
 def rope_frequencies(args: ModelArgs, device=None) -> torch.Tensor:
@@ -221,9 +175,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate adjacent pairs (2i, 2i+1) of each head (Meta's layout). x: [B, S, H, hd]; cos/sin: [S, hd/2].
 
     Each pair (x0, x1) becomes (x0 cos - x1 sin, x0 sin + x1 cos): the complex product
-    (x0 + i x1)(cos + i sin). Eager runs it as one complex multiply (~3x faster than four real
-    ones on a decode step's small tensors); Inductor generates no code for complex tensors, so
-    compiled graphs get the real form, which it fuses.
+    (x0 + i x1)(cos + i sin). Eager runs it as one complex multiply, faster than four real ones on
+    a decode step's small tensors (benchmarks/README.md); Inductor generates no code for complex
+    tensors, so compiled graphs get the real form, which it fuses.
     """
     cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads: [S, 1, hd/2]
     if torch.compiler.is_compiling():
@@ -276,15 +230,11 @@ class Attention(nn.Module):
         super().__init__()
         hd, kw = args.head_dim, {"device": device, "dtype": dtype}
         self.head_dim = hd
-        self.wq = Linear(args.dim, args.n_heads * hd, **kw)
-        self.wk = Linear(args.dim, args.n_kv_heads * hd, **kw)
-        self.wv = Linear(args.dim, args.n_kv_heads * hd, **kw)
-        self.wo = Linear(args.n_heads * hd, args.dim, **kw)
+        self.wq = nn.Linear(args.dim, args.n_heads * hd, bias=False, **kw)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * hd, bias=False, **kw)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * hd, bias=False, **kw)
+        self.wo = nn.Linear(args.n_heads * hd, args.dim, bias=False, **kw)
         self.cache: Optional[KVCache] = None
-        # How one-token eager steps attend (see Transformer.set_compute_dtype): in compute_dtype if set,
-        # or with ``attend(q [B, Hq, hd], k, v [B, Hkv, T, hd]) -> [B, Hq, hd]``, a kernel reading a bf16 cache.
-        self.compute_dtype: Optional[torch.dtype] = None
-        self.attend: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = None
 
     def forward(
         self,
@@ -303,22 +253,24 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, hd]
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)  # [B, Hkv, T, hd]: T = start_pos + S, or max_seq_len
-        if seqlen > 1:
-            # Prefill: SDPA's fused (flash) kernel shares K/V heads without copies (enable_gqa) and
-            # is 4x (float32) to 35x (bf16 on CPU) faster than the matmuls of grouped_attention.
-            causal = isinstance(start_pos, int) and start_pos == 0 and k.shape[2] == seqlen
-            if mask is None and not causal:
-                mask = causal_mask(start_pos, seqlen, k.shape[2], x.device)
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=None if causal else mask, is_causal=causal, enable_gqa=True
-            )  # [B, Hq, S, hd]
-        elif self.attend is not None and isinstance(start_pos, int) and k.dtype == torch.bfloat16:
-            out = self.attend(q[:, :, 0], k, v)[:, :, None]  # q[:, :, 0]: [B, Hq, hd]; out [B, Hq, 1, hd]
-        else:
-            # One query per row: two small matmuls, K/V heads shared, in compute_dtype if set.
-            dtype = self.compute_dtype or q.dtype
-            out = grouped_attention(q.to(dtype), k.to(dtype), v.to(dtype), start_pos, mask).type_as(q)
+        out = self.attend(q, k, v, start_pos, mask)  # [B, Hq, S, hd]
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int | torch.Tensor, mask: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """softmax(q k^T / sqrt(hd) + mask) v. q: [B, Hq, S, hd]; k, v: [B, Hkv, T, hd] -> [B, Hq, S, hd].
+
+        ``mask`` ([S, T] bool, from ``causal_mask``) None means causal attention for a prompt from
+        position 0 (S = T), and every cached position for one query (a decode step: nothing it
+        may not see is cached yet). SDPA lets consecutive query heads share a K/V head without
+        copying it (``enable_gqa``). ``llama.fast`` replaces this for one-token steps.
+        """
+        seqlen, total = q.shape[2], k.shape[2]
+        if mask is None and seqlen > 1 and seqlen != total:
+            mask = causal_mask(start_pos, seqlen, total, q.device)
+        causal = mask is None and seqlen > 1
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
 
 
 def causal_mask(start_pos: int | torch.Tensor, seqlen: int, total: int, device=None) -> torch.Tensor:
@@ -327,41 +279,15 @@ def causal_mask(start_pos: int | torch.Tensor, seqlen: int, total: int, device=N
     return torch.arange(total, device=device)[None, :] <= query_pos[:, None]
 
 
-def grouped_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int = 0, mask: Optional[torch.Tensor] = None
-) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hd) + causal mask) v with each KV head serving n_heads/n_kv_heads queries.
-
-    q: [B, Hq, S, hd]; k, v: [B, Hkv, T, hd]. ``mask`` ([S, T] bool, from ``causal_mask``) defaults
-    to the causal mask of queries at start_pos ... start_pos + S - 1 over T = start_pos + S keys.
-    Cached positions before start_pos are all visible, so a one-token eager decode step needs no
-    mask at all. K/V are never repeated: the query heads of a group are folded into the rows of one
-    matmul.
-    """
-    bsz, n_q, seqlen, hd = q.shape
-    n_kv, total = k.shape[1], k.shape[2]
-    n_rep = n_q // n_kv
-    if mask is None and seqlen > 1:
-        mask = causal_mask(start_pos, seqlen, total, q.device)
-    # Consecutive query heads share a KV head: [B, Hkv, n_rep * S, hd].
-    qg = q.reshape(bsz, n_kv, n_rep * seqlen, hd)
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float() / math.sqrt(hd)  # [B, Hkv, n_rep*S, T]
-    if mask is not None:
-        scores = scores.view(bsz, n_kv, n_rep, seqlen, total).masked_fill(~mask, float("-inf"))
-        scores = scores.view(bsz, n_kv, n_rep * seqlen, total)
-    probs = torch.softmax(scores, dim=-1).type_as(q)
-    return torch.matmul(probs, v).view(bsz, n_q, seqlen, hd)
-
-
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
     def __init__(self, args: ModelArgs, device=None, dtype=None):
         super().__init__()
         hidden, kw = args.ffn_hidden_dim, {"device": device, "dtype": dtype}
-        self.w1 = Linear(args.dim, hidden, **kw)
-        self.w2 = Linear(hidden, args.dim, **kw)
-        self.w3 = Linear(args.dim, hidden, **kw)
+        self.w1 = nn.Linear(args.dim, hidden, bias=False, **kw)
+        self.w2 = nn.Linear(hidden, args.dim, bias=False, **kw)
+        self.w3 = nn.Linear(args.dim, hidden, bias=False, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -399,12 +325,17 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, **kw)
         self.layers = nn.ModuleList(TransformerBlock(args, **kw) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps, **kw)
-        self.output = Linear(args.dim, args.vocab_size, **kw)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False, **kw)
         self.max_batch_size = 0
         self.max_seq_len = 0
         # RoPE tables for every cache position, made by setup_cache: [max_seq_len, head_dim/2] fp32.
         self._rope_cos: Optional[torch.Tensor] = None
         self._rope_sin: Optional[torch.Tensor] = None
+
+    @property
+    def params(self) -> SimpleNamespace:
+        """Meta's ``model.params``: a read-only copy of ``args`` plus the cache's max_seq_len and max_batch_size."""
+        return SimpleNamespace(**asdict(self.args), max_seq_len=self.max_seq_len, max_batch_size=self.max_batch_size)
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int) -> None:
         """Allocate the KV cache (and RoPE tables) on the model's device and dtype."""
@@ -417,37 +348,6 @@ class Transformer(nn.Module):
         freqs = rope_frequencies(self.args, device=weight.device)
         self._rope_cos, self._rope_sin = rope_cos_sin(freqs, torch.arange(max_seq_len, device=weight.device))
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
-
-    def set_compute_dtype(
-        self,
-        dtype: Optional[torch.dtype],
-        matvec: Optional[Callable] = None,
-        matvec_rows: int = 0,
-        attend: Optional[Callable] = None,
-    ) -> None:
-        """Multiply 16-bit weights, and attend over a 16-bit cache, in ``dtype``; None: in their own dtype.
-
-        float32 is ~7x faster than bf16 on CPUs without native bf16 (see ``Linear``); the weights and
-        cache stay 16-bit in memory. With ``dtype`` float32, kernels can take over (such as
-        ``llama.native.kernels()``): ``matvec`` multiplies up to ``matvec_rows`` activation rows by
-        each contiguous bf16 weight (see ``Linear``), and ``attend`` computes the attention of eager
-        one-token steps over a bf16 cache (see ``Attention``).
-        """
-        device = self.tok_embeddings.weight.device
-        # One widening buffer for every Linear: layers run one after another.
-        buffer = None if dtype is None else torch.empty(Linear.WIDEN_BLOCK, device=device, dtype=dtype)
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.compute_dtype, module.widen_buffer = dtype, buffer
-                w = module.weight
-                usable = dtype == torch.float32 and w.dtype == torch.bfloat16 and w.is_contiguous()
-                module.matvec = matvec if usable else None
-                module.matvec_rows = matvec_rows if usable else 0
-            elif isinstance(module, Attention):
-                module.compute_dtype = dtype
-                # The cache has the weights' dtype (setup_cache); the kernel reads a bf16 one.
-                bf16 = module.wk.weight.dtype == torch.bfloat16
-                module.attend = attend if dtype == torch.float32 and bf16 else None
 
     def clear_cache(self) -> None:
         """Free the KV cache; forward then runs full sequences only."""

@@ -2,13 +2,13 @@
 
 Decoding a token multiplies every weight matrix by one activation row (a few at batch > 1), so it
 runs at the speed the weights stream from memory. On AVX2 CPUs torch's bf16 kernels widen bf16 to
-float32 at about 55% of the machine's read bandwidth; ``csrc/bf16_matvec.c`` (~140 lines of C,
-ours) keeps up with it, which makes batch-1 decoding ~1.7x faster (benchmarks/RESULTS.md). The
-attention of a one-token step is the second largest cost: ``csrc/bf16_attention.c`` (~150 lines)
-reads the bf16 KV cache in place instead of copying it to float32 for torch's matmuls, 2.5x
-faster. Everything else in the library is plain PyTorch, and so is every result: the kernels
-compute in float32 like the torch path they replace; only the order of the additions (and the
-exp's last bit) differ, and tests/test_native.py checks them against float64.
+float32 well below the machine's read bandwidth; ``csrc/bf16_matvec.c`` (ours) keeps up with it.
+The attention of a one-token step is the second largest cost: ``csrc/bf16_attention.c`` (ours)
+reads the bf16 KV cache in place instead of copying it to float32 for torch's matmuls. What each
+buys is measured in benchmarks/README.md. Everything else in the library is plain PyTorch, and so
+is every result: the kernels compute in float32 like the torch path they replace (``llama.fast``);
+only the order of the additions (and the exp's last bit) differ, and tests/test_native.py checks
+them against float64.
 
 The kernels are compiled on first use with the system C compiler (``$CC``, else ``cc``) into
 ``$XDG_CACHE_HOME/llama/native`` (``~/.cache/llama/native``), once per source version; that takes
@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
 import torch
+
+from llama.devices import cache_root, cpu_flags
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "bf16_matvec.c", CSRC / "bf16_attention.c")  # compiled into one shared library
@@ -54,11 +56,7 @@ def cpu_supported() -> bool:
     """x86-64 Linux with AVX2 and FMA (the instructions the kernel is compiled for)."""
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return False
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return False
-    return {"avx2", "fma"} <= set(flags.split())
+    return {"avx2", "fma"} <= cpu_flags()
 
 
 def build(cache_dir: Optional[Path] = None) -> Path:
@@ -68,9 +66,7 @@ def build(cache_dir: Optional[Path] = None) -> Path:
     Concurrent builds (torchrun ranks) are safe: each writes a temporary file and renames it.
     """
     if cache_dir is None:
-        from llama.demo import cache_root  # one cache folder for everything the library makes
-
-        cache_dir = cache_root() / "native"
+        cache_dir = cache_root() / "native"  # one cache folder for everything the library makes
     compiler = os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C compiler {compiler!r} on PATH (set CC, or LLAMA_NATIVE=0 to stop trying)")
@@ -103,7 +99,7 @@ def load(path: Path) -> Kernels:
     - ``attention(q, k, v) -> out``: one query per head, q [B, Hq, hd] float32 or bf16, k and v
       [B, Hkv, T, hd] bf16 with equal strides and contiguous last dimensions (views of a KV cache),
       Hq a multiple of Hkv; out [B, Hq, hd] in q's dtype: softmax(q k^T / sqrt(hd)) v, query head
-      h using KV head h // (Hq / Hkv), as ``llama.model.grouped_attention``.
+      h using KV head h // (Hq / Hkv), as ``llama.fast.grouped_attention``.
 
     A bf16 output is each float32 result rounded to nearest even, as ``.to(torch.bfloat16)`` rounds.
     """
@@ -173,8 +169,9 @@ def kernels() -> Optional[Kernels]:
 
     # torch.compile sees each kernel as an opaque operator, and so does torch.profiler (a ctypes
     # call is invisible to it). They are registered with torch.library's low-level API: the
-    # dispatcher then adds ~3 us a call, where @custom_op adds ~20 (a decode step makes 113
-    # matvec calls for a 16-layer model). Other eager calls skip the dispatcher.
+    # dispatcher then adds a few us a call, several times less than @custom_op, which matters at
+    # the 113 matvec calls of a 16-layer decode step (benchmarks/README.md). Other eager calls
+    # skip the dispatcher.
     global _LIBRARY
     if _LIBRARY is None:  # once per process: a namespace is defined once (this function's cache can be cleared)
         _LIBRARY = torch.library.Library("llama", "DEF")

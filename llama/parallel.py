@@ -1,8 +1,8 @@
 """Model parallelism: start the process group, then shard a built ``Transformer`` in one place.
 
 ``llama.model`` knows nothing of ranks. After it is built (on ``meta``, by
-``llama.checkpoint.load_transformer``), ``parallelize`` swaps the modules named in ``PLAN`` for
-fairscale's parallel layers. Each rank then holds the same slices that
+``llama.checkpoint.load_transformer``), ``parallelize`` swaps the modules named in the plan
+(``llama.checkpoint.PLAN``, which the loader splits checkpoints by too) for fairscale's layers. Each rank then holds the same slices that
 ``llama.checkpoint.load_state_dict(..., rank, world_size)`` reads, so the weights load strictly:
 
 - column-parallel (``wq``, ``wk``, ``wv``, ``w1``, ``w3``, ``output``): rows split, the output of
@@ -17,7 +17,6 @@ column-parallel layers whose logical width is ``world_size * head_dim``.
 import contextlib
 import io
 import os
-import re
 from typing import Callable, Optional
 
 import torch
@@ -31,7 +30,7 @@ from torch import nn
 # FakeTensorMode every tensor made inside is a shape-only fake, so building them costs no memory.
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from llama.checkpoint import check_layout, rank_range, shard_dim
+from llama.checkpoint import PLAN, check_layout, layer_suffix, rank_range, shard_dim
 from llama.model import ModelArgs, Transformer
 
 # Builds the parallel replacement of one module: (module, args, world_size) -> new module.
@@ -79,24 +78,14 @@ def rowwise(module: nn.Module, args: ModelArgs, world_size: int) -> nn.Module:
     )
 
 
-# Module name (``layers.N.`` stripped) -> how it is sharded. Norms are absent: replicated.
-# Must agree with ``llama.checkpoint.SHARD_DIMS`` (tests/test_parallel.py checks it).
-PLAN: dict[str, Sharder] = {
-    "tok_embeddings": vocab_parallel,
-    "attention.wq": colwise,
-    "attention.wk": colwise_kv,
-    "attention.wv": colwise_kv,
-    "attention.wo": rowwise,
-    "feed_forward.w1": colwise,
-    "feed_forward.w3": colwise,
-    "feed_forward.w2": rowwise,
-    "output": colwise_gathered,
+# Each kind of ``llama.checkpoint.PLAN`` -> the fairscale layer that replaces a module of that kind.
+SHARDERS: dict[str, Sharder] = {
+    "vocab": vocab_parallel,
+    "colwise": colwise,
+    "colwise_kv": colwise_kv,
+    "colwise_gathered": colwise_gathered,
+    "rowwise": rowwise,
 }
-
-
-def plan_key(name: str) -> str:
-    """``layers.3.attention.wq`` -> ``attention.wq`` (the key ``PLAN`` uses)."""
-    return re.sub(r"^layers\.\d+\.", "", name)
 
 
 def parallelize(model: Transformer) -> Transformer:
@@ -111,9 +100,9 @@ def parallelize(model: Transformer) -> Transformer:
     rank, world_size = fs_init.get_model_parallel_rank(), fs_init.get_model_parallel_world_size()
     args = model.args
     check_layout(args, world_size, world_size)  # whole heads, FFN units and vocab rows per rank
-    targets = [(name, mod) for name, mod in model.named_modules() if plan_key(name) in PLAN]
+    targets = [(name, mod) for name, mod in model.named_modules() if layer_suffix(name) in PLAN]
     with FakeTensorMode():
-        built = [PLAN[plan_key(name)](old, args, world_size) for name, old in targets]
+        built = [SHARDERS[PLAN[layer_suffix(name)]](old, args, world_size) for name, old in targets]
     for (name, old), new in zip(targets, built):
         weight, key = old.weight, name + ".weight"
         dim = shard_dim(key)

@@ -6,6 +6,10 @@ DST gets ``consolidated.00.pth`` ... ``consolidated.{M-1}.pth``, ``params.json``
 raised to M when M exceeds it: each KV head is duplicated, as in Meta's 405B MP16 files),
 ``tokenizer.model`` (and ``tokenizer_spec.json``) copied from SRC, and a fresh ``checklist.chk``.
 
+Llama 1/2 folders (``"vocab_size": -1`` in params.json, or tok_embeddings split along dim 1 in
+the shards) stay in their own format: DST's shards split tok_embeddings along dim 1 as Meta's
+Llama 2 code expects, and its params.json keeps Meta's Llama 2 keys.
+
 Each output shard is exactly what rank r of M would load from SRC (``load_state_dict``: the source
 files are memory-mapped and only the needed slices read), so only one output shard is in memory
 at a time. Everything is written into a hidden folder beside DST and renamed into place at the
@@ -23,9 +27,18 @@ from typing import Optional
 
 import torch
 
-from llama.checkpoint import check_layout, find_shards, load_params, load_state_dict, shard_state_dict, write_checklist
+from llama.checkpoint import (
+    check_layout,
+    find_shards,
+    load_params,
+    load_state_dict,
+    shard_dim,
+    shard_state_dict,
+    write_checklist,
+)
+from llama.devices import DTYPES
+from llama.model import ModelArgs
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # Copied verbatim when SRC has them; the tokenizer travels with the weights.
 COPIED_FILES = ("tokenizer.model", "tokenizer_spec.json")
@@ -44,20 +57,33 @@ def reshard(src: str | Path, dst: str | Path, mp: int, dtype: Optional[torch.dty
     # shard_state_dict is the one place deciding the params of an M-shard checkpoint (n_kv_heads
     # raised to M when KV heads are duplicated); given no tensors it only returns those params.
     _, out_args = shard_state_dict({}, args, mp)
+    src_params = json.loads((src / "params.json").read_text())
+    llama2 = src_params.get("vocab_size") == -1 or embedding_split_dim(src, args) == 1
+    if llama2:  # Meta's Llama 2 keys as they were; only a KV-head duplication changes them
+        out_params = dict(src_params)
+        if out_args.n_kv_heads != args.n_kv_heads:
+            out_params["n_kv_heads"] = out_args.n_kv_heads
+    else:
+        out_params = out_args.to_dict()
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    embedding: Optional[torch.Tensor] = None
     try:
         for rank in range(mp):
             state = load_state_dict(src, args, rank, mp, dtype)
             # clone: a slice of a memory-mapped source tensor would otherwise drag its whole
             # storage (the full source tensor) into the saved file.
             state = {k: v.clone() for k, v in state.items()}
+            if llama2 and mp > 1:  # Llama 2 layout: this rank's columns of the embedding, not its rows
+                if embedding is None:  # read once, after load_state_dict has checked the shapes
+                    embedding = load_full_tensor(src, args, "tok_embeddings.weight")  # [vocab, dim]
+                state["tok_embeddings.weight"] = embedding.chunk(mp, dim=1)[rank].to(dtype or embedding.dtype).clone()
             path = tmp / f"consolidated.{rank:02d}.pth"
             torch.save(state, path)
             del state
             log(f"wrote {dst / path.name} ({path.stat().st_size / 2**20:.1f} MiB)")
-        (tmp / "params.json").write_text(json.dumps(out_args.to_dict(), indent=2) + "\n")
+        (tmp / "params.json").write_text(json.dumps(out_params, indent=2) + "\n")
         for name in COPIED_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / name)
@@ -71,6 +97,26 @@ def reshard(src: str | Path, dst: str | Path, mp: int, dtype: Optional[torch.dty
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
+
+
+def embedding_split_dim(ckpt_dir: Path, args: ModelArgs) -> int:
+    """How the shards of ``ckpt_dir`` split tok_embeddings: 1 (Llama 2, [vocab, dim/N]) or 0 (rows).
+
+    Read from the first shard's shape (memory-mapped); a single shard says nothing and gives 0.
+    """
+    paths = find_shards(ckpt_dir)
+    if len(paths) == 1:
+        return 0
+    shape = torch.load(paths[0], map_location="cpu", weights_only=True, mmap=True)["tok_embeddings.weight"].shape
+    return 1 if tuple(shape) == (args.vocab_size, args.dim // len(paths)) else 0
+
+
+def load_full_tensor(ckpt_dir: Path, args: ModelArgs, key: str) -> torch.Tensor:
+    """One full tensor, concatenated from every shard along the dim the files split it."""
+    paths = find_shards(ckpt_dir)
+    parts = [torch.load(p, map_location="cpu", weights_only=True, mmap=True)[key] for p in paths]
+    dim = embedding_split_dim(ckpt_dir, args) if key == "tok_embeddings.weight" else shard_dim(key)
+    return parts[0] if len(parts) == 1 or dim is None else torch.cat(parts, dim=dim)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -381,3 +381,13 @@ def _check_ids(path: Path, ranks: dict[bytes, int], spec: TokenizerSpec) -> None
             f"tokenizer file {path}: base ranks plus special-token ids must be exactly "
             f"0..{spec.vocab_size - 1}; repeated ids: {repeated}, missing ids: {missing}"
         )
+
+
+def __getattr__(name: str):
+    """`from llama.tokenizer import ChatFormat`, as in Meta's llama3 (ours lives in chat_format.py;
+    imported lazily because chat_format imports this module)."""
+    if name == "ChatFormat":
+        from .chat_format import ChatFormat
+
+        return ChatFormat
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

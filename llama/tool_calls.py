@@ -3,8 +3,9 @@
 Built-in tools (`brave_search`, `wolfram_alpha`, `photogen`) are called as
 `<|python_tag|>brave_search.call(query="...")<|eom_id|>`; the code interpreter as
 `<|python_tag|>` + Python code + `<|eom_id|>`; custom tools as JSON
-`{"name": ..., "parameters": {...}}` ending with `<|eot_id|>`. Tool results come back as
-`ipython` messages.
+`{"name": ..., "parameters": {...}}` ending with `<|eot_id|>`, as `<function=NAME>{...}</function>`,
+or (Llama 3.2) as a python list `[f(a=1), g(b="x")]` holding several calls. Tool results come back
+as `ipython` messages (Meta's newer name for the role: `tool`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import ast
 import json
 import re
 import uuid
+import warnings
 from datetime import date
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
@@ -23,6 +25,8 @@ if TYPE_CHECKING:
 
 # Tools the model calls with `<|python_tag|>` and `<|eom_id|>`; every other name is a custom tool.
 BUILTIN_TOOLS = ("brave_search", "wolfram_alpha", "photogen", "code_interpreter")
+# How custom tool calls are written in an encoded assistant message (see format_custom_tool_calls).
+TOOL_PROMPT_FORMATS = ("json", "python_list", "function_tag")
 CUSTOM_TOOLS_FORMAT = (
     'Respond in the format {"name": function name, "parameters": dictionary of argument name '
     'and its value}. Do not use variables.'
@@ -124,7 +128,7 @@ def custom_tools_prompt(functions: Sequence[Mapping[str, Any]], question: str = 
 
 
 def format_tool_call(call: ToolCall) -> str:
-    """Text of a tool call, without special tokens.
+    """Text of one tool call, without special tokens.
 
     Built-in: `brave_search.call(query="x", b="y")` (Python literals; strings double-quoted);
     code_interpreter: the code itself; custom: `{"name": ..., "parameters": {...}}`.
@@ -135,69 +139,220 @@ def format_tool_call(call: ToolCall) -> str:
             raise ValueError(f"code_interpreter call needs arguments {{'code': str}}, got {args!r}")
         return args["code"]
     if is_builtin_tool(name):
-        rendered = ", ".join(f"{k}={_python_literal(v)}" for k, v in args.items())
-        return f"{name}.call({rendered})"
+        return f"{name}.call({_python_kwargs(args)})"
     return json.dumps({"name": name, "parameters": args}, ensure_ascii=False)
 
 
+def format_custom_tool_calls(calls: Sequence[ToolCall], tool_prompt_format: str = "json") -> str:
+    """Text of one or more custom tool calls in a documented format, without special tokens.
+
+    "json": one call as `{"name": ..., "parameters": {...}}` (Llama 3.1); several calls have no
+    JSON form, so they are written as Llama 3.2's python list. "python_list":
+    `[f(a=1), g(b="x")]` (Llama 3.2). "function_tag": `<function=f>{"a": 1}</function>` per call
+    (Llama 3.1's alternative custom-tool format).
+    """
+    if tool_prompt_format not in TOOL_PROMPT_FORMATS:
+        raise ValueError(f"unknown tool_prompt_format {tool_prompt_format!r}; valid: {TOOL_PROMPT_FORMATS}")
+    if tool_prompt_format == "json" and len(calls) == 1:
+        return format_tool_call(calls[0])
+    if tool_prompt_format == "function_tag":
+        return "".join(f"<function={c['tool_name']}>{json.dumps(c['arguments'], ensure_ascii=False)}</function>"
+                       for c in calls)  # fmt: skip
+    for c in calls:
+        if not _NAME.fullmatch(c["tool_name"]):
+            raise ValueError(f"tool name {c['tool_name']!r} is not a Python identifier: use the json format")
+    return "[" + ", ".join(f"{c['tool_name']}({_python_kwargs(c['arguments'])})" for c in calls) + "]"
+
+
+def _python_kwargs(args: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={_python_literal(v)}" for k, v in args.items())
+
+
 def _python_literal(value: Any) -> str:
-    # json.dumps gives a double-quoted string whose escapes are also valid in Python literals
+    # json.dumps gives a double-quoted string whose escapes are also valid in Python literals;
+    # containers use repr, which ast.literal_eval reads back.
     return json.dumps(value, ensure_ascii=False) if isinstance(value, str) else repr(value)
 
 
+# --- decoding ------------------------------------------------------------------------------------
+
+_NAME = re.compile(r"[A-Za-z_]\w*")
 _CALL_START = re.compile(r"([A-Za-z_]\w*)\.call\(")
-_FUNCTION_TAG = re.compile(r"<function=([^>\s]+)>(.*)</function>", re.DOTALL)
+_BUILTIN_CALL = re.compile(r"\b(?:" + "|".join(BUILTIN_TOOLS[:3]) + r")\.call\(")
+_FUNCTION_OPEN = re.compile(r"\s*<function=([A-Za-z_][\w.\-]*)>")
+_LIST_START = re.compile(r"\[\s*[A-Za-z_]\w*\s*\(")
+
+# _classify's verdicts: the text is tool calls / looks like a tool-call form but does not parse
+# (stays text, never code) / is none of the forms.
+_CALLS, _MALFORMED, _NONE = "calls", "malformed", "none"
+
+
+def parse_tool_calls(text: str, *, after_python_tag: bool = False) -> list[ToolCall]:
+    """Tool calls written as the whole of `text` (surrounding whitespace aside), or [].
+
+    Forms, as in Meta's prompt-format documentation:
+    - Llama 3.1 built-ins `brave_search.call(query="...", k=literal)` (any `name.call(...)` after
+      `<|python_tag|>`; bare only for built-in names);
+    - JSON `{"name": ..., "parameters" | "arguments": {...}}`, optionally with
+      `"type": "function"`;
+    - `<function=NAME>ARGS</function>`, one or several, the last closing tag optional, ARGS a
+      JSON object or a Python dict literal;
+    - Llama 3.2 python lists `[f(a=1), g(b="x")]` (keyword arguments, literal values);
+    - after `<|python_tag|>`, any other text that parses as Python is code for
+      `code_interpreter` (prose that does not parse stays text).
+    Text that starts like one of the structured forms but does not parse gives [] even after
+    `<|python_tag|>`: it is never executed as code. Literals are read with `ast.literal_eval` and
+    `json.loads` only; nothing is evaluated.
+    """
+    verdict, calls = _classify(text.strip(), after_python_tag)
+    if verdict == _CALLS:
+        return calls
+    if verdict == _NONE and after_python_tag and _is_python(text.strip()):
+        return [make_tool_call("code_interpreter", {"code": text.strip()})]
+    return []
+
+
+def _is_python(code: str) -> bool:
+    """Non-empty text that parses as Python: only that may go to the code interpreter."""
+    try:
+        return bool(code) and _ast_parse(code, "exec") is not None
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return False
 
 
 def parse_tool_call(text: str, *, after_python_tag: bool = False) -> Optional[ToolCall]:
-    """Parse one tool call from generated text, or return None (= plain content).
+    """The single tool call of `text`, or None (no call, or several: see `parse_tool_calls`)."""
+    calls = parse_tool_calls(text, after_python_tag=after_python_tag)
+    return calls[0] if len(calls) == 1 else None
 
-    Accepted: `name.call(k=literal, ...)` (bare only for built-in names), `<function=NAME>{json}
-    </function>`, `{"name": ..., "parameters" | "arguments": {...}}`; after `<|python_tag|>`,
-    any other non-empty text is code for `code_interpreter`. Text that starts like one of the
-    structured forms but does not parse is None, never an exception.
+
+def split_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
+    """(content, calls) for text generated without `<|python_tag|>`.
+
+    The whole text may be a call (any form of `parse_tool_calls` except code), or prose followed
+    by `<function=...>` calls or by a built-in `name.call(...)` ending the message: the prose is
+    the content. JSON and python lists after prose stay text (prose often quotes them).
     """
     stripped = text.strip()
-    if match := _CALL_START.match(stripped):
-        if is_builtin_tool(match.group(1)) or after_python_tag:
-            call = _parse_python_call(stripped)
-            if call is not None or is_builtin_tool(match.group(1)):
-                return call
-    elif match := _FUNCTION_TAG.fullmatch(stripped):
-        args = _json_value(match.group(2))
-        return make_tool_call(match.group(1), args) if isinstance(args, dict) else None
-    elif stripped.startswith("{"):
-        obj = _json_value(stripped)
-        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+    verdict, calls = _classify(stripped, False)
+    if verdict == _CALLS:
+        return "", calls
+    starts = [stripped.find("<function=")] + [m.start() for m in _BUILTIN_CALL.finditer(stripped)]
+    for start in sorted(s for s in starts if s > 0):
+        verdict, calls = _classify(stripped[start:], False)
+        if verdict == _CALLS:
+            return stripped[:start].strip(), calls
+    return text, []
+
+
+def _classify(s: str, after_python_tag: bool) -> tuple[str, list[ToolCall]]:
+    """Which tool-call form the stripped text `s` is, and its calls."""
+    try:
+        if s.startswith("<function="):
+            return _function_tags(s)
+        if s.startswith("{"):
+            call = _json_call(s)
+            return (_CALLS, [call]) if call else (_MALFORMED, [])
+        if s.startswith("["):
+            return _python_list(s)
+        if match := _CALL_START.match(s):
+            call = _dot_call(s)
+            if is_builtin_tool(match.group(1)):
+                return (_CALLS, [call]) if call else (_MALFORMED, [])
+            if after_python_tag and call:
+                return _CALLS, [call]
+    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
+        return _MALFORMED, []
+    return _NONE, []
+
+
+def _function_tags(s: str) -> tuple[str, list[ToolCall]]:
+    """`<function=f>{...}</function><function=g>{...}` (the last closing tag optional)."""
+    calls, pos = [], 0
+    while pos < len(s):
+        match = _FUNCTION_OPEN.match(s, pos)
+        if not match:
+            return _MALFORMED, []
+        end = s.find("</function>", match.end())
+        body = s[match.end() : end if end >= 0 else len(s)]
+        args = _dict_literal(body)
+        if args is None:
+            return _MALFORMED, []
+        calls.append(make_tool_call(match.group(1), args))
+        pos = len(s) if end < 0 else end + len("</function>")
+        while pos < len(s) and s[pos].isspace():
+            pos += 1
+    return _CALLS, calls
+
+
+def _dict_literal(text: str) -> Optional[dict[str, Any]]:
+    """A JSON object, or a Python dict literal (`{'a': 'b'}`), with string keys; else None."""
+    text = text.strip()
+    value = _json_value(text)
+    if value is None:
+        try:
+            value = ast.literal_eval(_ast_parse(text, "eval"))
+        except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
             return None
-        args = obj.get("parameters", obj.get("arguments"))
-        extra = set(obj) - {"name", "parameters", "arguments"}
-        return make_tool_call(obj["name"], args) if isinstance(args, dict) and not extra else None
-    elif stripped.startswith("<function="):
-        return None
-    if after_python_tag and stripped:
-        return make_tool_call("code_interpreter", {"code": stripped})
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return value
     return None
 
 
-def _parse_python_call(text: str) -> Optional[ToolCall]:
-    """`name.call(k=literal, ...)` -> ToolCall; anything else (positional args, code) -> None."""
-    try:
-        node = ast.parse(text, mode="eval").body
-        ok = (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Attribute)
-            and node.func.attr == "call"
-            and isinstance(node.func.value, ast.Name)
-            and not node.args
-            and all(kw.arg is not None for kw in node.keywords)
-        )
-        if not ok:
-            return None
-        args = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
-    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
+def _json_call(s: str) -> Optional[ToolCall]:
+    """`{"name": ..., "parameters" | "arguments": {...}}`, optionally `"type": "function"`."""
+    obj = _json_value(s)
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
-    return make_tool_call(node.func.value.id, args)
+    if obj.get("type", "function") != "function" or set(obj) - {"type", "name", "parameters", "arguments"}:
+        return None
+    if ("parameters" in obj) == ("arguments" in obj):  # neither, or both (which one?)
+        return None
+    args = obj.get("parameters", obj.get("arguments"))
+    return make_tool_call(obj["name"], args) if isinstance(args, dict) else None
+
+
+def _python_list(s: str) -> tuple[str, list[ToolCall]]:
+    """`[f(a=1), g(b="x")]`: a non-empty list of calls of plain names with literal keywords."""
+    try:
+        node = _ast_parse(s, "eval").body
+    except SyntaxError:
+        # `[f(...` that does not parse is a broken call list; other brackets are not calls
+        return (_MALFORMED if _LIST_START.match(s) else _NONE), []
+    shaped = isinstance(node, ast.List) and node.elts and all(
+        isinstance(e, ast.Call) and isinstance(e.func, ast.Name) for e in node.elts
+    )
+    if not shaped:
+        return _NONE, []
+    calls = []
+    for e in node.elts:
+        if e.args or any(kw.arg is None for kw in e.keywords):
+            return _MALFORMED, []  # positional or **kwargs: not the documented form
+        calls.append(make_tool_call(e.func.id, {kw.arg: ast.literal_eval(kw.value) for kw in e.keywords}))
+    return _CALLS, calls
+
+
+def _dot_call(s: str) -> Optional[ToolCall]:
+    """`name.call(k=literal, ...)` -> ToolCall; anything else (positional args, code) -> None."""
+    node = _ast_parse(s, "eval").body
+    ok = (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "call"
+        and isinstance(node.func.value, ast.Name)
+        and not node.args
+        and all(kw.arg is not None for kw in node.keywords)
+    )
+    if not ok:
+        return None
+    return make_tool_call(node.func.value.id, {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords})
+
+
+def _ast_parse(source: str, mode: str) -> ast.AST:
+    # generated text is full of backslashes: no SyntaxWarning for invalid escapes on every parse
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ast.parse(source, mode=mode)
 
 
 def _json_value(text: str) -> Any:
@@ -215,9 +370,10 @@ def decode_assistant_message(
     `tokens` are what the model produced after the assistant header, including the stop token
     if generation stopped on one (anything after the first stop token is ignored):
     `<|eom_id|>` -> "end_of_message", another stop token (`<|eot_id|>`, `<|end_of_text|>`)
-    -> "end_of_turn", none -> "out_of_tokens". Text before `<|python_tag|>` is the content;
-    a recognised tool call (see `parse_tool_call`) gives `tool_calls=[call]` and the call text
-    is not repeated in the content. Unparseable tool-call text stays as plain content.
+    -> "end_of_turn", none -> "out_of_tokens". With `<|python_tag|>`, the text before it is the
+    content and the text after it the call(s) (`parse_tool_calls` with `after_python_tag`);
+    without, see `split_tool_calls`. Call text is not repeated in the content; text that is no
+    call stays content (the tag itself dropped).
     """
     tokens = list(tokens)
     stop_reason: StopReason = "out_of_tokens"
@@ -233,14 +389,14 @@ def decode_assistant_message(
     if tag is not None and tag in tokens:
         i = tokens.index(tag)
         before, after = tokenizer.decode(tokens[:i]), tokenizer.decode(tokens[i + 1 :])
-        call = parse_tool_call(after, after_python_tag=True) if parse_tool_calls else None
-        content = before.strip() if call else before + after
+        calls = _parse(after, after_python_tag=True) if parse_tool_calls else []
+        content = before.strip() if calls else before + after
     else:
         content = tokenizer.decode(tokens)
-        call = parse_tool_call(content) if parse_tool_calls else None
-        if call:
-            content = ""
-    if call:
-        calls.append(call)
+        if parse_tool_calls:
+            content, calls = split_tool_calls(content)
     return {"role": "assistant", "content": content, "tool_calls": calls,
             "stop_reason": stop_reason}  # fmt: skip
+
+
+_parse = parse_tool_calls  # decode_assistant_message's flag shadows the name

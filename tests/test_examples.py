@@ -1,12 +1,10 @@
 """The example scripts and the interactive chat, run as users run them: in subprocesses.
 
-The text example runs on a random checkpoint (only the prompts are predictable); the chat example
-and ``python -m llama.chat`` run on a bigram checkpoint (tests/bigram_model.py) whose assistant
-always answers "Hello there", so their output can be checked word for word.
+They run on a bigram checkpoint (tests/bigram_model.py) whose assistant always answers "Hello
+there", and which continues each of the text example's prompts with " Hello there", so their
+output can be checked word for word.
 """
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +13,14 @@ import pytest
 import torch
 
 from bigram_model import make_bigram
+from child_env import child_env, free_port
 from llama.chat_format import ChatFormat
-from llama.checkpoint import random_state_dict, write_checkpoint, write_random_checkpoint
+from llama.checkpoint import random_state_dict, write_checkpoint
 from llama.model import ModelArgs
 from llama.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # every test starts Python processes (~10 s each on 2 cores)
 ARGS = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=32)
 COMMON = ["--max_seq_len", "128", "--max_gen_len", "8", "--device", "cpu", "--dtype", "fp32"]
 TEXT_PROMPTS = [
@@ -29,6 +29,7 @@ TEXT_PROMPTS = [
     "Capital cities:\nFrance => Paris",
     "good morning => guten Morgen\nthank you =>",
 ]
+TEXT_ENDINGS = [" are", " that", " =>"]  # the last words of the example's four prompts
 CHAT_LINES = [
     "User: What is the capital of France?",
     "Assistant: Start with a simple white loaf: flour, water, salt and yeast.",
@@ -38,30 +39,24 @@ CHAT_LINES = [
 
 
 @pytest.fixture(scope="module")
-def random_ckpt(tmp_path_factory, meta_tokenizer_path) -> Path:
-    path = tmp_path_factory.mktemp("examples") / "random"
-    write_random_checkpoint(path, ARGS, seed=0, tokenizer_path=meta_tokenizer_path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def hello_ckpt(tmp_path_factory, meta_tokenizer_path) -> Path:
-    """Every assistant turn is "Hello there" then <|eot_id|>: the prompt ends with the header's "\\n\\n"."""
+    """Every assistant turn is "Hello there" then <|eot_id|>: the prompt ends with the header's "\\n\\n".
+    A text prompt ending in TEXT_ENDINGS continues with " Hello there" then <|eot_id|>."""
     tokenizer = Tokenizer(meta_tokenizer_path)
     hello, there = tokenizer.encode("Hello there", bos=False, eos=False)
+    space_hello, space_there = tokenizer.encode(" Hello there", bos=False, eos=False)
     header_end = ChatFormat(tokenizer).encode_dialog_prompt([{"role": "user", "content": "x"}])[-1]
+    successors = {header_end: hello, hello: there, there: tokenizer.eot_id, space_hello: space_there}
+    for ending in TEXT_ENDINGS:
+        (token,) = tokenizer.encode(ending, bos=False, eos=False)
+        successors[token] = space_hello
+    successors[space_there] = tokenizer.eot_id
     state = random_state_dict(ARGS, seed=0, dtype=torch.float32)
-    make_bigram(state, ARGS, {header_end: hello, hello: there, there: tokenizer.eot_id})
+    make_bigram(state, ARGS, successors)
     path = tmp_path_factory.mktemp("examples") / "hello"
     write_checkpoint(path, {k: v.to(torch.bfloat16) for k, v in state.items()}, ARGS)
     (path / "tokenizer.model").write_bytes(Path(meta_tokenizer_path).read_bytes())
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(launcher: str) -> list[str]:
@@ -72,7 +67,7 @@ def launch(launcher: str) -> list[str]:
 
 def run(cmd: list[str], stdin: str = "") -> subprocess.CompletedProcess:
     # One OpenMP thread: the model is tiny, and threads on busy cores only slow it down.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
+    env = child_env(OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8")
     env.pop("WORLD_SIZE", None)
     result = subprocess.run(
         cmd, cwd=ROOT, input=stdin, capture_output=True, text=True, encoding="utf-8", errors="replace",
@@ -85,12 +80,13 @@ def run(cmd: list[str], stdin: str = "") -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("launcher", ["python", "torchrun"])
-def test_text_completion_example(launcher, random_ckpt, meta_tokenizer_path):
-    script = ["example_text_completion.py", "--ckpt_dir", str(random_ckpt), "--tokenizer_path", str(meta_tokenizer_path)]
+def test_text_completion_example(launcher, hello_ckpt, meta_tokenizer_path):
+    script = ["example_text_completion.py", "--ckpt_dir", str(hello_ckpt), "--tokenizer_path", str(meta_tokenizer_path)]
     out = run(launch(launcher) + script + COMMON).stdout
     for prompt in TEXT_PROMPTS:
         assert prompt in out
-    assert out.count("==================================") == 4
+    # What the model wrote, not only what the script printed: each prompt's continuation.
+    assert out.count(" Hello there\n\n==================================") == 4
 
 
 @pytest.mark.parametrize("launcher", ["python", "torchrun"])

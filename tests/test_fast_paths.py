@@ -1,9 +1,11 @@
 """Every fast path against the plain path it replaces: same greedy tokens, same logprobs within dtype noise.
 
 The fast paths (see benchmarks/README.md for what each one buys):
-- ``Linear`` with ``compute_dtype=float32``: 16-bit weights multiplied in float32 (bf16 matrix-vector
-  kernel for one row, blocks widened to float32 for more rows, multiply + sum under torch.compile);
-- prefill attention through ``F.scaled_dot_product_attention``, one-token attention in float32;
+- ``FastLinear`` with ``compute_dtype=float32`` (llama/fast.py): 16-bit weights multiplied in float32
+  (torch's matrix-vector kernel for one row, blocks widened to float32 for more rows, multiply + sum
+  under torch.compile);
+- ``DecodeAttention``: one-token attention as two grouped matmuls, in float32; prefill attention
+  stays the model's ``F.scaled_dot_product_attention``;
 - the static-shape decode step (``start_pos`` as a tensor, attention over the whole cache with a
   position mask) and its ``torch.compile`` (``Llama(..., compile=True)``);
 - top-p without a full sort is tested in test_sampling.py.
@@ -13,13 +15,25 @@ weights the top two logits are often within bf16 rounding of each other, and any
 flips them. Logprobs are compared as numbers, within the noise of the dtype.
 """
 
+import dataclasses
+
 import pytest
 import torch
-import torch.nn.functional as F
+from torch import nn
 
 from llama.checkpoint import random_state_dict
+from llama.fast import DecodeAttention, FastLinear, apply_fast_paths
 from llama.generation import Llama
-from llama.model import Linear, ModelArgs, Transformer, causal_mask, grouped_attention
+from llama.model import (
+    Attention,
+    KVCache,
+    ModelArgs,
+    Transformer,
+    apply_rope,
+    causal_mask,
+    rope_cos_sin,
+    rope_frequencies,
+)
 
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32, use_scaled_rope=True)
 BF16_LOGPROB_TOL = 0.05  # nats; bf16 against float32 differs by up to ~0.02 on these weights
@@ -61,21 +75,22 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 # Components
 
 
-@pytest.mark.parametrize("rows", [1, 3, 40])
+@pytest.mark.parametrize("rows", [3, 40])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_linear_in_float32_matches_plain(rows, dtype, monkeypatch):
-    """Widened blocks (a remainder block included) and the one-row kernel: the plain product, rounded alike."""
-    monkeypatch.setattr(Linear, "WIDEN_BLOCK", 7 * 96)  # 7 rows per block: 14 blocks, the last one shorter
+    """Widened blocks (a remainder block included): the plain product, rounded alike. (One row runs
+    the plain product itself: ``test_linear_sums_in_float32`` checks what it must compute.)"""
+    monkeypatch.setattr(FastLinear, "WIDEN_BLOCK", 7 * 96)  # 7 rows per block: 14 blocks, the last one shorter
     g = torch.Generator().manual_seed(rows)
-    layer = Linear(96, 95, dtype=dtype)
+    layer = FastLinear(96, 95, bias=False, dtype=dtype)
     with torch.no_grad():
         layer.weight.copy_(torch.randn(95, 96, generator=g))
-    x = torch.randn(1, rows, 96, generator=g).to(dtype)  # one row: the matrix-vector kernel
+    x = torch.randn(1, rows, 96, generator=g).to(dtype)
     exact = x.double() @ layer.weight.double().T
     plain = layer(x)
     layer.compute_dtype = torch.float32
     fast = layer(x)
-    layer.widen_buffer = torch.full((Linear.WIDEN_BLOCK,), float("nan"))  # as set_compute_dtype shares it
+    layer.widen_buffer = torch.full((FastLinear.WIDEN_BLOCK,), float("nan"))  # as apply_fast_paths shares it
     assert torch.equal(layer(x), fast)
     assert fast.dtype == plain.dtype == dtype and fast.shape == (1, rows, 95)
     # Both accumulate in float32 and round once to the 16-bit dtype: at most one rounding step apart.
@@ -84,9 +99,34 @@ def test_linear_in_float32_matches_plain(rows, dtype, monkeypatch):
     assert ((fast.double() - plain.double()).abs() <= 2 * eps * exact.abs() + 1e-3).all()
 
 
+@pytest.mark.parametrize("rows", [1, 3, 40])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_sums_in_float32(rows, dtype):
+    """Every path, the one-row matrix-vector product included, sums in float32 and rounds once.
+
+    4096 products of 1 x 1 sum to 4096 exactly in float32 (and 4096 is a 16-bit number), while a
+    16-bit running sum stops growing at 256 (bf16) or 2048 (fp16). Random rows must also land
+    within one rounding step of the float64 product.
+    """
+    layer = FastLinear(4096, 8, bias=False, dtype=dtype)
+    layer.compute_dtype = torch.float32
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+        out = layer(torch.ones(1, rows, 4096, dtype=dtype))
+    assert out.dtype == dtype and torch.equal(out, torch.full((1, rows, 8), 4096.0, dtype=dtype))
+    g = torch.Generator().manual_seed(rows)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(8, 4096, generator=g))
+        x = torch.randn(1, rows, 4096, generator=g).to(dtype)
+        out = layer(x)
+    exact = x.double() @ layer.weight.double().T
+    assert ((out.double() - exact).abs() <= torch.finfo(dtype).eps * exact.abs() + 1e-3).all()
+
+
+@pytest.mark.slow
 def test_linear_under_compile_is_multiply_sum():
     """The compiled decode step's formulation (weights widened in registers) against the plain product."""
-    layer = Linear(64, 48, dtype=torch.bfloat16)
+    layer = FastLinear(64, 48, bias=False, dtype=torch.bfloat16)
     layer.compute_dtype = torch.float32
     x = torch.randn(3, 1, 64).bfloat16()
     torch._dynamo.reset()
@@ -98,20 +138,52 @@ def test_linear_under_compile_is_multiply_sum():
     assert rel_err(out, ref) < 2 * torch.finfo(torch.bfloat16).eps
 
 
-@pytest.mark.parametrize("start_pos,seqlen", [(0, 7), (5, 4)])
-def test_sdpa_prefill_matches_grouped_attention(start_pos, seqlen):
-    """Prefill attention uses SDPA (enable_gqa); the plain path is grouped_attention."""
-    g = torch.Generator().manual_seed(seqlen)
-    total = start_pos + seqlen
-    q = torch.randn(2, 8, seqlen, 16, generator=g)
-    k, v = torch.randn(2, 2, total, 16, generator=g), torch.randn(2, 2, total, 16, generator=g)
-    mask = causal_mask(start_pos, seqlen, total)
-    ref = grouped_attention(q, k, v, start_pos)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    if start_pos == 0:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+def attention_reference(layer: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Causal attention of a whole sequence x [B, T, dim] in float64, K/V heads repeated for their query heads."""
+    bsz, total, _ = x.shape
+    hd = ARGS.head_dim
+    w = {name: getattr(layer, name).weight.double() for name in ("wq", "wk", "wv", "wo")}
+    q = apply_rope((x @ w["wq"].T).view(bsz, total, -1, hd), cos, sin).transpose(1, 2)  # [B, Hq, T, hd]
+    k = apply_rope((x @ w["wk"].T).view(bsz, total, -1, hd), cos, sin).transpose(1, 2)  # [B, Hkv, T, hd]
+    v = (x @ w["wv"].T).view(bsz, total, -1, hd).transpose(1, 2)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    scores = q @ k.transpose(-1, -2) / hd**0.5  # [B, Hq, T, T]
+    visible = torch.ones(total, total, dtype=torch.bool).tril()
+    out = scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v  # [B, Hq, T, hd]
+    return out.transpose(1, 2).reshape(bsz, total, -1) @ w["wo"].T
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_attention_forward_matches_float64(fast):
+    """``Attention.forward`` through every path Transformer uses: a prompt from position 0 (causal
+    SDPA), a chunk after cached positions (SDPA with a mask), eager one-token steps (SDPA over the
+    cache, or DecodeAttention's grouped matmuls) and the static-shape step (start_pos a tensor)."""
+    torch.manual_seed(0)
+    layer = Attention(ARGS).eval()
+    if fast:
+        model = Transformer(dataclasses.replace(ARGS, n_layers=1))
+        model.layers[0].attention = layer
+        apply_fast_paths(model)
+        layer = model.layers[0].attention
+        assert isinstance(layer, DecodeAttention)
+    total, chunk, static = 12, (5, 9), 10  # prompt 0..4, chunk 5..8, eager steps 9, static steps 10, 11
+    x = torch.randn(2, total, ARGS.dim)
+    cos, sin = rope_cos_sin(rope_frequencies(ARGS), torch.arange(total))
+    ref = attention_reference(layer, x.double(), cos, sin)
+    with torch.inference_mode():
+        whole = layer(x, cos, sin, 0)  # no cache: the whole sequence at once
+        layer.cache = KVCache(2, total, ARGS.n_kv_heads, ARGS.head_dim, None, torch.float32)
+        outs = [layer(x[:, : chunk[0]], cos[: chunk[0]], sin[: chunk[0]], 0)]
+        mask = causal_mask(chunk[0], chunk[1] - chunk[0], chunk[1])
+        outs.append(layer(x[:, chunk[0] : chunk[1]], cos[chunk[0] : chunk[1]], sin[chunk[0] : chunk[1]], chunk[0], mask))
+        for p in range(chunk[1], static):
+            outs.append(layer(x[:, p : p + 1], cos[p : p + 1], sin[p : p + 1], p))
+        for p in range(static, total):
+            mask = causal_mask(torch.tensor(p), 1, total)
+            outs.append(layer(x[:, p : p + 1], cos[p : p + 1], sin[p : p + 1], torch.tensor(p), mask))
+    assert rel_err(whole, ref) < 1e-5
+    assert rel_err(torch.cat(outs, dim=1), ref) < 1e-5
 
 
 def test_static_decode_step_equals_eager():
@@ -125,16 +197,18 @@ def test_static_decode_step_equals_eager():
     assert rel_err(torch.cat(steps, dim=1), full[:, 8:]) < 1e-5
 
 
-def test_set_compute_dtype_reaches_every_matmul():
+def test_apply_fast_paths_reaches_every_matmul():
     model = decisive_model(torch.bfloat16)
-    model.set_compute_dtype(torch.float32)
-    owners = [m for m in model.modules() if hasattr(m, "compute_dtype")]
+    apply_fast_paths(model, torch.float32)
+    owners = [m for m in model.modules() if isinstance(m, (FastLinear, DecodeAttention))]
     assert len(owners) == ARGS.n_layers * 8 + 1  # 7 linears + attention per block, and the output
+    assert not [m for m in model.modules() if isinstance(m, nn.Linear) and not isinstance(m, FastLinear)]
     assert all(m.compute_dtype == torch.float32 for m in owners)
-    linears = [m for m in owners if isinstance(m, Linear)]
+    linears = [m for m in owners if isinstance(m, FastLinear)]
     assert linears[0].widen_buffer is not None
     assert all(m.widen_buffer is linears[0].widen_buffer for m in linears)  # one widening buffer, shared
-    model.set_compute_dtype(None)
+    assert model.layers[0].attention.cache is not None  # the swapped attention keeps the cache
+    apply_fast_paths(model, None)
     assert all(m.compute_dtype is None for m in owners)
 
 
@@ -150,9 +224,9 @@ def test_bf16_in_float32_generates_like_plain_bf16(tokenizer):
     """The CPU default for bf16 weights (float32 compute) against bf16 throughout."""
     model = decisive_model(torch.bfloat16)
     batch = prompts(9, 5, 14, seed=2)
-    model.set_compute_dtype(None)
+    apply_fast_paths(model, None)
     plain_tokens, plain_lp = generate(Llama(model, tokenizer), batch)
-    model.set_compute_dtype(torch.float32)
+    apply_fast_paths(model, torch.float32)
     fast_tokens, fast_lp = generate(Llama(model, tokenizer), batch)
     assert fast_tokens == plain_tokens
     for a, b in zip(fast_lp, plain_lp):
@@ -164,7 +238,7 @@ def test_fast_paths_agree_with_float32_reference(tokenizer):
     batch = prompts(9, 5, 14, seed=3)
     ref_tokens, ref_lp = generate(Llama(decisive_model(torch.float32), tokenizer), batch)
     model = decisive_model(torch.bfloat16)
-    model.set_compute_dtype(torch.float32)
+    apply_fast_paths(model, torch.float32)
     tokens, lp = generate(Llama(model, tokenizer), batch)
     assert tokens == ref_tokens
     for a, b in zip(lp, ref_lp):
@@ -179,16 +253,17 @@ def _compile_works() -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _compile_works(), reason="torch.compile cannot build kernels here (no working C++ toolchain)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_compiled_decode_generates_like_eager(tokenizer, dtype):
     """Llama(compile=True): one graph serves every position (a recompile is an error here), and
     its greedy tokens and logprobs equal eager decoding's. bf16 runs with float32 compute (the CPU
-    default), which compiles ``Linear`` as multiply + sum; float32 compiles plain matmuls. Prompts
+    default), which compiles ``FastLinear`` as multiply + sum; float32 compiles plain matmuls. Prompts
     of different lengths: rows start decoding at different positions while the shortest prefills."""
     model = decisive_model(dtype)
     if dtype == torch.bfloat16:
-        model.set_compute_dtype(torch.float32)
+        apply_fast_paths(model, torch.float32)
     batch = prompts(9, 5, 14, seed=4)
     eager_tokens, eager_lp = generate(Llama(model, tokenizer), batch, n=16)
     torch._dynamo.reset()

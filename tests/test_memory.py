@@ -114,6 +114,7 @@ def test_report_prints_release_numbers(name, tmp_path, capsys):
     assert f"{kv_gib:8.4f} GiB" in out
 
 
+@pytest.mark.slow
 def test_memory_cli(tmp_path):
     params = _write_params(tmp_path, "405B")
     run = subprocess.run(

@@ -11,13 +11,13 @@ import torch
 from hf_reference import hf_logits, hf_model, rel_err
 
 from llama.checkpoint import random_state_dict
+from llama.fast import grouped_attention
 from llama.model import (
     FeedForward,
     ModelArgs,
     RMSNorm,
     Transformer,
     apply_rope,
-    grouped_attention,
     rope_cos_sin,
     rope_frequencies,
 )
@@ -116,6 +116,7 @@ def test_hf_comparison_detects_wrong_rope_scaling():
 LONG = dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=64, multiple_of=32, use_scaled_rope=True)
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_long_context_matches_hf():
     """8200 tokens end to end, so query-key distances pass the 8192 original context, both models
@@ -187,7 +188,9 @@ def test_last_only():
     args, _, model = tiny_model("gqa-scaled")
     tokens = tokens_for(args, bsz=2, seqlen=9)
     full = model(tokens)
-    assert torch.allclose(model(tokens, last_only=True), full[:, -1:], rtol=0, atol=1e-6)
+    # A few float32 ulps: the output matmul of 2 rows and of 18 may take different BLAS kernels
+    # (seen on an AVX-512 CPU: 1.2e-6 on logits of magnitude ~1).
+    assert torch.allclose(model(tokens, last_only=True), full[:, -1:], rtol=0, atol=1e-5)
     model.setup_cache(2, 12)
     last = model(tokens[:, :6], start_pos=0, last_only=True)
     assert last.shape == (2, 1, args.vocab_size)

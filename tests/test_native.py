@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from llama import native
-from llama.model import Linear
+from llama.fast import FastLinear, apply_fast_paths
 
 from test_fast_paths import ARGS, decisive_model, generate, prompts  # noqa: F401  (shared model builders)
 
@@ -209,6 +209,7 @@ def test_attention_bad_arguments_are_refused(attention):
         attention(q.half(), k, v)
 
 
+@pytest.mark.slow
 def test_build_is_cached_and_errors_are_clear(tmp_path, monkeypatch):
     if not EXPECTED:
         pytest.skip("needs x86-64 Linux with AVX2 and cc")
@@ -236,7 +237,7 @@ def test_disabled_by_environment(monkeypatch):
 
 
 def test_linear_uses_it_for_few_rows_only(matvec):
-    layer = Linear(64, 40, dtype=torch.bfloat16)
+    layer = FastLinear(64, 40, bias=False, dtype=torch.bfloat16)
     with torch.no_grad():
         layer.weight.copy_(bf16_exact(40, 64, seed=5))
     calls = []
@@ -251,19 +252,19 @@ def test_linear_uses_it_for_few_rows_only(matvec):
     assert calls == [1, 8]  # 9 rows: the widened-block path
 
 
-def test_set_compute_dtype_hands_them_to_bf16_layers_only(matvec, attention):
+def test_apply_fast_paths_hands_them_to_bf16_layers_only(matvec, attention):
     model = decisive_model(torch.bfloat16)
-    model.set_compute_dtype(torch.float32, matvec, native.MAX_ROWS, attention)
-    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    apply_fast_paths(model, torch.float32, matvec, native.MAX_ROWS, attention)
+    linears = [m for m in model.modules() if isinstance(m, FastLinear)]
     assert all(m.matvec is matvec and m.matvec_rows == native.MAX_ROWS for m in linears)
-    assert all(layer.attention.attend is attention for layer in model.layers)
-    model.set_compute_dtype(None, matvec, native.MAX_ROWS, attention)  # 16-bit compute: not used
+    assert all(layer.attention.kernel is attention for layer in model.layers)
+    apply_fast_paths(model, None, matvec, native.MAX_ROWS, attention)  # 16-bit compute: not used
     assert all(m.matvec is None and m.matvec_rows == 0 for m in linears)
-    assert all(layer.attention.attend is None for layer in model.layers)
+    assert all(layer.attention.kernel is None for layer in model.layers)
     model32 = decisive_model(torch.float32)
-    model32.set_compute_dtype(torch.float32, matvec, native.MAX_ROWS, attention)
-    assert all(m.matvec is None for m in model32.modules() if isinstance(m, Linear))
-    assert all(layer.attention.attend is None for layer in model32.layers)
+    apply_fast_paths(model32, torch.float32, matvec, native.MAX_ROWS, attention)
+    assert all(m.matvec is None for m in model32.modules() if isinstance(m, FastLinear))
+    assert all(layer.attention.kernel is None for layer in model32.layers)
 
 
 def counting(fn, calls: list):
@@ -271,16 +272,17 @@ def counting(fn, calls: list):
     return lambda first, *rest: calls.append(tuple(first.shape)) or fn(first, *rest)
 
 
+@pytest.mark.slow
 def test_generation_with_kernels_equals_torch_kernels(tokenizer, matvec, attention):
     """Greedy tokens identical, logprobs within float32 summation-order noise (both compute in float32)."""
     from llama.generation import Llama
 
     model = decisive_model(torch.bfloat16)
     batch = prompts(9, 5, 14, seed=6)
-    model.set_compute_dtype(torch.float32)
+    apply_fast_paths(model, torch.float32)
     plain_tokens, plain_lp = generate(Llama(model, tokenizer), batch)
     matvec_calls, attention_calls = [], []
-    model.set_compute_dtype(torch.float32, counting(matvec, matvec_calls), native.MAX_ROWS, counting(attention, attention_calls))
+    apply_fast_paths(model, torch.float32, counting(matvec, matvec_calls), native.MAX_ROWS, counting(attention, attention_calls))
     tokens, lp = generate(Llama(model, tokenizer), batch)
     assert matvec_calls and attention_calls, "the kernels were not used"
     # Attention: one-token steps only (prefill and multi-token steps use SDPA), every row at once.
@@ -292,21 +294,24 @@ def test_generation_with_kernels_equals_torch_kernels(tokenizer, matvec, attenti
         assert max(abs(x - y) for x, y in zip(a, b)) < 0.05
 
 
+@pytest.mark.slow
 def test_build_uses_them_for_bf16_on_cpus_without_bf16(monkeypatch, tmp_path, meta_tokenizer_path, kernels):
     """Llama.build wires the kernels in exactly when it computes bf16 weights in float32 on the CPU."""
     from llama.checkpoint import write_random_checkpoint
-    from llama.generation import DTYPES, Llama
+    from llama.devices import DTYPES
+    from llama.generation import Llama
 
-    monkeypatch.setattr("llama.generation.cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr("llama.devices.cpu_has_native_bf16", lambda: False)
     ckpt = tmp_path / "ckpt"
     write_random_checkpoint(ckpt, dataclasses.replace(ARGS, vocab_size=128256), dtype=torch.bfloat16)
     for dtype, expected in ((None, True), ("bf16", True), ("fp32", False), ("fp16", False)):  # None: the default, bf16
         llm = Llama.build(str(ckpt), meta_tokenizer_path, max_seq_len=32, max_batch_size=1, dtype=dtype, device="cpu")
         assert llm.model.output.weight.dtype == (torch.bfloat16 if dtype is None else DTYPES[dtype])
         assert (llm.model.output.matvec is not None) == expected, dtype
-        assert (llm.model.layers[0].attention.attend is not None) == expected, dtype
+        assert (llm.model.layers[0].attention.kernel is not None) == expected, dtype
 
 
+@pytest.mark.slow
 def test_compiled_decode_calls_it_as_a_custom_op(tokenizer, matvec, attention):
     """Inside torch.compile the kernel is an opaque op in one graph: same tokens as eager, no recompiles."""
     from llama.generation import Llama
@@ -315,7 +320,7 @@ def test_compiled_decode_calls_it_as_a_custom_op(tokenizer, matvec, attention):
     if not _compile_works():
         pytest.skip("torch.compile cannot build kernels here")
     model = decisive_model(torch.bfloat16)
-    model.set_compute_dtype(torch.float32, matvec, native.MAX_ROWS, attention)
+    apply_fast_paths(model, torch.float32, matvec, native.MAX_ROWS, attention)
     batch = prompts(9, 5, 14, seed=7)
     eager_tokens, eager_lp = generate(Llama(model, tokenizer), batch, n=10)
     torch._dynamo.reset()
@@ -327,6 +332,7 @@ def test_compiled_decode_calls_it_as_a_custom_op(tokenizer, matvec, attention):
         assert max(abs(x - y) for x, y in zip(a, b)) < 0.05
 
 
+@pytest.mark.slow
 def test_installed_package_carries_the_kernel_sources(tmp_path):
     """The kernels compile from the installed package: every source and header must be in the wheel."""
     import subprocess

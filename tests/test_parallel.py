@@ -7,7 +7,6 @@ here) to a relative error below 1e-5, and greedy decoding must give the same tok
 
 import importlib.util
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +15,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from child_env import REPO, child_env
+from child_env import REPO, child_env, free_port
 from llama.checkpoint import (
+    PLAN,
     SHARD_DIMS,
+    expected_shapes,
     load_params,
     load_transformer,
     random_state_dict,
@@ -26,7 +27,7 @@ from llama.checkpoint import (
     write_random_checkpoint,
 )
 from llama.model import ModelArgs, Transformer
-from llama.parallel import PLAN, parallelize, rowwise, setup_model_parallel
+from llama.parallel import SHARDERS, parallelize, rowwise, setup_model_parallel
 from llama.reshard import reshard
 
 WORKER = REPO / "tests" / "mp" / "worker.py"
@@ -53,12 +54,6 @@ needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 def rel_diff(got: torch.Tensor, ref: torch.Tensor) -> float:
     """max |got - ref| / max |ref|: relative to the logit scale (elementwise ratios blow up near 0)."""
     return ((got - ref).abs().max() / ref.abs().max()).item()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(nproc: int, *argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -109,12 +104,14 @@ def build_ckpt(tmp_path_factory, meta_tokenizer_path) -> Path:
     return path
 
 
-def test_plan_agrees_with_checkpoint_shard_dims():
-    """Every split tensor has a parallel layer and vice versa; row-parallel exactly where dim 1 is split."""
-    split = {k.removesuffix(".weight"): d for k, d in SHARD_DIMS.items() if d is not None}
-    assert set(PLAN) == set(split)
-    for name, sharder in PLAN.items():
-        assert (sharder is rowwise) == (split[name] == 1), name
+def test_plan_covers_every_weight_and_has_a_layer_per_kind():
+    """Every checkpoint tensor is split or replicated by name; each kind of split has a fairscale
+    layer; row-parallel layers exactly where dim 1 is split."""
+    per_layer = {key.removeprefix("layers.0.") for key in expected_shapes(CONFIGS["gqa"]) if not key.startswith("layers.1.")}
+    assert set(SHARD_DIMS) == per_layer
+    assert set(SHARDERS) == set(PLAN.values())
+    for name, kind in PLAN.items():
+        assert (SHARDERS[kind] is rowwise) == (SHARD_DIMS[name + ".weight"] == 1), name
 
 
 def test_single_process_needs_no_process_group(monkeypatch):
@@ -146,6 +143,7 @@ def test_parallelize_needs_setup():
         parallelize(model)
 
 
+@pytest.mark.slow
 @needs_gloo
 @pytest.mark.parametrize("world", [2, 4])
 def test_ranks_match_single_process(world, ckpts, references, build_ckpt, meta_tokenizer_path, tmp_path):
@@ -183,6 +181,7 @@ def test_ranks_match_single_process(world, ckpts, references, build_ckpt, meta_t
         assert json.loads((tmp_path / f"build.rank{rank}.json").read_text()) == want
 
 
+@pytest.mark.slow
 @needs_gloo
 def test_example_text_completion_on_two_ranks(build_ckpt, meta_tokenizer_path):
     """The example runs under torchrun on CPU and only rank 0 prints."""

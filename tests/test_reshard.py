@@ -170,6 +170,7 @@ def run_reshard(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "llama.reshard", *argv], cwd=REPO, capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_round_trip_is_bit_exact_and_checklist_verifies(tmp_path, full, ckpts):
     """1 -> 2 (through the command line) -> 1 gives back the original tensors, torch.equal."""
     src = ckpts["gqa", 1]
@@ -222,6 +223,7 @@ def test_dtype_cast(tmp_path, full, ckpts):
     assert_shards_equal(got, {k: v.to(torch.bfloat16) for k, v in full["gqa"].items()})
 
 
+@pytest.mark.slow
 def test_refuses_to_overwrite(tmp_path, ckpts):
     dst = tmp_path / "taken"
     dst.mkdir()

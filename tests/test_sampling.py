@@ -90,6 +90,7 @@ def _distributions() -> list[torch.Tensor]:
     return out
 
 
+@pytest.mark.slow
 def test_fast_top_p_path_equals_full_sort_exactly(monkeypatch):
     """Same generator state -> the same token ids, whichever path sample_top_p takes."""
     calls = {"fallback": 0}

@@ -15,8 +15,11 @@ from llama.tool_calls import (
     custom_tools_prompt,
     decode_assistant_message,
     format_tool_call,
+    format_custom_tool_calls,
     make_tool_call,
     parse_tool_call,
+    parse_tool_calls,
+    split_tool_calls,
 )
 
 
@@ -126,6 +129,11 @@ def test_code_interpreter(tok: Tokenizer) -> None:
         '{"name": "get_weather", "arguments": {"city": "Paris"}}<|eot_id|>',
         ' <function=get_weather>{"city": "Paris"}</function><|eot_id|>',
         '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}<|eom_id|>',
+        '{"type": "function", "name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>',
+        '<function=get_weather>{"city": "Paris"}<|eot_id|>',
+        "<function=get_weather>{'city': 'Paris'}</function><|eot_id|>",
+        '[get_weather(city="Paris")]<|eot_id|>',
+        '<|python_tag|>[get_weather(city="Paris")]<|eom_id|>',
     ],
 )
 def test_custom_calls(tok: Tokenizer, generated: str) -> None:
@@ -148,8 +156,15 @@ def test_custom_calls(tok: Tokenizer, generated: str) -> None:
         '{"name": "f", "parameters": {}, "extra": 1}',
         '<function=f>{not json}</function>',
         '<function=f>["list"]</function>',
-        '<function=f>{"a": 1}',
+        '<function=f>{"a": 1} trailing prose',
+        '{"type": "tool", "name": "f", "parameters": {}}',
+        '{"name": "f", "parameters": {}, "arguments": {}}',
+        '[get_boiling_point("water", True)]',
+        '<|python_tag|>[f(a=g())]<|eom_id|>',
+        '<|python_tag|>[f(a=1)<|eom_id|>',
+        "<|python_tag|>Let me think about this.<|eom_id|>",
         "[" * 100_000,
+        "<|python_tag|>" + "[" * 100_000,
     ],
 )
 def test_malformed_falls_back_to_content(tok: Tokenizer, generated: str) -> None:
@@ -166,8 +181,10 @@ def test_never_raises_on_garbage(tok: Tokenizer) -> None:
     for _ in range(500):
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
         m = decode(tok, text)
-        assert isinstance(m["content"], str) and len(m["tool_calls"]) <= 1
-        assert parse_tool_call(text) is None or isinstance(parse_tool_call(text), dict)
+        assert isinstance(m["content"], str) and isinstance(m["tool_calls"], list)
+        for tagged in (False, True):
+            calls = parse_tool_calls(text, after_python_tag=tagged)
+            assert all(isinstance(c["arguments"], dict) for c in calls)
 
 
 # --- decoder: stop tokens ----------------------------------------------------------------------
@@ -212,3 +229,52 @@ def test_encode_then_decode(tok: Tokenizer, call) -> None:
     assert (back["tool_name"], back["arguments"]) == (call["tool_name"], call["arguments"])
     builtin = call["tool_name"] in ("brave_search", "wolfram_alpha", "code_interpreter")
     assert decoded["stop_reason"] == ("end_of_message" if builtin else "end_of_turn")
+
+
+# --- several calls, prose before a call, the python-list format ---------------------------------
+
+
+def test_python_list_several_calls(tok: Tokenizer) -> None:
+    text = '[get_weather(city="SF", metric="celsius"), get_time(tz="PST")]'
+    for generated in (text + "<|eot_id|>", "<|python_tag|>" + text + "<|eom_id|>"):
+        m = decode(tok, generated)
+        assert [(c["tool_name"], c["arguments"]) for c in m["tool_calls"]] == [
+            ("get_weather", {"city": "SF", "metric": "celsius"}), ("get_time", {"tz": "PST"}),
+        ]  # fmt: skip
+        assert m["content"] == "" and len({c["call_id"] for c in m["tool_calls"]}) == 2
+    # after <|python_tag|> it is never code for the interpreter
+    assert all(c["tool_name"] != "code_interpreter" for c in parse_tool_calls(text, after_python_tag=True))
+
+
+def test_several_function_tags_and_prose_before(tok: Tokenizer) -> None:
+    m = decode(tok, 'Checking both. <function=a>{"x": 1}</function>\n<function=b>{"y": [2]}<|eot_id|>')
+    assert m["content"] == "Checking both."
+    assert [(c["tool_name"], c["arguments"]) for c in m["tool_calls"]] == [("a", {"x": 1}), ("b", {"y": [2]})]
+    m = decode(tok, 'I will look it up. brave_search.call(query="Menlo Park")<|eom_id|>')
+    assert m["content"] == "I will look it up." and m["tool_calls"][0]["arguments"] == {"query": "Menlo Park"}
+    # JSON and lists after prose are quotations as often as calls: they stay text
+    for prose in ('Example: {"name": "f", "parameters": {}}', 'Try [f(a=1)]'):
+        assert split_tool_calls(prose) == (prose, [])
+
+
+def test_parse_tool_call_single() -> None:
+    assert parse_tool_call("[f(a=1), g(b=2)]") is None  # several: use parse_tool_calls
+    assert parse_tool_call("[f(a=1)]")["arguments"] == {"a": 1}
+
+
+def test_format_custom_tool_calls() -> None:
+    calls = [make_tool_call("f", {"a": 1, "s": 'q"uote'}), make_tool_call("g", {"l": [1, "x"], "d": {"k": None}})]
+    listed = format_custom_tool_calls(calls)
+    assert listed == '[f(a=1, s="q\\"uote"), g(l=[1, \'x\'], d={\'k\': None})]'
+    assert format_custom_tool_calls(calls[:1]) == '{"name": "f", "parameters": {"a": 1, "s": "q\\"uote"}}'
+    assert format_custom_tool_calls(calls[:1], "python_list") == '[f(a=1, s="q\\"uote")]'
+    assert format_custom_tool_calls(calls, "function_tag") == (
+        '<function=f>{"a": 1, "s": "q\\"uote"}</function><function=g>{"l": [1, "x"], "d": {"k": null}}</function>'
+    )
+    for fmt in ("json", "python_list", "function_tag"):
+        back = parse_tool_calls(format_custom_tool_calls(calls, fmt))
+        assert [(c["tool_name"], c["arguments"]) for c in back] == [(c["tool_name"], c["arguments"]) for c in calls]
+    with pytest.raises(ValueError, match="unknown tool_prompt_format 'xml'"):
+        format_custom_tool_calls(calls, "xml")
+    with pytest.raises(ValueError, match="is not a Python identifier"):
+        format_custom_tool_calls([make_tool_call("my-tool", {}), calls[0]])

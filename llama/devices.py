@@ -1,0 +1,108 @@
+"""The one place that knows the machine: devices, dtypes, CPU features, the cache folder.
+
+Everything here is policy, not math: which device and dtype a run gets when the caller does not
+say, whether 16-bit weights are multiplied in float32 (``llama.fast``), how ``torch.compile`` is
+told to build the decode step, and where files the library makes (the native kernels, the demo
+model) are kept. Imports only torch and the standard library, so every other module may use it.
+"""
+
+import functools
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+# Every dtype name the library accepts, from the command line or the API (one table for all tools).
+DTYPES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}  # fmt: skip
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``torch.bfloat16`` from "bf16" / "bfloat16" (and so on for fp16 and fp32); a dtype is returned as is."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@functools.cache
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (x86 ``flags``, Arm ``Features``); empty elsewhere.
+
+    The one reader of CPU features: ``cpu_has_native_bf16`` and ``llama.native`` both ask it.
+    """
+    try:
+        with open(cpuinfo) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return frozenset()
+    flags: set[str] = set()
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return frozenset(flags)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX on x86, BF16 on Arm)."""
+    return bool({"avx512_bf16", "amx_bf16", "bf16"} & cpu_flags())
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 (the checkpoints' own dtype) on CPUs and on GPUs with bf16; fp16 on other GPUs.
+
+    On CPUs without native bf16 the weights stay bf16 and are multiplied in float32
+    (``default_compute_dtype``): against fp32 weights that is half the memory and faster
+    (benchmarks/README.md has the numbers).
+    """
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        return torch.bfloat16
+    return torch.float16
+
+
+def default_compute_dtype(device: torch.device, dtype: torch.dtype) -> Optional[torch.dtype]:
+    """float32 for 16-bit weights on a CPU without native bf16, whose 16-bit matmuls are several times slower.
+
+    The weights stay 16-bit in memory; each product is computed in float32 and rounded back (see
+    ``llama.fast``). None (multiply in the weights' dtype) everywhere else.
+    """
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not cpu_has_native_bf16():
+        return torch.float32
+    return None
+
+
+def resolve_dtype(dtype: Optional[str | torch.dtype], device: torch.device) -> torch.dtype:
+    """A torch dtype from None (default for the device), a torch.dtype, or a name like "bf16"."""
+    return default_dtype(device) if dtype is None else parse_dtype(dtype)
+
+
+def compile_decode_step(model: torch.nn.Module, device: torch.device) -> Callable[..., torch.Tensor]:
+    """``torch.compile`` of ``model`` for the static-shape one-token step (``start_pos`` a tensor).
+
+    On CUDA: CUDA graphs (no per-kernel launch cost) and Inductor's coordinate-descent tuning of
+    the reductions it generates for one-row matrix products, which beat ``mode="reduce-overhead"``
+    alone (benchmarks/RESULTS-cuda.md).
+    """
+    if device.type == "cuda":
+        options = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
+        return torch.compile(model, fullgraph=True, dynamic=False, options=options)
+    return torch.compile(model, fullgraph=True, dynamic=False)
+
+
+def cache_root() -> Path:
+    """``$XDG_CACHE_HOME/llama``, or ``~/.cache/llama`` (the XDG base-directory convention)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "llama"

@@ -1,0 +1,192 @@
+"""The fast paths, applied to a built ``Transformer`` after construction (as ``llama.parallel`` applies its plan).
+
+``llama.model`` is the plain math: ``nn.Linear`` products in the weights' dtype and one attention
+call. ``apply_fast_paths`` swaps modules, in place, for subclasses that compute the same function
+faster where it matters (benchmarks/README.md has the numbers):
+- ``FastLinear`` (each ``nn.Linear``): 16-bit weights multiplied in float32 on CPUs without native
+  bf16, whose 16-bit matmuls are several times slower; the weights stay 16-bit in memory. A
+  matrix-vector kernel (``llama.native``) can take over the products of a few rows;
+- ``DecodeAttention`` (each ``Attention``): one-token steps as two small matmuls with K/V heads
+  shared (``grouped_attention``), in float32 when the weights are multiplied in float32, or
+  through a kernel that reads a bf16 cache in place; longer inputs keep the model's SDPA.
+``speed_up`` picks them for a device and dtype; fairscale's layers (several ranks) are left alone.
+"""
+
+import copy
+import math
+from typing import Callable, Optional, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llama import native
+from llama.devices import default_compute_dtype
+from llama.model import Attention, Transformer, causal_mask
+
+MatVec = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [rows, in], weight) -> [rows, out]
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # q [B, Hq, hd], k, v -> [B, Hq, hd]
+M = TypeVar("M", bound=nn.Module)
+
+
+class FastLinear(nn.Linear):
+    """``nn.Linear`` (same ``weight``) that can multiply 16-bit weights in float32.
+
+    With ``compute_dtype = torch.float32`` each product is computed in float32 and rounded back to
+    x's dtype:
+    - one row (batch-1 decode), eager: torch's matrix-vector kernel, which already accumulates in
+      float32 and reads half the bytes that a widened copy would;
+    - a few rows inside ``torch.compile`` (the compiled decode step): written as multiply + sum,
+      which Inductor fuses into one pass that widens the weights in registers, on all threads;
+    - otherwise (prefill, batched decode): widen a block of rows at a time into ``widen_buffer``
+      and run the float32 matmul on it. The buffer is cache-sized and allocated once, shared by
+      every layer (``apply_fast_paths``): a fresh full-size float32 copy of a weight costs more in
+      page faults than the matmul.
+    ``compute_dtype = None`` is plain ``F.linear``.
+
+    ``matvec``, when set, replaces the first two cases for up to ``matvec_rows`` rows: a function
+    (x [rows, in], weight) -> [rows, out] in x's dtype that sums in float32, such as
+    ``llama.native.kernels().matvec``.
+    """
+
+    WIDEN_BLOCK = 1 << 20  # weights widened per block: 1M elements = 4 MiB of float32, cache-sized
+    COMPILED_MAX_ROWS = 16  # beyond this, the compiled step uses the blocked matmul too
+
+    compute_dtype: Optional[torch.dtype] = None
+    widen_buffer: Optional[torch.Tensor] = None  # [WIDEN_BLOCK] in compute_dtype
+    matvec: Optional[MatVec] = None
+    matvec_rows = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight  # [out, in]
+        if self.compute_dtype is None or self.compute_dtype == w.dtype:
+            return F.linear(x, w)
+        rows = x.numel() // x.shape[-1]
+        if self.matvec is not None and rows <= self.matvec_rows:
+            return self.matvec(x.reshape(rows, -1), w).view(*x.shape[:-1], -1)  # [..., out] in x's dtype
+        if torch.compiler.is_compiling() and rows <= self.COMPILED_MAX_ROWS:
+            # [out, 1, in] * [1, rows, in] summed over in -> [out, rows]: each weight row is read once.
+            x2 = x.reshape(1, rows, -1).to(self.compute_dtype)
+            out = (w[:, None, :].to(self.compute_dtype) * x2).sum(-1)
+            return out.T.reshape(*x.shape[:-1], -1).to(x.dtype)
+        if rows == 1:
+            return F.linear(x, w)
+        x32 = x.to(self.compute_dtype)
+        out = torch.empty(*x.shape[:-1], w.shape[0], device=x.device, dtype=x.dtype)  # [..., out]
+        step = max(1, self.WIDEN_BLOCK // w.shape[1])
+        if self.widen_buffer is not None and self.widen_buffer.numel() >= step * w.shape[1]:
+            block = self.widen_buffer[: step * w.shape[1]].view(step, w.shape[1])
+        else:
+            block = torch.empty(step, w.shape[1], device=w.device, dtype=self.compute_dtype)
+        for start in range(0, w.shape[0], step):
+            wide = block[: min(step, w.shape[0] - start)].copy_(w[start : start + step])  # [step, in]
+            out[..., start : start + wide.shape[0]] = torch.matmul(x32, wide.T)
+        return out
+
+
+class DecodeAttention(Attention):
+    """``Attention`` whose one-token steps skip SDPA: two small matmuls (``grouped_attention``) in
+    ``compute_dtype`` (None: the cache's dtype), or ``kernel`` for an eager step over a bf16 cache."""
+
+    compute_dtype: Optional[torch.dtype] = None
+    kernel: Optional[Attend] = None
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int | torch.Tensor, mask: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        if q.shape[2] > 1:
+            return super().attend(q, k, v, start_pos, mask)  # prefill: SDPA's fused kernel
+        if self.kernel is not None and isinstance(start_pos, int) and k.dtype == torch.bfloat16:
+            return self.kernel(q[:, :, 0], k, v)[:, :, None]  # q[:, :, 0]: [B, Hq, hd]; out [B, Hq, 1, hd]
+        dtype = self.compute_dtype or q.dtype
+        return grouped_attention(q.to(dtype), k.to(dtype), v.to(dtype), start_pos, mask).type_as(q)
+
+
+def grouped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int = 0, mask: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd) + causal mask) v with each KV head serving n_heads/n_kv_heads queries.
+
+    q: [B, Hq, S, hd]; k, v: [B, Hkv, T, hd]. ``mask`` ([S, T] bool, from ``causal_mask``) defaults
+    to the causal mask of queries at start_pos ... start_pos + S - 1 over T = start_pos + S keys.
+    Cached positions before start_pos are all visible, so a one-token eager decode step needs no
+    mask at all. K/V are never repeated: the query heads of a group are folded into the rows of one
+    matmul.
+    """
+    bsz, n_q, seqlen, hd = q.shape
+    n_kv, total = k.shape[1], k.shape[2]
+    n_rep = n_q // n_kv
+    if mask is None and seqlen > 1:
+        mask = causal_mask(start_pos, seqlen, total, q.device)
+    # Consecutive query heads share a KV head: [B, Hkv, n_rep * S, hd].
+    qg = q.reshape(bsz, n_kv, n_rep * seqlen, hd)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() / math.sqrt(hd)  # [B, Hkv, n_rep*S, T]
+    if mask is not None:
+        scores = scores.view(bsz, n_kv, n_rep, seqlen, total).masked_fill(~mask, float("-inf"))
+        scores = scores.view(bsz, n_kv, n_rep * seqlen, total)
+    probs = torch.softmax(scores, dim=-1).type_as(q)
+    return torch.matmul(probs, v).view(bsz, n_q, seqlen, hd)
+
+
+def _as(module: nn.Module, cls: type[M]) -> M:
+    """``module`` as an instance of its subclass ``cls``: the same parameters, buffers and children."""
+    if isinstance(module, cls):
+        return module
+    new = copy.copy(module)  # a shallow copy: the tensors and submodules are shared, not copied
+    new.__class__ = cls
+    return new
+
+
+def apply_fast_paths(
+    model: Transformer,
+    compute_dtype: Optional[torch.dtype] = None,
+    matvec: Optional[MatVec] = None,
+    matvec_rows: int = 0,
+    attend: Optional[Attend] = None,
+) -> Transformer:
+    """Swap ``model``'s ``nn.Linear`` and ``Attention`` modules for the fast ones, in place; returns ``model``.
+
+    ``compute_dtype`` float32 multiplies 16-bit weights, and attends over a 16-bit cache, in
+    float32 (None: in their own dtype). With it, ``matvec`` multiplies up to ``matvec_rows``
+    activation rows by each contiguous bf16 weight, and ``attend`` computes the attention of eager
+    one-token steps over a bf16 cache. Calling it again changes the settings.
+    """
+    device = model.tok_embeddings.weight.device
+    # One widening buffer for every FastLinear: layers run one after another.
+    buffer = None if compute_dtype is None else torch.empty(FastLinear.WIDEN_BLOCK, device=device, dtype=compute_dtype)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear):
+            new = _as(module, FastLinear)
+            new.compute_dtype, new.widen_buffer = compute_dtype, buffer
+            w = new.weight
+            usable = compute_dtype == torch.float32 and w.dtype == torch.bfloat16 and w.is_contiguous()
+            new.matvec = matvec if usable else None
+            new.matvec_rows = matvec_rows if usable else 0
+        elif isinstance(module, Attention):
+            new = _as(module, DecodeAttention)
+            new.compute_dtype = compute_dtype
+            # The cache has the weights' dtype (setup_cache); the kernel reads a bf16 one.
+            bf16 = new.wk.weight.dtype == torch.bfloat16
+            new.kernel = attend if compute_dtype == torch.float32 and bf16 else None
+        else:
+            continue
+        if new is not module:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, new)
+    return model
+
+
+def speed_up(model: Transformer, world_size: int = 1) -> Transformer:
+    """The fast paths for the model's device and weight dtype (``Llama.build`` calls it).
+
+    bf16 weights multiplied in float32 on a CPU in one process also get the native kernels, which
+    stream them faster (``llama.native``); with several ranks fairscale's layers replace every
+    ``nn.Linear`` and torch's kernels run throughout.
+    """
+    weight = model.tok_embeddings.weight
+    compute_dtype = default_compute_dtype(weight.device, weight.dtype)
+    use_native = compute_dtype == torch.float32 and weight.dtype == torch.bfloat16 and world_size == 1
+    kernels = native.kernels() if use_native else None
+    if kernels is None:
+        return apply_fast_paths(model, compute_dtype)
+    return apply_fast_paths(model, compute_dtype, kernels.matvec, native.MAX_ROWS, kernels.attention)

@@ -1,0 +1,30 @@
+"""Device and dtype policy (llama/devices.py): CPU features from /proc/cpuinfo, and what they decide."""
+
+import pytest
+import torch
+
+from llama import devices
+
+# Abridged from real /proc/cpuinfo files: an AVX2 x86 core without bf16, a Sapphire Rapids core, an Arm Neoverse V1.
+X86_AVX2 = "processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu sse2 avx fma avx2 avx512f\nbugs\t\t: spectre_v1\n"
+X86_AMX = "processor\t: 0\nflags\t\t: fpu avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile\n"
+ARM_BF16 = "processor\t: 0\nBogoMIPS\t: 2100.00\nFeatures\t: fp asimd evtstrm sha512 svebf16 i8mm bf16\nCPU part\t: 0xd40\n"
+
+
+@pytest.mark.parametrize(
+    "text,flags,native_bf16",
+    [(X86_AVX2, {"avx2", "fma"}, False), (X86_AMX, {"avx512_bf16", "amx_bf16"}, True), (ARM_BF16, {"bf16", "asimd"}, True)],
+)
+def test_cpu_flags_and_native_bf16(tmp_path, monkeypatch, text, flags, native_bf16):
+    path = tmp_path / "cpuinfo"
+    path.write_text(text)
+    found = devices.cpu_flags(str(path))
+    assert flags <= found and "spectre_v1" not in found and "GenuineIntel" not in found
+    monkeypatch.setattr(devices, "cpu_flags", lambda: found)
+    assert devices.cpu_has_native_bf16() is native_bf16
+    expected = None if native_bf16 else torch.float32
+    assert devices.default_compute_dtype(torch.device("cpu"), torch.bfloat16) == expected
+
+
+def test_no_cpuinfo_means_no_flags(tmp_path):
+    assert devices.cpu_flags(str(tmp_path / "missing")) == frozenset()
