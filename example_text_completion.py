@@ -17,18 +17,21 @@ from llama import Llama
 def main(
     ckpt_dir: Optional[str] = None,
     tokenizer_path: Optional[str] = None,
-    temperature: float = 0.6,
-    top_p: float = 0.9,
+    temperature: Optional[float] = None,  # None: 0.6 (Meta's), or llama.demo.DEMO_SETTINGS for the demo model
+    top_p: Optional[float] = None,  # None: 0.9 (Meta's), or the demo's
     max_seq_len: int = 128,
-    max_gen_len: int = 64,
+    max_gen_len: Optional[int] = None,  # None: 64 (Meta's), or the demo's
     max_batch_size: int = 4,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
 ):
     """Prompts are prefixes the model continues; base models need no chat format."""
-    if ckpt_dir is None:
-        from llama.demo import default_checkpoint
+    from llama.demo import default_checkpoint, generation_settings
 
+    meta_defaults = {"temperature": 0.6, "top_p": 0.9, "max_gen_len": 64}
+    settings = generation_settings(ckpt_dir is None, meta_defaults, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
+    temperature, top_p, max_gen_len = settings["temperature"], settings["top_p"], settings["max_gen_len"]
+    if ckpt_dir is None:
         ckpt_dir = str(default_checkpoint())
     generator = Llama.build(
         ckpt_dir=ckpt_dir,

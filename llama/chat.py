@@ -44,17 +44,20 @@ def main(
     ckpt_dir: Optional[str] = None,
     tokenizer_path: Optional[str] = None,
     system: Optional[str] = None,
-    temperature: float = 0.6,
-    top_p: float = 0.9,
+    temperature: Optional[float] = None,  # None: 0.6, or llama.demo.DEMO_SETTINGS for the demo model
+    top_p: Optional[float] = None,  # None: 0.9, or the demo's
     max_seq_len: int = 2048,
-    max_gen_len: int = 512,
+    max_gen_len: Optional[int] = None,  # None: 512, or the demo's
     device: Optional[str] = None,
     dtype: Optional[str] = None,
 ) -> None:
     """Chat with a model; see the module docstring for the commands."""
-    if ckpt_dir is None:
-        from llama.demo import default_checkpoint
+    from llama.demo import default_checkpoint, generation_settings
 
+    defaults = {"temperature": 0.6, "top_p": 0.9, "max_gen_len": 512}
+    settings = generation_settings(ckpt_dir is None, defaults, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
+    temperature, top_p, max_gen_len = settings["temperature"], settings["top_p"], settings["max_gen_len"]
+    if ckpt_dir is None:
         ckpt_dir = str(default_checkpoint())
     generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, 1, device=device, dtype=dtype)
     start: Dialog = [{"role": "system", "content": system}] if system else []

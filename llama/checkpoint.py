@@ -8,13 +8,18 @@ the shard files and copies only its own slice, so peak RAM per rank stays near i
 
 import hashlib
 import json
+import math
+import os
 import re
+import sys
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
 from llama.model import ModelArgs, Transformer
+from llama.progress import Progress
 
 # Keys present in old (Llama 1/2) checkpoints that the model does not use; dropped by name.
 UNUSED_KEYS = ("rope.freqs",)
@@ -168,17 +173,94 @@ def _take(t: torch.Tensor, dim: Optional[int], rng: Optional[tuple[int, int]]) -
     return t if rng is None else t.narrow(dim, rng[0], rng[1] - rng[0])
 
 
+# The dtypes weights may have on disk; anything else (int8 from a bad re-save, float8 without its
+# scales, bool) would be cast to garbage, so it is an error.
+WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+def _not_a_checkpoint(path: Path, error: Exception) -> str:
+    """The one-line reason ``torch.load`` failed on ``path``, judged from the file's first bytes."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if not head:
+        return f"{path} is empty (0 bytes), not a PyTorch checkpoint: re-download it"
+    if head.startswith(b"PK\x03\x04"):  # a zip: torch.save's format, but unreadable
+        if "eights only load failed" in str(error):
+            return f"cannot load {path}: {error}"
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return f"{path} is a truncated or corrupt PyTorch checkpoint ({size:,} bytes; {first}): re-download it"
+    low = head.lstrip().lower()
+    if low.startswith((b"<!doctype", b"<html", b"<?xml", b"<head", b"<error")) or b"<html" in low or b"<body" in low:
+        title = re.search(rb"<title>(.*?)</title>|<code>(.*?)</code>", head, re.I | re.S)
+        words = (title.group(1) or title.group(2)).decode("utf-8", "replace").strip()[:80] if title else ""
+        said = f', saying "{words}"' if words else ""
+        return f"{path} is not a PyTorch checkpoint (looks like an HTML page{said}; {size:,} bytes): re-download it"
+    if all(32 <= b < 127 or b in b"\r\n\t" for b in head):
+        return f"{path} is not a PyTorch checkpoint (looks like a text file; {size:,} bytes): re-download it"
+    return f"{path} is not a PyTorch checkpoint (unknown data; {size:,} bytes): re-download it"
+
+
+def load_shard_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """``torch.load`` of one shard, memory-mapped, ``weights_only`` (checkpoints are untrusted).
+
+    Errors say what the file is when it is not a PyTorch checkpoint (an HTML error page saved by
+    a failed download, random bytes), and name a tensor of an integer dtype.
+    """
+    path = Path(path)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # corrupt file, pickle with code objects, truncated download...
+        with open(path, "rb") as f:
+            legacy = f.read(1) == b"\x80"  # torch's pre-1.6 pickle format: loadable, but not memory-mappable
+        try:
+            if not legacy:
+                raise e
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e2:
+            raise ValueError(_not_a_checkpoint(path, e2)) from None
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
+    for k, t in sd.items():
+        if isinstance(t, torch.Tensor) and t.dtype not in WEIGHT_DTYPES:
+            raise ValueError(
+                f"{path}: {k} has dtype {str(t.dtype).replace('torch.', '')}, not a float type: integer or "
+                f"quantized weights (a shard re-saved as {str(t.dtype).replace('torch.', '')}?) cannot be "
+                f"loaded; use the original float16/bfloat16/float32 checkpoint"
+            )
+    return sd
+
+
+def _check_shard_count(ckpt_dir: Path, path: Path, sd: dict[str, torch.Tensor], args: ModelArgs, n: int) -> None:
+    """A shard's slice of the embedding tells how many shards the checkpoint has: name missing ones."""
+    t = sd.get("tok_embeddings.weight")
+    if t is None or t.dim() != 2 or t.shape[0] == 0 or args.vocab_size % t.shape[0]:
+        return
+    expected = args.vocab_size // t.shape[0]
+    if expected > n:
+        missing = [f"consolidated.{i:02d}.pth" for i in range(n, expected)]
+        raise FileNotFoundError(
+            f"{ckpt_dir}: shard(s) {missing} missing: {path.name} holds {t.shape[0]} of the {args.vocab_size} "
+            f"embedding rows of params.json, so the checkpoint has {expected} shards, but only "
+            + ("consolidated.00.pth is" if n == 1 else f"{n} (consolidated.00.pth ... consolidated.{n - 1:02d}.pth) are")
+            + " here: download the missing file(s)"
+        )
+
+
 def load_state_dict(
     ckpt_dir: str | Path,
     args: ModelArgs,
     rank: int = 0,
     world_size: int = 1,
     dtype: Optional[torch.dtype] = None,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
 ) -> dict[str, torch.Tensor]:
     """This rank's tensors for ``world_size`` ranks, resharded from however many files there are.
 
     Files are memory-mapped (``weights_only=True``: a checkpoint is untrusted input); only the
-    slices this rank needs are read, and each is cast to ``dtype`` as it is taken.
+    slices this rank needs are read, and each is cast to ``dtype`` and moved to ``device`` as it
+    is taken. ``progress`` prints bytes taken and the rate on stderr (llama/progress.py).
     """
     paths = find_shards(ckpt_dir)
     n = len(paths)
@@ -199,14 +281,10 @@ def load_state_dict(
 
     def shard(i: int) -> dict[str, torch.Tensor]:
         if i not in cache:
-            try:
-                sd = torch.load(paths[i], map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:  # corrupt file, pickle with code objects, truncated download...
-                raise ValueError(f"cannot load {paths[i]}: {e}") from None
-            if not isinstance(sd, dict):
-                raise ValueError(f"{paths[i]}: expected a dict of tensors, got {type(sd).__name__}")
+            sd = load_shard_file(paths[i])
             for k in UNUSED_KEYS:
                 sd.pop(k, None)
+            _check_shard_count(Path(ckpt_dir), paths[i], sd, args, n)
             missing = [k for k in shapes if k not in sd]
             unexpected = [k for k in sd if k not in shapes]
             if missing or unexpected:
@@ -231,7 +309,8 @@ def load_state_dict(
         return cache[i]
 
     out: dict[str, torch.Tensor] = {}
-    shard(0)  # validates the first file and finds its layout (file_dims)
+    first = shard(0)  # validates the first file and finds its layout (file_dims)
+    bar = _progress_bar(paths, shapes, args, rank, world_size, first) if progress else None
     for key, full in shapes.items():
         d = shard_dim(key)
         rng = rank_range(key, args, rank, world_size)
@@ -250,8 +329,27 @@ def load_state_dict(
             t = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=d)
             if not t.is_contiguous():
                 t = t.contiguous()
-        out[key] = t.to(dtype) if dtype is not None else t
+        out[key] = t.to(device=device, dtype=dtype)
+        if bar is not None:  # bytes read from the files, counted once they are cast and moved
+            bar.update(t.numel() * t.element_size())
+    if bar is not None:
+        bar.close()
     return out
+
+
+def _progress_bar(
+    paths: list[Path], shapes: dict[str, tuple[int, ...]], args: ModelArgs, rank: int, world_size: int,
+    first_shard: dict[str, torch.Tensor],
+) -> Progress:
+    """A progress line over the bytes this rank takes from ``paths`` (sizes from the shapes)."""
+    itemsize = first_shard["tok_embeddings.weight"].element_size()
+    total = 0
+    for key, full in shapes.items():
+        rng = rank_range(key, args, rank, world_size)
+        numel = math.prod(full)
+        total += itemsize * (numel if rng is None else numel // full[shard_dim(key)] * (rng[1] - rng[0]))
+    names = paths[0].name if len(paths) == 1 else f"{len(paths)} shards ({paths[0].name} ... {paths[-1].name})"
+    return Progress(f"loading {names}", total)
 
 
 def load_transformer(
@@ -262,6 +360,7 @@ def load_transformer(
     world_size: int = 1,
     parallelize: Optional[Callable[[Transformer], Transformer]] = None,
     args: Optional[ModelArgs] = None,
+    progress: bool = False,
 ) -> Transformer:
     """Construct on ``meta`` (no memory), shard (``parallelize``), load this rank's weights, move.
 
@@ -269,12 +368,123 @@ def load_transformer(
     checkpoint that is already in the requested dtype stays memory-mapped on CPU.
     """
     args = args or load_params(ckpt_dir)
-    state = load_state_dict(ckpt_dir, args, rank, world_size, dtype)
+    state = load_state_dict(ckpt_dir, args, rank, world_size, dtype, device, progress)
     model = Transformer(args, device="meta")
     if parallelize is not None:
         model = parallelize(model)
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device)
+
+
+# Files of a folder that passed verification, so the hash (16 GB for an 8B model) is paid once:
+# one line per file, "size mtime_ns md5 name"; a file whose size or mtime changed is hashed again.
+VERIFIED_RECORD = ".llama-verified"
+PROGRESS_EVERY_S = 5.0
+
+
+def read_checklist(path: Path) -> dict[str, str]:
+    """``checklist.chk`` (md5sum format: "md5  name" or "md5 *name") as {name: md5}."""
+    listed: dict[str, str] = {}
+    for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        m = re.fullmatch(r"([0-9a-fA-F]{32}) [ *](.+)", line.strip())
+        if m is None:
+            raise ValueError(
+                f"{path}, line {lineno}: {line[:60]!r} is not an md5sum line (md5, two spaces, file name): "
+                f"re-download checklist.chk, or pass verify=False"
+            )
+        listed[m.group(2)] = m.group(1).lower()
+    return listed
+
+
+def _read_record(ckpt_dir: Path) -> dict[str, tuple[int, int, str]]:
+    try:
+        lines = (ckpt_dir / VERIFIED_RECORD).read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return {}
+    record = {}
+    for line in lines:
+        parts = line.split(" ", 3)
+        if len(parts) == 4 and parts[0].isdigit() and parts[1].isdigit():
+            record[parts[3]] = (int(parts[0]), int(parts[1]), parts[2])
+    return record
+
+
+def verify_checkpoint(
+    ckpt_dir: str | Path,
+    verify: Optional[bool] = None,
+    log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
+    rank: int = 0,
+    world_size: int = 1,
+) -> None:
+    """Check the folder's files against its ``checklist.chk``; raise naming the first that differs.
+
+    ``verify`` None (auto): when a checklist is present, hash the files not verified before (the
+    record ``.llama-verified`` keeps size, mtime and md5 of each verified file; a changed file is
+    hashed again). True: hash every listed file (an error without a checklist). False: nothing.
+    Listed files that are absent are skipped (a tokenizer kept elsewhere), except shards and
+    params.json. With several ranks, rank r hashes every world_size-th file. Progress goes to ``log``.
+    """
+    if verify is False:
+        return
+    ckpt_dir = Path(ckpt_dir)
+    chk = ckpt_dir / "checklist.chk"
+    if not chk.is_file():
+        if verify:
+            raise FileNotFoundError(f"verify=True, but {ckpt_dir} has no checklist.chk to verify against")
+        return
+    listed = read_checklist(chk)
+    record = _read_record(ckpt_dir)
+    todo: list[tuple[str, str, os.stat_result]] = []
+    for name, md5 in listed.items():
+        path = ckpt_dir / name
+        if not path.is_file():
+            if SHARD_PATTERN.match(name) or name == "params.json":
+                raise FileNotFoundError(f"{path} is missing, but {chk} lists it: download it (an incomplete download?)")
+            continue
+        st = path.stat()
+        if verify is None and record.get(name) == (st.st_size, st.st_mtime_ns, md5):
+            continue
+        todo.append((name, md5, st))
+    mine = todo[rank::world_size]
+    if not mine:
+        return
+    total = sum(st.st_size for _, _, st in mine)
+    log(f"Verifying {len(mine)} file(s) of {ckpt_dir} against checklist.chk ({total / 1e9:.2f} GB; once: "
+        f"recorded in {VERIFIED_RECORD}; verify=False skips it)")  # fmt: skip
+    start = last = time.monotonic()
+    done = 0
+    verified = {}
+    for name, md5, st in mine:
+        h = hashlib.md5()
+        with open(ckpt_dir / name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+                done += len(block)
+                if time.monotonic() - last >= PROGRESS_EVERY_S:
+                    last = time.monotonic()
+                    log(f"  {name}: {done / 1e9:.1f} of {total / 1e9:.1f} GB verified ({last - start:.0f} s)")
+        if h.hexdigest() != md5:
+            raise ValueError(
+                f"{ckpt_dir / name} does not match checklist.chk: md5 {h.hexdigest()}, expected {md5} "
+                f"(a corrupt or incomplete download): re-download it, or pass verify=False to load it anyway"
+            )
+        verified[name] = (st.st_size, st.st_mtime_ns, md5)
+    log(f"Verified {len(mine)} file(s) in {time.monotonic() - start:.1f} s")
+    record = {**_read_record(ckpt_dir), **verified}  # re-read: another rank may have added its files
+    text = "".join(f"{size} {mtime} {md5} {name}\n" for name, (size, mtime, md5) in sorted(record.items()))
+    tmp = ckpt_dir / f"{VERIFIED_RECORD}.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, ckpt_dir / VERIFIED_RECORD)
+    except OSError as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        log(f"note: cannot record the verification in {ckpt_dir} ({e.strerror}): it will be repeated next "
+            f"time; pass verify=False to skip it")  # fmt: skip
 
 
 def shard_state_dict(

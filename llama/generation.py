@@ -6,6 +6,7 @@ prints; other ranks compute the same thing silently (``Llama.is_main_process``).
 """
 
 import codecs
+import numbers
 import sys
 import time
 from pathlib import Path
@@ -14,17 +15,18 @@ from typing import Iterator, Optional, Sequence, TypedDict, Union
 import torch
 
 from llama import sampling
-from llama.checkpoint import load_params, load_transformer
-from llama.datatypes import ChatPrediction, CompletionPrediction, Dialog
-from llama.devices import compile_decode_step, default_device, resolve_dtype
 from llama.chat_format import ChatFormat
 from llama.chat_format_llama2 import Llama2ChatFormat
+from llama.checkpoint import load_params, load_transformer, verify_checkpoint
+from llama.datatypes import ChatPrediction, CompletionPrediction, Dialog
+from llama.devices import compile_decode_step, default_device, resolve_dtype
+from llama.diagnose import NonFiniteLogitsError, nonfinite_logits_message
 from llama.family import AnyTokenizer, load_tokenizer
 from llama.fast import speed_up
 from llama.memory import check_fits, plan_memory
 from llama.model import Transformer
 from llama.parallel import parallelize, setup_model_parallel
-from llama.sampling import sample_next
+from llama.sampling import check_temperature, check_top_p, sample_next
 from llama.tokenizer import Tokenizer
 
 
@@ -49,6 +51,14 @@ def chat_format_for(tokenizer: AnyTokenizer) -> Union[ChatFormat, Llama2ChatForm
     return ChatFormat(tokenizer)
 
 
+def check_int(name: str, value: object, minimum: int) -> None:
+    """Raise unless ``value`` is an int >= ``minimum`` (5.5, "64" and True are not); the error names ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name}={value} must be at least {minimum}")
+
+
 class Llama:
     """A loaded model and tokenizer with Meta's generation API."""
 
@@ -63,6 +73,7 @@ class Llama:
         device: Optional[str | torch.device] = None,
         dtype: Optional[str | torch.dtype] = None,
         compile: bool = False,
+        verify: Optional[bool] = None,
     ) -> "Llama":
         """Load ``ckpt_dir`` (params.json + consolidated.NN.pth) and its tokenizer, ready to generate.
 
@@ -75,8 +86,18 @@ class Llama:
         step attends over the whole cache with a position mask; see ``compile_decode_step``). The
         first generation compiles (minutes on a GPU, where kernels are tuned); later ones are
         faster than eager (benchmarks/README.md). Prefill stays eager.
+
+        ``verify``: None checks the files against ``checklist.chk`` when there is one and they were
+        not verified before (``llama.checkpoint.verify_checkpoint``), True always, False never.
         """
         start = time.time()
+        check_int("max_seq_len", max_seq_len, 2)
+        check_int("max_batch_size", max_batch_size, 1)
+        check_int("seed", seed, 0)
+        if model_parallel_size is not None:
+            check_int("model_parallel_size", model_parallel_size, 1)
+        if verify not in (None, True, False):
+            raise TypeError(f"verify must be None (auto), True or False, got {verify!r}")
         device = torch.device(device) if device is not None else default_device()
         rank, world_size, local_rank = setup_model_parallel(model_parallel_size, device.type)
         if device.type == "cuda" and device.index is None:
@@ -100,14 +121,23 @@ class Llama:
             )
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} must be at least 1")
-        check_fits(plan_memory(args, max_seq_len, max_batch_size, dtype, world_size), device)
+        plan = plan_memory(args, max_seq_len, max_batch_size, dtype, world_size)
+        check_fits(plan, device)
+        if rank == 0:  # before the load, which can take minutes: what it will take, and where
+            print(f"Memory plan on {device}: {plan.describe()}", file=sys.stderr, flush=True)
+        log = (lambda m: print(m, file=sys.stderr, flush=True)) if rank == 0 else (lambda m: None)
+        for note in args.notes:  # a RoPE factor chosen for a Llama 3.2 shape, a params.json key ignored
+            log(f"note: {note}")
+        verify_checkpoint(ckpt_dir, verify, log, rank, world_size)
 
         model = load_transformer(
-            ckpt_dir, device, dtype, rank, world_size, parallelize if world_size > 1 else None, args=args
+            ckpt_dir, device, dtype, rank, world_size, parallelize if world_size > 1 else None, args=args,
+            progress=rank == 0,
         )
         model.setup_cache(max_batch_size, max_seq_len)
         speed_up(model, world_size)  # float32 compute of bf16 weights on CPUs without bf16, and more: llama/fast.py
         llama = Llama(model, tokenizer, rank=rank, seed=seed, compile=compile)
+        llama.ckpt_dir = Path(ckpt_dir)
         llama.log(f"Loaded {ckpt_dir} on {device} as {dtype} ({world_size} rank(s)) in {time.time() - start:.2f} s")
         return llama
 
@@ -118,6 +148,7 @@ class Llama:
         self.tokenizer = tokenizer
         self.formatter = chat_format_for(tokenizer)
         self.rank = rank
+        self.ckpt_dir: Optional[Path] = None  # named by errors about the weights; set by build
         self.device = model.tok_embeddings.weight.device
         # Sampling draws from this generator only (no global seed), seeded identically on every rank
         # so that all ranks sample the same tokens.
@@ -142,8 +173,19 @@ class Llama:
         if bsz > limits[0]:
             raise ValueError(f"batch of {bsz} prompts exceeds max_batch_size={limits[0]}; rebuild with a larger one")
         for i, p in enumerate(prompt_tokens):
+            if isinstance(p, (str, bytes, dict)) or not hasattr(p, "__len__") or not hasattr(p, "__iter__"):
+                raise TypeError(f"prompt {i} must be a list of token ids (ints), got {type(p).__name__}: {p!r:.60}")
             if len(p) == 0:
                 raise ValueError(f"prompt {i} is empty")
+            if isinstance(p, torch.Tensor):
+                if p.dim() != 1 or p.is_floating_point() or p.is_complex() or p.dtype == torch.bool:
+                    raise TypeError(
+                        f"prompt {i}: a tensor of token ids must be 1-D of an integer dtype, got {p.dtype} {tuple(p.shape)}"
+                    )
+            else:
+                for j, t in enumerate(p):  # 1.7 or "5" would be truncated or fail deep in torch; numpy ints are fine
+                    if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+                        raise TypeError(f"prompt {i}, token {j}: {t!r} is a {type(t).__name__}; token ids must be ints")
             if len(p) >= limits[1]:
                 raise ValueError(
                     f"prompt {i} has {len(p)} tokens; it must be shorter than max_seq_len={limits[1]} "
@@ -151,12 +193,9 @@ class Llama:
                 )
             if min(p) < 0 or max(p) >= self.tokenizer.n_words:
                 raise ValueError(f"prompt {i} has token ids outside 0..{self.tokenizer.n_words - 1}")
-        if max_gen_len < 1:
-            raise ValueError(f"max_gen_len={max_gen_len} must be at least 1")
-        if temperature < 0:
-            raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy)")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p={top_p} must be in (0, 1]")
+        check_int("max_gen_len", max_gen_len, 1)
+        check_temperature(temperature)
+        check_top_p(top_p)
 
     @torch.inference_mode()
     def _steps(
@@ -180,7 +219,7 @@ class Llama:
         total = min(self.model.max_seq_len, max_gen_len + max_len)
         tokens = torch.zeros((bsz, total), dtype=torch.long, device=self.device)
         for i, p in enumerate(prompt_tokens):
-            tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+            tokens[i, : len(p)] = torch.as_tensor(p, dtype=torch.long)
         positions = torch.arange(total, device=self.device)
         in_prompt = positions[None, :] < lens[:, None]  # [B, total]
         # float32 whatever torch's default dtype (Meta's CPU code sets bf16 globally)
@@ -200,6 +239,9 @@ class Llama:
                 logits = self.decode_step(step_tokens, start_pos.fill_(prev), last_only=not logprobs)
             else:
                 logits = self.model(tokens[:, prev:cur], prev, last_only=not logprobs)  # [B, S or 1, V]
+            if not bool(torch.isfinite(logits[:, -1]).all()):  # a broken checkpoint: never sample from NaN
+                message = nonfinite_logits_message(self.model, tokens[:, prev:cur], prev, cur, self.ckpt_dir)
+                raise NonFiniteLogitsError(message)
             nxt = sample_next(logits[:, -1], temperature, top_p, self.rng)
             is_new = ~in_prompt[:, cur] & ~stopped & (cur < limit)
             tokens[:, cur] = torch.where(in_prompt[:, cur], tokens[:, cur], nxt)
@@ -295,11 +337,16 @@ class Llama:
         """Stream the continuation of one text prompt (BOS prepended), token by token."""
         return self._stream_one(self.tokenizer.encode(prompt, bos=True, eos=False), temperature, top_p, max_gen_len)
 
-    def _stream_one(self, prompt: list[int], temperature: float, top_p: float, max_gen_len: Optional[int]):
-        # Default: whatever room the cache leaves after the prompt.
-        max_gen_len = self.model.max_seq_len - len(prompt) if max_gen_len is None else max_gen_len
-        for events in self.generate_stream([prompt], max(max_gen_len, 1), temperature, top_p):
-            yield from events
+    def _stream_one(
+        self, prompt: list[int], temperature: float, top_p: float, max_gen_len: Optional[int]
+    ) -> Iterator[TokenEvent]:
+        # Default: whatever room the cache leaves after the prompt (a prompt that fills it is refused).
+        max_gen_len = max(self.model.max_seq_len - len(prompt), 1) if max_gen_len is None else max_gen_len
+        # Checked now, at the call: the generator's body would run only when first iterated.
+        check_int("max_gen_len", max_gen_len, 1)
+        check_temperature(temperature)
+        check_top_p(top_p)
+        return (event for events in self.generate_stream([prompt], max_gen_len, temperature, top_p) for event in events)
 
     def text_completion(
         self,

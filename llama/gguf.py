@@ -288,10 +288,12 @@ def import_gguf(
 
 
 def print_progress(n: int, total: int, name: str) -> None:
-    """A percentage on stderr, rewritten in place every 10%."""
-    if n == total or n * 10 // total != (n - 1) * 10 // total:
-        end = "\n" if n == total else ""
-        print(f"\r  dequantizing: {100 * n // total:3d}% ({n}/{total} tensors)", end=end, file=sys.stderr, flush=True)
+    """A percentage on stderr: rewritten in place every 10% on a terminal, a plain line every 25% elsewhere."""
+    steps, tty = (10, True) if sys.stderr.isatty() else (4, False)
+    if n == total or n * steps // total != (n - 1) * steps // total:
+        end = "\n" if n == total or not tty else ""
+        start = "\r" if tty else ""
+        print(f"{start}  dequantizing: {100 * n // total:3d}% ({n}/{total} tensors)", end=end, file=sys.stderr, flush=True)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -27,12 +27,67 @@ ROPE_ORIGINAL_CONTEXT = 8192
 LLAMA2_ROPE_THETA = 10000.0
 
 
+# Llama 3.2 1B/3B as released: Meta's params.json omits the RoPE factor they were trained with
+# (32, not 3.1's 8). Matched on every architecture key of the facts table
+# (shared/docs/llama3-facts.md); an explicit ``rope_scale_factor`` key wins.
+LLAMA_3_2_SHAPES = {
+    "Llama 3.2 1B": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256,
+                         ffn_dim_multiplier=1.5, multiple_of=256, rope_theta=500000.0, use_scaled_rope=True),
+    "Llama 3.2 3B": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, vocab_size=128256,
+                         ffn_dim_multiplier=1.0, multiple_of=256, rope_theta=500000.0, use_scaled_rope=True),
+}  # fmt: skip
+LLAMA_3_2_ROPE_SCALE_FACTOR = 32.0
+DEFAULT_ROPE_SCALE_FACTOR = 8.0
+
+# params.json keys that Meta's loaders accept and that do not change the math: the runtime knobs
+# max_batch_size and max_seq_len (arguments of Llama.build here), and vision_max_num_chunks (an
+# image-tiling limit, meaningless without the vision keys below). Accepted and ignored, with a note.
+IGNORED_KEYS = ("max_batch_size", "max_seq_len", "vision_max_num_chunks")
+
+# Keys that mean a checkpoint this library cannot run correctly, with what such a checkpoint is.
+# A null value (or Meta's "off" default, -1, for the vision sizes) means no such part: accepted.
+UNSUPPORTED_KEYS = {
+    "quantization_args": "a quantized checkpoint (QAT / SpinQuant int4 weights)",
+    "lora_args": "a checkpoint with LoRA adapters (QLoRA)",
+    "vision_chunk_size": "a Llama 3.2 Vision (multimodal) checkpoint",
+    "vision_num_cross_attention_layers": "a Llama 3.2 Vision (multimodal) checkpoint",
+    "vision_model": "a Llama 3.2 Vision (multimodal) checkpoint",
+    "moe_args": "a Llama 4 (mixture-of-experts) checkpoint",
+}
+
+
+def _json_type(value: Any) -> str:
+    """How a value reads in params.json terms, for error messages."""
+    names = {bool: "a boolean", str: "a string", int: "an integer", float: "a number", list: "a list",
+             dict: "an object"}  # fmt: skip
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r} ({_json_type(value)})")
+    return value
+
+
+def _positive_real(name: str, value: Any, minimum: float = 0.0, what: str = "a positive number") -> float:
+    """A finite number > minimum (an int is accepted and made a float); strings and booleans are errors."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be {what}, got {value!r} ({_json_type(value)})")
+    if not math.isfinite(value) or value <= minimum:
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return float(value)
+
+
 @dataclass
 class ModelArgs:
     """The architecture, mirroring ``params.json`` key for key.
 
-    ``rope_scale_factor`` is ours (Meta hard-codes 8): Llama 3.2 1B/3B need 32. Runtime knobs
-    (max_seq_len, max_batch_size) are not architecture and live in ``Transformer.setup_cache``.
+    ``rope_scale_factor`` is ours (Meta hard-codes 8): None (absent from params.json) means 32 for
+    the released Llama 3.2 1B/3B shapes (``LLAMA_3_2_SHAPES``), whose params.json omits it, and 8
+    otherwise; an explicit value wins. Runtime knobs (max_seq_len, max_batch_size) are not
+    architecture and live in ``Transformer.setup_cache``. Every value is checked for type and
+    range (a string "false" is not a boolean). ``notes`` holds one line per thing the load should
+    tell the user (a factor chosen for them, a key ignored).
     """
 
     dim: int
@@ -45,17 +100,36 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 500000.0
     use_scaled_rope: bool = False
-    rope_scale_factor: float = 8.0
+    rope_scale_factor: Optional[float] = None
 
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"ModelArgs.{name} must be a positive integer, got {value!r}")
+            _positive_int(name, getattr(self, name))
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        if not isinstance(self.n_kv_heads, int) or self.n_kv_heads <= 0:
-            raise ValueError(f"ModelArgs.n_kv_heads must be a positive integer, got {self.n_kv_heads!r}")
+        _positive_int("n_kv_heads", self.n_kv_heads)
+        if self.ffn_dim_multiplier is not None:
+            self.ffn_dim_multiplier = _positive_real("ffn_dim_multiplier", self.ffn_dim_multiplier)
+        self.norm_eps = _positive_real("norm_eps", self.norm_eps, what="a positive number (Llama 3: 1e-05)")
+        self.rope_theta = _positive_real("rope_theta", self.rope_theta, 1.0, "a number > 1 (Llama 3: 500000.0)")
+        if not isinstance(self.use_scaled_rope, bool):
+            raise ValueError(
+                f"use_scaled_rope must be true or false (a JSON boolean), got {self.use_scaled_rope!r} "
+                f"({_json_type(self.use_scaled_rope)})"
+            )
+        self.notes: list[str] = []
+        if self.rope_scale_factor is None:
+            self.rope_scale_factor, release = self.default_rope_scale_factor()
+            if release is not None:
+                self.notes.append(
+                    f"{release} shape: RoPE scale factor {self.rope_scale_factor:g} (Meta's params.json omits it; "
+                    f'a "rope_scale_factor" key overrides)'
+                )
+        else:
+            what = "a number >= 1 (3.1: 8, 3.2 1B/3B: 32)"
+            self.rope_scale_factor = _positive_real("rope_scale_factor", self.rope_scale_factor, what=what)
+            if self.rope_scale_factor < 1:
+                raise ValueError(f"rope_scale_factor must be {what}, got {self.rope_scale_factor!r}")
         if self.dim % self.n_heads != 0:
             raise ValueError(
                 f"dim % n_heads must be 0: dim={self.dim}, n_heads={self.n_heads} "
@@ -68,6 +142,15 @@ class ModelArgs:
             )
         if self.head_dim % 2 != 0:
             raise ValueError(f"head_dim = dim / n_heads = {self.head_dim} must be even for RoPE")
+        if self.ffn_hidden_dim <= 0:
+            raise ValueError(f"ffn_dim_multiplier={self.ffn_dim_multiplier} makes the FFN width 0")
+
+    def default_rope_scale_factor(self) -> tuple[float, Optional[str]]:
+        """(factor, release name): 32 for a released Llama 3.2 1B/3B shape, else (8, None)."""
+        for release, shape in LLAMA_3_2_SHAPES.items():
+            if all(getattr(self, k) == v for k, v in shape.items()):
+                return LLAMA_3_2_ROPE_SCALE_FACTOR, release
+        return DEFAULT_ROPE_SCALE_FACTOR, None
 
     # Derived sizes, computed in this one place.
     @property
@@ -89,10 +172,17 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, params: dict[str, Any], source: str = "params", vocab_size: Optional[int] = None) -> "ModelArgs":
-        """Build from a ``params.json`` dict; unknown or missing keys are errors naming the key.
+        """Build from a ``params.json`` dict; errors name the key and ``source``.
 
         Llama 1/2 files: an absent ``rope_theta`` is 10000 (Llama 3 files always state theirs), and
         ``"vocab_size": -1`` means "the tokenizer decides": pass ``vocab_size`` (tokenizer.n_words).
+
+        Accepted besides our fields: ``IGNORED_KEYS`` (max_batch_size, max_seq_len,
+        vision_max_num_chunks: Meta's loaders take them, they do not change the math; each gives a
+        note). ``UNSUPPORTED_KEYS`` (quantization_args, lora_args, vision_chunk_size,
+        vision_num_cross_attention_layers, vision_model, moe_args) mean a checkpoint we cannot run
+        correctly: an error saying what it is, unless null (or -1, Meta's "no vision"). Any other
+        key is an error naming it.
         """
         params = {"rope_theta": LLAMA2_ROPE_THETA, **params}
         if params.get("vocab_size") == -1:
@@ -100,6 +190,25 @@ class ModelArgs:
                 raise ValueError(f"{source}: vocab_size is -1 (Llama 2: the tokenizer decides); give the tokenizer's size")
             params["vocab_size"] = vocab_size
         known = {f.name for f in fields(cls)}
+        params = dict(params)
+        notes = []
+        for key in IGNORED_KEYS:
+            if key in params:
+                value = params.pop(key)
+                runtime = key in ("max_batch_size", "max_seq_len")
+                notes.append(
+                    f"{source}: ignored {key}={value!r} ("
+                    + (f"a runtime setting: pass {key} to Llama.build)" if runtime else "no vision model here)")
+                )
+        for key, what in UNSUPPORTED_KEYS.items():
+            if key in params:
+                if params[key] is None or params[key] == -1:
+                    params.pop(key)
+                    continue
+                raise ValueError(
+                    f"{source}: key {key!r} means this is {what}, which this library cannot run "
+                    f"(it runs Llama 3 / 3.1 / 3.2 text models with 16/32-bit weights): not supported"
+                )
         unknown = sorted(set(params) - known)
         if unknown:
             raise ValueError(f"{source}: unknown key(s) {unknown}; known keys are {sorted(known)}")
@@ -108,9 +217,11 @@ class ModelArgs:
         if missing:
             raise ValueError(f"{source}: missing required key(s) {missing}")
         try:
-            return cls(**params)
+            args = cls(**params)
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
+        args.notes[:0] = notes
+        return args
 
     @classmethod
     def load(cls, path: str | Path, vocab_size: Optional[int] = None) -> "ModelArgs":
@@ -120,16 +231,20 @@ class ModelArgs:
             raise FileNotFoundError(f"params file not found: {path} (a checkpoint folder holds params.json)")
         try:
             params = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(params, dict):
             raise ValueError(f"{path}: expected a JSON object, got {type(params).__name__}")
         return cls.from_dict(params, source=str(path), vocab_size=vocab_size)
 
     def to_dict(self) -> dict[str, Any]:
-        """The params.json form: Meta's keys, plus ``rope_scale_factor`` only when it is not 8."""
+        """The params.json form: Meta's keys, plus ``rope_scale_factor`` unless it is 8 and the shape's default.
+
+        A factor that the shape implies (32 for Llama 3.2 1B/3B) is written too: explicit is safer
+        for a file that tools may edit (resharding changes n_kv_heads, and with it the shape).
+        """
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        if out["rope_scale_factor"] == 8.0:
+        if out["rope_scale_factor"] == DEFAULT_ROPE_SCALE_FACTOR and self.default_rope_scale_factor()[1] is None:
             del out["rope_scale_factor"]
         if not out["use_scaled_rope"]:
             del out["use_scaled_rope"]

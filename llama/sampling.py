@@ -6,6 +6,8 @@ top-p path, which sorts only the few most likely tokens, picks exactly the token
 128,256-entry sort would pick for the same generator state.
 """
 
+import math
+from numbers import Real
 from typing import Optional
 
 import torch
@@ -14,13 +16,39 @@ import torch
 TOP_P_CANDIDATES = 64
 
 
+def check_temperature(temperature: float) -> None:
+    """Raise unless ``temperature`` is a finite number >= 0 (0 is greedy)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, Real):
+        raise TypeError(
+            f"temperature must be a number >= 0 (0 is greedy), got {temperature!r} ({type(temperature).__name__})"
+        )
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature={temperature!r} must be >= 0 and finite (0 is greedy)")
+
+
+def check_top_p(top_p: float) -> None:
+    """Raise unless ``top_p`` is a number in (0, 1]."""
+    if isinstance(top_p, bool) or not isinstance(top_p, Real):
+        raise TypeError(f"top_p must be a number in (0, 1], got {top_p!r} ({type(top_p).__name__})")
+    if not 0 < top_p <= 1:  # False for NaN too
+        raise ValueError(f"top_p={top_p!r} must be in (0, 1]")
+
+
 def sample_next(
     logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator] = None
 ) -> torch.Tensor:
-    """Next token per row from logits [B, V]: greedy when temperature == 0, else top-p sampling. -> [B]."""
+    """Next token per row from logits [B, V]: greedy when temperature == 0, else top-p sampling. -> [B].
+
+    ``temperature`` must be finite and >= 0, ``top_p`` in (0, 1]. The logits are shifted so that
+    each row's largest is 0 before dividing: a tiny temperature (1e-45) then tends to greedy
+    (ties shared) instead of overflowing to inf and NaN.
+    """
+    check_temperature(temperature)
+    check_top_p(top_p)
     if temperature == 0:
         return torch.argmax(logits, dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    x = logits.float()
+    probs = torch.softmax((x - x.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
     return sample_top_p(probs, top_p, generator)
 
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import hashlib
 import json
 import os
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,6 +225,14 @@ class Tokenizer:
             what = f"{spec.num_base_tokens:,} lines (num_base_tokens in {self.spec_path})"
         ranks = load_ranks(model_path, spec.num_base_tokens, what)
         _check_ids(model_path, ranks, spec)
+        if self.spec_path is None:  # 128,000 ranks: it claims to be Meta's file, so check that it is
+            md5 = hashlib.md5(model_path.read_bytes()).hexdigest()
+            if md5 != LLAMA3_TOKENIZER_MD5:
+                warnings.warn(
+                    f"{model_path} has Meta's 128,000 ranks but md5 {md5}, not {LLAMA3_TOKENIZER_MD5} of Meta's "
+                    f"Llama 3 tokenizer.model: an edited or corrupt file gives wrong token ids; re-download it",
+                    stacklevel=2,
+                )
         # Some byte-level vocabularies (SmolLM2's) lack a few single bytes. tiktoken panics on
         # them, so characters that contain one are dropped before encoding, as transformers does.
         self.missing_bytes: bytes = bytes(b for b in range(256) if bytes([b]) not in ranks)

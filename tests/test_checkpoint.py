@@ -1,6 +1,7 @@
 """Meta-format checkpoints: the on-disk format we write, strict loading, dtype casts, and memory."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -12,10 +13,13 @@ import torch
 
 from child_env import REPO, child_env
 from llama.checkpoint import (
+    VERIFIED_RECORD,
     expected_shapes,
     load_state_dict,
     load_transformer,
     random_state_dict,
+    read_checklist,
+    verify_checkpoint,
     write_checkpoint,
     write_random_checkpoint,
 )
@@ -292,3 +296,86 @@ def test_peak_rss_of_loading_a_bf16_checkpoint(tmp_path):
     print(f"file {size / 1e6:.0f} MB: peak RSS +{peak_growth / 1e6:.0f} MB, anonymous +{anon_growth / 1e6:.0f} MB")
     assert peak_growth <= 1.1 * size + 150e6
     assert anon_growth <= 0.5 * size
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading untrusted files: what the error says (issue 15, points 4, 11, 12)
+
+
+def test_legacy_pickle_format_still_loads(ckpt):
+    # torch.save before 1.6 wrote a plain pickle, which cannot be memory-mapped: loaded without mmap.
+    sd = torch.load(shard_path(ckpt), weights_only=True)
+    torch.save(sd, shard_path(ckpt), _use_new_zipfile_serialization=False)
+    got = load_state_dict(ckpt, TINY)
+    assert all(torch.equal(got[k], sd[k]) for k in got)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int32, torch.uint8, torch.bool])
+def test_integer_tensor_is_named_with_its_dtype(ckpt, dtype):
+    edit_shard(ckpt, lambda sd: sd.__setitem__("norm.weight", sd["norm.weight"].to(dtype)))
+    name = str(dtype).replace("torch.", "")
+    with pytest.raises(ValueError, match=rf"{shard_path(ckpt)}: norm\.weight has dtype {name}, not a float type"):
+        load_state_dict(ckpt, TINY)
+
+
+def test_first_shard_missing_is_a_gap(tmp_path):
+    write_random_checkpoint(tmp_path, TINY, n_shards=2)
+    shard_path(tmp_path, 0).unlink()
+    with pytest.raises(FileNotFoundError, match=r"\['consolidated\.00\.pth'\] missing"):
+        load_transformer(tmp_path)
+
+
+@pytest.mark.parametrize("kept", [1, 2])
+def test_trailing_shards_missing_are_named_from_the_shapes(tmp_path, kept):
+    write_random_checkpoint(tmp_path, TINY, n_shards=4)
+    for i in range(kept, 4):
+        shard_path(tmp_path, i).unlink()
+    missing = [f"consolidated.{i:02d}.pth" for i in range(kept, 4)]
+    only = "consolidated.00.pth is" if kept == 1 else f"{kept} (consolidated.00.pth ... consolidated.01.pth) are"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"shard(s) {missing} missing") + r".* has 4 shards, but only "
+                                                + re.escape(f"{only} here")):  # fmt: skip
+        load_transformer(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification against checklist.chk
+
+
+def test_read_checklist_accepts_md5sum_formats(tmp_path):
+    chk = tmp_path / "checklist.chk"
+    chk.write_text("0123456789abcdef0123456789ABCDEF  params.json\nfedcba9876543210fedcba9876543210 *a b.pth\n\n")
+    assert read_checklist(chk) == {"params.json": "0123456789abcdef0123456789abcdef",
+                                   "a b.pth": "fedcba9876543210fedcba9876543210"}  # fmt: skip
+
+
+def test_verify_splits_files_across_ranks_and_merges_the_record(ckpt):
+    logs: list[str] = []
+    verify_checkpoint(ckpt, None, logs.append, rank=1, world_size=2)
+    names = sorted(ln.split(" ", 3)[3] for ln in (ckpt / VERIFIED_RECORD).read_text().splitlines())
+    listed = sorted(read_checklist(ckpt / "checklist.chk"))
+    assert names == listed[1::2] and "Verifying 1 file(s)" in logs[0]
+    verify_checkpoint(ckpt, None, logs.append, rank=0, world_size=2)
+    names = sorted(ln.split(" ", 3)[3] for ln in (ckpt / VERIFIED_RECORD).read_text().splitlines())
+    assert names == listed
+    logs.clear()
+    verify_checkpoint(ckpt, None, logs.append)
+    assert logs == []
+
+
+def test_verify_in_a_read_only_folder_says_it_will_repeat(ckpt, monkeypatch):
+    def refuse(*_a, **_k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "write_text", refuse)
+    logs: list[str] = []
+    verify_checkpoint(ckpt, None, logs.append)
+    assert logs[-1].startswith(f"note: cannot record the verification in {ckpt} (Permission denied): it will be "
+                               "repeated next time; pass verify=False to skip it")  # fmt: skip
+    assert not (ckpt / VERIFIED_RECORD).exists()
+
+
+def test_verify_false_reads_nothing(ckpt):
+    (ckpt / "checklist.chk").write_text("garbage\n")
+    verify_checkpoint(ckpt, False)
+    with pytest.raises(ValueError, match="is not an md5sum line"):
+        verify_checkpoint(ckpt, None)

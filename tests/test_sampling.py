@@ -130,3 +130,44 @@ def test_sampling_consumes_one_draw_per_row(p):
     sample_top_p(probs, p, g1)
     sample_top_p_full_sort(probs, p, g2)
     assert torch.equal(torch.rand(4, generator=g1), torch.rand(4, generator=g2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments: temperature finite and >= 0, top_p in (0, 1] (issue 15, points 3 and 17)
+
+
+@pytest.mark.parametrize("t", [float("nan"), float("inf"), -0.5])
+def test_temperature_must_be_finite_and_not_negative(t):
+    with pytest.raises(ValueError, match=rf"^temperature={t!r} must be >= 0 and finite \(0 is greedy\)$"):
+        sample_next(torch.zeros(1, 8), t, 0.9)
+
+
+@pytest.mark.parametrize("t", ["0.5", None, True, torch.tensor(0.5)])
+def test_temperature_must_be_a_number(t):
+    with pytest.raises(TypeError, match=r"^temperature must be a number >= 0 \(0 is greedy\), got "):
+        sample_next(torch.zeros(1, 8), t, 0.9)
+
+
+@pytest.mark.parametrize("p,error", [(0.0, ValueError), (1.5, ValueError), (float("nan"), ValueError), ("0.9", TypeError)])
+def test_top_p_range_and_type(p, error):
+    with pytest.raises(error, match="top_p"):
+        sample_next(torch.zeros(1, 8), 0.7, p)
+
+
+def test_tiny_temperature_tends_to_greedy_with_ties_shared():
+    # 1e-45 used to overflow logits / t to inf, and softmax to NaN: the last token id, every time.
+    logits = torch.tensor([[1.0, 3.0, -2.0, 3.0, 0.5]]).expand(400, 5)
+    g = torch.Generator().manual_seed(0)
+    for t in (1e-45, 1e-30, 1e-8):
+        tokens = sample_next(logits, t, 1.0, g)
+        assert set(tokens.tolist()) == {1, 3}  # the two tied maxima, and nothing else
+        assert 150 < int((tokens == 1).sum()) < 250
+    single = torch.randn(6, 1000, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(sample_next(single, 1e-45, 0.9, g), single.argmax(-1))
+
+
+def test_huge_temperature_is_uniform_not_nan():
+    logits = torch.tensor([[10.0, -10.0, 0.0, 5.0]]).expand(4000, 4)
+    tokens = sample_next(logits, 1e30, 1.0, torch.Generator().manual_seed(0))
+    counts = torch.bincount(tokens, minlength=4).double() / 4000
+    assert (counts - 0.25).abs().max() < 0.04
