@@ -7,11 +7,13 @@
 Replies stream as they are generated. Under torchrun only rank 0 prints.
 """
 
+import sys
 from typing import Optional
 
 import fire
 
 from llama import Dialog, Llama
+from llama.cli import COMMON_HELP, check_flags, user_errors
 
 
 def main(
@@ -71,4 +73,6 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    check_flags(main, COMMON_HELP, description=__doc__)  # a misspelt flag or bad value fails here, before loading
+    with user_errors(sys.argv[0]):
+        fire.Fire(main)

@@ -7,11 +7,13 @@
 Output streams as it is generated. Under torchrun only rank 0 prints.
 """
 
+import sys
 from typing import Optional
 
 import fire
 
 from llama import Llama
+from llama.cli import COMMON_HELP, check_flags, user_errors
 
 
 def main(
@@ -67,4 +69,6 @@ thank you =>""",
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    check_flags(main, COMMON_HELP, description=__doc__)  # a misspelt flag or bad value fails here, before loading
+    with user_errors(sys.argv[0]):
+        fire.Fire(main)

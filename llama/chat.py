@@ -12,8 +12,7 @@ turns are dropped (the system prompt stays). One process only: it reads stdin, s
 import sys
 from typing import Optional
 
-import fire
-
+from llama.cli import COMMON_HELP, run_fire
 from llama.datatypes import Dialog, Message
 from llama.generation import Llama
 
@@ -52,6 +51,7 @@ def main(
     dtype: Optional[str] = None,
 ) -> None:
     """Chat with a model; see the module docstring for the commands."""
+    system = None if system is None else str(system)  # fire reads --system 42 as a number
     from llama.demo import default_checkpoint, generation_settings
 
     defaults = {"temperature": 0.6, "top_p": 0.9, "max_gen_len": 512}
@@ -91,5 +91,11 @@ def main(
         dialog.append(reply(generator, dialog, temperature, top_p, min(max_gen_len, max_seq_len - prompt_len)))
 
 
+HELP = {
+    **COMMON_HELP,
+    "system": "system prompt that starts the dialog (kept by /reset)",
+    "max_seq_len": "KV-cache length in tokens: the dialog plus the answer; older turns are dropped to fit",
+}
+
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_fire(main, "python -m llama.chat", HELP, description=__doc__)

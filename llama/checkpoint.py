@@ -6,18 +6,24 @@ loads on M model-parallel ranks when M is a multiple of N or N a multiple of M. 
 the shard files and copies only its own slice, so peak RAM per rank stays near its share.
 """
 
+import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
 import re
+import shutil
+import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
+from llama import fp8
 from llama.model import ModelArgs, Transformer
 from llama.progress import Progress
 
@@ -137,6 +143,17 @@ def find_shards(ckpt_dir: str | Path) -> list[Path]:
 
 def check_layout(args: ModelArgs, n_shards: int, world_size: int) -> None:
     """Raise unless N shards can run on M ranks with whole heads on every rank."""
+    why = _layout_problems(args, n_shards, world_size)
+    if why:
+        works = [m for m in range(1, args.n_heads + 1) if not _layout_problems(args, n_shards, m)]
+        raise ValueError(
+            f"cannot run a checkpoint of N={n_shards} shards on M={world_size} ranks "
+            f"(n_heads={args.n_heads}, n_kv_heads={args.n_kv_heads}): " + "; ".join(why)
+            + f". Rank counts that work: {', '.join(map(str, works))}"
+        )
+
+
+def _layout_problems(args: ModelArgs, n_shards: int, world_size: int) -> list[str]:
     why = []
     if world_size % n_shards and n_shards % world_size:
         why.append("M must be a multiple of N or N a multiple of M")
@@ -145,11 +162,7 @@ def check_layout(args: ModelArgs, n_shards: int, world_size: int) -> None:
             why.append(f"{name}={value} is not divisible by M")
     if args.n_kv_heads % world_size and world_size % args.n_kv_heads:
         why.append(f"n_kv_heads={args.n_kv_heads} must divide M or be divisible by it")
-    if why:
-        raise ValueError(
-            f"cannot run a checkpoint of N={n_shards} shards on M={world_size} ranks "
-            f"(n_heads={args.n_heads}, n_kv_heads={args.n_kv_heads}): " + "; ".join(why)
-        )
+    return why
 
 
 def rank_range(key: str, args: ModelArgs, rank: int, world_size: int) -> Optional[tuple[int, int]]:
@@ -221,7 +234,12 @@ def load_shard_file(path: str | Path) -> dict[str, torch.Tensor]:
             raise ValueError(_not_a_checkpoint(path, e2)) from None
     if not isinstance(sd, dict):
         raise ValueError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
+    fp8_folder: Optional[bool] = None
     for k, t in sd.items():
+        if isinstance(t, torch.Tensor) and t.dtype == fp8.FP8:  # Meta's FP8 folders (scales checked by llama.fp8)
+            fp8_folder = fp8.is_fp8_folder(path.parent) if fp8_folder is None else fp8_folder
+            if fp8_folder:
+                continue
         if isinstance(t, torch.Tensor) and t.dtype not in WEIGHT_DTYPES:
             raise ValueError(
                 f"{path}: {k} has dtype {str(t.dtype).replace('torch.', '')}, not a float type: integer or "
@@ -255,18 +273,23 @@ def load_state_dict(
     dtype: Optional[torch.dtype] = None,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    keep_fp8: bool = False,
 ) -> dict[str, torch.Tensor]:
     """This rank's tensors for ``world_size`` ranks, resharded from however many files there are.
 
     Files are memory-mapped (``weights_only=True``: a checkpoint is untrusted input); only the
     slices this rank needs are read, and each is cast to ``dtype`` and moved to ``device`` as it
-    is taken. ``progress`` prints bytes taken and the rate on stderr (llama/progress.py).
+    is taken. ``progress`` prints bytes taken and the rate on stderr (llama/progress.py). FP8
+    weights (``llama.fp8``) are dequantized, or with ``keep_fp8`` and one file per rank kept as
+    they are, each with its row scales under ``KEY.scale`` (``layers.5.feed_forward.w1.scale``).
     """
     paths = find_shards(ckpt_dir)
     n = len(paths)
     check_layout(args, n, world_size)
+    fp8.check_scale_files(ckpt_dir, n)
     shapes = expected_shapes(args)
     cache: dict[int, dict[str, torch.Tensor]] = {}
+    scales: dict[int, dict[str, torch.Tensor]] = {}  # Meta's FP8 folders: per file, key -> row scales
     file_dims: dict[str, int] = {}  # split dims of the files where they differ from SHARD_DIMS
 
     def split_dim(k: str, shape: torch.Size) -> Optional[int]:
@@ -305,8 +328,21 @@ def load_state_dict(
                         f"{paths[i]}: {k} has shape {tuple(sd[k].shape)}, but params.json implies "
                         f"{tuple(want)} for shard {i} of {n} (full shape {full})"
                     )
+            scales[i] = fp8.shard_scales(ckpt_dir, i, sd)
             cache[i] = sd
         return cache[i]
+
+    def take(i: int, key: str, d: Optional[int], rng: Optional[tuple[int, int]]) -> torch.Tensor:
+        # One file's piece; an FP8 piece is dequantized with its own file's row scales (sliced with
+        # the rows when split by rows; w2 is split by columns and keeps every row's scale).
+        t = _take(shard(i)[key], d, rng)
+        if key not in scales[i]:
+            return t
+        if keep_fp8 and n == world_size:  # rank i reads file i whole: its values and scales as they are
+            out[key.removesuffix("weight") + "scale"] = scales[i][key]
+            return t
+        scale = _take(scales[i][key], 0, rng) if d == 0 else scales[i][key]
+        return fp8.dequantize(t, scale, dtype or shard(0)["tok_embeddings.weight"].dtype)
 
     out: dict[str, torch.Tensor] = {}
     first = shard(0)  # validates the first file and finds its layout (file_dims)
@@ -315,9 +351,9 @@ def load_state_dict(
         d = shard_dim(key)
         rng = rank_range(key, args, rank, world_size)
         if d is None or (rng is None and n == 1):
-            t = shard(0)[key]
+            t = take(0, key, None, None)
         elif file_dims.get(key, d) != d:  # Llama 2 embedding: this rank's rows, from every file's columns
-            pieces = [_take(shard(i)[key], d, rng) for i in range(n)]
+            pieces = [take(i, key, d, rng) for i in range(n)]
             t = torch.cat(pieces, dim=file_dims[key]).contiguous()
         else:
             lo, hi = rng if rng is not None else (0, full[d])
@@ -325,11 +361,13 @@ def load_state_dict(
             pieces = []
             for i in range(lo // per, (hi - 1) // per + 1):  # only the files this range touches
                 a, b = max(lo, i * per) - i * per, min(hi, (i + 1) * per) - i * per
-                pieces.append(_take(shard(i)[key], d, (a, b)))
+                pieces.append(take(i, key, d, (a, b)))
             t = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=d)
             if not t.is_contiguous():
                 t = t.contiguous()
-        out[key] = t.to(device=device, dtype=dtype)
+        if dtype is not None and t.dtype != fp8.FP8:
+            t = t.to(dtype)
+        out[key] = t.to(device=device)
         if bar is not None:  # bytes read from the files, counted once they are cast and moved
             bar.update(t.numel() * t.element_size())
     if bar is not None:
@@ -361,17 +399,20 @@ def load_transformer(
     parallelize: Optional[Callable[[Transformer], Transformer]] = None,
     args: Optional[ModelArgs] = None,
     progress: bool = False,
+    keep_fp8: bool = False,
 ) -> Transformer:
     """Construct on ``meta`` (no memory), shard (``parallelize``), load this rank's weights, move.
 
     ``dtype`` None keeps the checkpoint's dtype. The weights are assigned, not copied, so a
-    checkpoint that is already in the requested dtype stays memory-mapped on CPU.
+    checkpoint that is already in the requested dtype stays memory-mapped on CPU. ``keep_fp8``: the
+    FP8 weights of Meta's FP8 folders stay FP8 in ``llama.fp8.Fp8Linear`` layers (one file per rank).
     """
     args = args or load_params(ckpt_dir)
-    state = load_state_dict(ckpt_dir, args, rank, world_size, dtype, device, progress)
+    state = load_state_dict(ckpt_dir, args, rank, world_size, dtype, device, progress, keep_fp8)
     model = Transformer(args, device="meta")
     if parallelize is not None:
         model = parallelize(model)
+    fp8.use_fp8_layers(model, [k for k in state if k.endswith(".scale")])  # keep_fp8: FP8 layers kept
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device)
 
@@ -508,6 +549,176 @@ def shard_state_dict(
     return shards, out_args
 
 
+# --- Writing checkpoint folders (convert, reshard, gguf and the demo write through here) --------
+#
+# A folder is written under a hidden sibling name (``.DST.partial-XXXX``) and renamed into place
+# when complete, so DST either does not exist or is finished. The partial folder holds an owner
+# file ("host pid") until the rename: a later run for the same DST removes partial folders whose
+# writer is gone (killed by kill -9 or a power cut), and leaves a live writer's alone.
+
+PARTIAL_OWNER = ".partial-owner"
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.resolve()
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _partial_prefix(dst: Path) -> str:
+    return f".{dst.name}.partial-"
+
+
+def _writer_alive(folder: Path) -> Optional[str]:
+    """"pid N" when the process writing ``folder`` still runs on this host; None when it is gone."""
+    try:
+        host, pid = (folder / PARTIAL_OWNER).read_text().split()
+    except (OSError, ValueError):
+        return None  # no owner file: written by an older version, or killed before it wrote one
+    if host != socket.gethostname():
+        return f"process {pid} on {host}"  # cannot tell from here: leave it
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return None
+    except (PermissionError, ValueError):
+        pass
+    return f"process {pid}"
+
+
+def remove_stale_partials(dst: str | Path, log: Callable[[str], None]) -> None:
+    """Delete hidden ``.DST.partial-*`` folders of ``dst`` whose writer is gone, saying so."""
+    dst = Path(dst)
+    if not dst.parent.is_dir():
+        return
+    for folder in sorted(dst.parent.iterdir()):
+        if not folder.name.startswith(_partial_prefix(dst)) or not folder.is_dir():
+            continue
+        writer = _writer_alive(folder)
+        if writer:
+            log(f"note: {folder} is being written by {writer}; left alone")
+            continue
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        shutil.rmtree(folder, ignore_errors=True)
+        log(f"removed {folder} ({_size(size)}), left by an interrupted run")
+
+
+def check_free_space(folder: str | Path, need_bytes: int, what: str = "") -> None:
+    """Raise ``OSError(ENOSPC)`` naming the filesystem when ``folder``'s has less than ``need_bytes`` free."""
+    free = shutil.disk_usage(folder).free
+    if need_bytes > free:
+        raise OSError(
+            errno.ENOSPC,
+            f"no space left on {_mount_point(Path(folder))} (need {_size(need_bytes)}, {_size(free)} free)"
+            + (f" to write {what}" if what else "")
+            + ": free some space or choose another destination",
+        )
+
+
+def prepare_destination(
+    dst: str | Path, need_bytes: int = 0, replace_empty: bool = False, log: Optional[Callable[[str], None]] = None
+) -> Path:
+    """Check, before any long work, that ``dst`` can be written: it does not exist (or is an empty
+    folder, with ``replace_empty``), its parent is writable and has ``need_bytes`` free. Removes
+    stale partial folders of ``dst``. Returns ``dst``'s parent."""
+    dst = Path(dst)
+    if dst.exists() and not (replace_empty and dst.is_dir() and not any(dst.iterdir())):
+        raise FileExistsError(f"{dst} already exists; refusing to overwrite it (remove it or choose another path)")
+    parent = dst.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot create {parent}: {e.strerror}") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        why = "read-only file system" if _read_only(parent) else "no write permission"
+        raise OSError(errno.EROFS if why[0] == "r" else errno.EACCES, f"cannot write in {parent}: {why}")
+    remove_stale_partials(dst, log or _stderr)
+    check_free_space(parent, need_bytes, str(dst))
+    return parent
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(
+    dst: str | Path, need_bytes: int = 0, replace_empty: bool = False, log: Optional[Callable[[str], None]] = None
+) -> Iterator[Path]:
+    """Yield a hidden sibling folder of ``dst``, renamed to ``dst`` only when the block succeeds.
+
+    ``prepare_destination`` runs first. A crash or error leaves no ``dst`` and no partial folder
+    (a kill -9 leaves one, which the next run removes); an existing ``dst`` is never overwritten. The
+    folder gets the permissions of a normal new folder (``mkdtemp`` makes it private). A write that
+    fails because the disk filled up is reported as ``OSError(ENOSPC)`` naming the filesystem.
+    """
+    dst = Path(dst)
+    parent = prepare_destination(dst, need_bytes, replace_empty, log)
+    tmp = Path(tempfile.mkdtemp(prefix=_partial_prefix(dst), dir=parent))
+    try:
+        (tmp / PARTIAL_OWNER).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+        yield tmp
+        (tmp / PARTIAL_OWNER).unlink()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        if dst.exists():
+            if not (replace_empty and dst.is_dir() and not any(dst.iterdir())):  # appeared meanwhile: keep theirs
+                raise FileExistsError(f"{dst} appeared while writing it; refusing to overwrite it")
+            dst.rmdir()
+        os.rename(tmp, dst)  # atomic within one filesystem
+    except BaseException as e:
+        free = shutil.disk_usage(parent).free
+        shutil.rmtree(tmp, ignore_errors=True)
+        # torch.save and safetensors report a full disk as RuntimeError ("file write failed",
+        # "iostream error") or their own error types: name the real cause.
+        full = getattr(e, "errno", None) == errno.ENOSPC or (isinstance(e, Exception) and free < 2**20)
+        if full and not (isinstance(e, OSError) and "no space left on" in str(e)):
+            raise OSError(
+                errno.ENOSPC,
+                f"no space left on {_mount_point(parent)} while writing {dst} ({_size(free)} free; "
+                f"{_size(need_bytes)} needed): free some space or choose another destination",
+            ) from e
+        raise
+
+
+def save_shards(folder: str | Path, full: dict[str, torch.Tensor], args: ModelArgs, n_shards: int = 1) -> ModelArgs:
+    """``consolidated.NN.pth`` files of ``full`` in ``folder``; returns the params to write
+    (``n_kv_heads`` raised when KV heads are duplicated). One shard is saved without copies."""
+    folder = Path(folder)
+    if n_shards == 1:  # no resharding copies: an 8B fits in RAM once, not twice
+        torch.save(full, folder / "consolidated.00.pth")
+        return args
+    shards, out_args = shard_state_dict(full, args, n_shards)
+    for i, sd in enumerate(shards):
+        torch.save(sd, folder / f"consolidated.{i:02d}.pth")
+    return out_args
+
+
+def save_params(folder: str | Path, params: ModelArgs | dict[str, Any]) -> None:
+    """``params.json`` as Meta writes it (indented, trailing newline)."""
+    params = params.to_dict() if isinstance(params, ModelArgs) else params
+    (Path(folder) / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+
+
+def state_bytes(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> int:
+    """Bytes of tensors of these shapes in ``dtype``: what their shards take on disk, give or take headers."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(size * int(torch.Size(shape).numel()) for shape in shapes.values())
+
+
 def md5_file(path: str | Path) -> str:
     """Hex md5 of a file, read in chunks."""
     h = hashlib.md5()
@@ -518,9 +729,10 @@ def md5_file(path: str | Path) -> str:
 
 
 def write_checklist(ckpt_dir: str | Path) -> None:
-    """``checklist.chk`` in md5sum format over every file in the folder (as Meta ships it)."""
+    """``checklist.chk`` in md5sum format over every file in the folder (as Meta ships it), hidden
+    files (our .llama-verified record, a partial folder's owner file) left out."""
     ckpt_dir = Path(ckpt_dir)
-    names = sorted(p.name for p in ckpt_dir.iterdir() if p.is_file() and p.name != "checklist.chk")
+    names = sorted(p.name for p in ckpt_dir.iterdir() if p.is_file() and p.name != "checklist.chk" and not p.name.startswith("."))
     lines = [f"{md5_file(ckpt_dir / name)}  {name}\n" for name in names]
     (ckpt_dir / "checklist.chk").write_text("".join(lines))
 
@@ -531,11 +743,14 @@ def write_checkpoint(
     """Write full tensors as a Meta-format folder with ``n_shards`` files; returns params written."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    shards, out_args = shard_state_dict(full, args, n_shards)
+    shards, out_args = shard_state_dict(full, args, n_shards)  # copies: views of larger tensors save small
     for i, sd in enumerate(shards):
         torch.save(sd, ckpt_dir / f"consolidated.{i:02d}.pth")
-    (ckpt_dir / "params.json").write_text(json.dumps(out_args.to_dict(), indent=2) + "\n")
+    save_params(ckpt_dir, out_args)
     return out_args
+
+
+# --- end of the writing section ------------------------------------------------------------------
 
 
 def random_state_dict(args: ModelArgs, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:

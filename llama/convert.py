@@ -1,7 +1,7 @@
 """Convert between Hugging Face Llama folders and Meta-format checkpoints.
 
     python -m llama.convert hf-to-meta HF_DIR META_DIR [--dtype bf16|fp16|fp32] [--shards N]
-    python -m llama.convert meta-to-hf META_DIR HF_DIR [--dtype ...] [--max-shard-size GB]
+    python -m llama.convert meta-to-hf META_DIR HF_DIR [--dtype ...] [--max_shard_size GB]
 
 The only change to the numbers is the q/k row order: Meta rotates adjacent pairs (2i, 2i+1) of each
 head, Hugging Face rotates halves (i, i + head_dim/2). Meta -> HF views wq/wk as
@@ -12,19 +12,25 @@ params.json has two FFN knobs (multiple_of, ffn_dim_multiplier) where config.jso
 config.json under ``meta_params`` so that Meta -> HF -> Meta reproduces it exactly.
 """
 
-import argparse
 import json
-import os
 import shutil
 import sys
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 
-from llama.checkpoint import expected_shapes, load_params, load_state_dict, shard_state_dict, write_checklist
+from llama.checkpoint import (
+    atomic_folder,
+    expected_shapes,
+    load_params,
+    load_state_dict,
+    prepare_destination,
+    save_params,
+    save_shards,
+    write_checklist,
+)
+from llama.cli import Parser, integer, number, user_errors
 from llama.devices import DTYPES
 from llama.model import ROPE_HIGH_FREQ_FACTOR, ROPE_LOW_FREQ_FACTOR, ROPE_ORIGINAL_CONTEXT, ModelArgs
 
@@ -77,31 +83,6 @@ def meta_ffn_params(dim: int, hidden: int) -> tuple[int, Optional[float]]:
     raise ValueError(f"no multiple_of / ffn_dim_multiplier reproduces FFN width {hidden} for dim {dim}")
 
 
-@contextmanager
-def atomic_folder(dst: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder, renamed to ``dst`` only when the block succeeds.
-
-    A crash or error leaves no ``dst`` (a half-written folder never looks complete); an existing
-    ``dst`` is never overwritten.
-    """
-    dst = Path(dst)
-    if dst.exists():
-        raise FileExistsError(f"{dst} already exists; refusing to overwrite it (remove it or choose another path)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; give it normal permissions
-        if dst.exists():  # appeared meanwhile (another process): keep theirs
-            raise FileExistsError(f"{dst} appeared while converting; refusing to overwrite it")
-        os.rename(tmp, dst)  # atomic within one filesystem
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def permute_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Meta adjacent pairs -> HF halves: rows [heads, hd/2, 2] -> [heads, 2, hd/2]."""
     rows, dim = w.shape
@@ -124,8 +105,49 @@ def hf_to_meta_names(n_layers: int) -> dict[str, str]:
 # --- Hugging Face -> Meta -------------------------------------------------------------------
 
 
+# config.json keys a Llama conversion needs, and the JSON type each must have.
+CONFIG_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+CONFIG_OPTIONAL_INTS = ("num_key_value_heads", "head_dim")
+CONFIG_NUMBERS = ("rms_norm_eps", "rope_theta")
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's content; invalid JSON is a ValueError naming the file, line and column."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text (JSON) file") from None
+
+
+def check_config(config: Any, source: str) -> None:
+    """Raise a ValueError naming every missing key or value of the wrong type in a config.json."""
+    if not isinstance(config, dict):
+        raise ValueError(f"{source}: expected a JSON object, got {type(config).__name__}")
+    missing = [k for k in CONFIG_INTS if k not in config]
+    if missing:
+        raise ValueError(f"{source} lacks {', '.join(missing)}: not a complete Llama config.json")
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    wrong = [
+        f"{k} is {config[k]!r} ({type(config[k]).__name__}), expected a positive whole number"
+        for k in CONFIG_INTS + CONFIG_OPTIONAL_INTS
+        if config.get(k) is not None and not (is_int(config[k]) and config[k] > 0)
+    ] + [
+        f"{k} is {config[k]!r} ({type(config[k]).__name__}), expected a positive number"
+        for k in CONFIG_NUMBERS
+        if config.get(k) is not None and not ((is_int(config[k]) or isinstance(config[k], float)) and config[k] > 0)
+    ]
+    if wrong:
+        raise ValueError(f"{source}: " + "; ".join(wrong))
+
+
 def args_from_hf_config(config: dict[str, Any], source: str = "config.json") -> tuple[ModelArgs, dict[str, Any]]:
     """``ModelArgs`` and the params.json dict to write, from a Llama ``config.json``."""
+    check_config(config, source)
     arch, model_type = config.get("architectures") or [], config.get("model_type")
     if model_type != "llama" or any(a != "LlamaForCausalLM" for a in arch):
         raise ValueError(
@@ -188,20 +210,37 @@ def _same_model(a: ModelArgs, b: ModelArgs) -> bool:
 
 
 def read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
-    """All tensors of ``model.safetensors`` or of the shards listed in its index."""
+    """All tensors of ``model.safetensors`` or of the shards listed in its index.
+
+    The index is untrusted: a weight-map entry naming a file outside ``src`` is refused.
+    """
     from safetensors import safe_open
 
     index = src / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        content = read_json(index)
+        weight_map = content.get("weight_map") if isinstance(content, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index}: no weight_map of tensor name -> file name")
+        files = sorted(set(weight_map.values()))
+        root = src.resolve()
+        for name in files:
+            if not (src / name).resolve().is_relative_to(root):
+                raise ValueError(f"{index}: weight_map names {name!r}, which is outside {src}: refused")
     elif (src / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
         raise FileNotFoundError(f"{src}: no model.safetensors or model.safetensors.index.json")
     out = {}
     for name in files:
-        with safe_open(src / name, framework="pt") as f:
-            out.update({key: f.get_tensor(key) for key in f.keys()})
+        path = src / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: listed in {index.name} but missing")
+        try:
+            with safe_open(path, framework="pt") as f:
+                out.update({key: f.get_tensor(key) for key in f.keys()})
+        except Exception as e:  # SafetensorError: truncated download, not a safetensors file...
+            raise ValueError(f"{path}: not a readable safetensors file ({e}); it may be truncated: re-download it") from None
     return out
 
 
@@ -216,8 +255,13 @@ def hf_to_meta(src: str | Path, dst: str | Path, dtype: Optional[torch.dtype] = 
     config_path = src / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{src}: no config.json (not a Hugging Face model folder)")
-    config = json.loads(config_path.read_text())
+    config = read_json(config_path)
     args, params = args_from_hf_config(config, str(config_path))
+    if n_shards < 1:
+        raise ValueError(f"n_shards={n_shards} must be at least 1")
+    # Before reading gigabytes: an existing destination or a disk too small fails now (the source's
+    # size is a lower bound of the output's when the dtype is kept; the exact check comes later).
+    prepare_destination(dst, 0 if dtype else sum(p.stat().st_size for p in src.glob("*.safetensors")))
     hf = read_hf_weights(src)
     if config.get("tie_word_embeddings"):
         hf.pop("lm_head.weight", None)  # tied: the embedding is the output matrix
@@ -243,16 +287,12 @@ def hf_to_meta(src: str | Path, dst: str | Path, dtype: Optional[torch.dtype] = 
             t = permute_to_meta(t, args.n_kv_heads)
         full[key] = t.to(dtype) if dtype is not None else t
     full = {k: full[k] for k in shapes}  # Meta's key order
-    with atomic_folder(dst) as tmp:
-        if n_shards == 1:  # no resharding copies: the 8B fits in RAM once, not twice
-            torch.save(full, tmp / "consolidated.00.pth")
-        else:
-            shards, out_args = shard_state_dict(full, args, n_shards)
-            for i, sd in enumerate(shards):
-                torch.save(sd, tmp / f"consolidated.{i:02d}.pth")
-            if out_args != args:  # KV heads duplicated for more shards than KV heads
-                params = {**params, "n_kv_heads": out_args.n_kv_heads}
-        (tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+    need = sum(t.numel() * t.element_size() for t in full.values())
+    with atomic_folder(dst, need) as tmp:
+        out_args = save_shards(tmp, full, args, n_shards)
+        if out_args != args:  # KV heads duplicated for more shards than KV heads
+            params = {**params, "n_kv_heads": out_args.n_kv_heads}
+        save_params(tmp, params)
         for folder in (src / "original", src):
             if (folder / "tokenizer.model").is_file() and _is_tiktoken(folder / "tokenizer.model"):
                 for name in TOKENIZER_FILES:
@@ -329,7 +369,8 @@ def meta_to_hf(
 
     src = Path(src)
     args = load_params(src)
-    params = json.loads((src / "params.json").read_text())
+    params = read_json(src / "params.json")
+    prepare_destination(dst)
     # tokenizer.json + tokenizer_config.json for AutoTokenizer and llama.cpp's converter (tiktoken
     # vocabularies; a Llama 2 SentencePiece tokenizer.model is copied as it is); read first to fail fast
     tok_file = src / "tokenizer.model"
@@ -357,7 +398,7 @@ def meta_to_hf(
             size = 0
         groups[-1][name] = t
         size += nbytes
-    with atomic_folder(dst) as tmp:
+    with atomic_folder(dst, sum(t.numel() * t.element_size() for t in hf.values())) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if len(groups) == 1:
             save_file(groups[0], tmp / "model.safetensors", metadata={"format": "pt"})
@@ -380,29 +421,29 @@ def meta_to_hf(
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m llama.convert", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    a = sub.add_parser("hf-to-meta", help="Hugging Face Llama folder -> Meta-format folder")
-    a.add_argument("src", type=Path)
-    a.add_argument("dst", type=Path, help="folder to create (must not exist)")
-    a.add_argument("--shards", type=int, default=1, help="number of consolidated.NN.pth files (default 1)")
-    b = sub.add_parser("meta-to-hf", help="Meta-format folder -> Hugging Face (transformers) folder")
-    b.add_argument("src", type=Path)
-    b.add_argument("dst", type=Path, help="folder to create (must not exist)")
-    b.add_argument("--max-shard-size", type=float, default=5.0, help="GB per safetensors file (default 5)")
+    """``python -m llama.convert``: flags as in the module docstring; ``--help`` describes them."""
+    parser = Parser(prog="python -m llama.convert", description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    a = sub.add_parser("hf-to-meta", help="Hugging Face Llama folder -> Meta-format folder", allow_abbrev=False)
+    a.add_argument("src", type=Path, help="Hugging Face folder (config.json + model*.safetensors)")
+    a.add_argument("dst", type=Path, help="Meta-format folder to create (must not exist)")
+    a.add_argument("--shards", type=integer(1), default=1, help="number of consolidated.NN.pth files, >= 1 (default 1)")
+    b = sub.add_parser("meta-to-hf", help="Meta-format folder -> Hugging Face (transformers) folder", allow_abbrev=False)
+    b.add_argument("src", type=Path, help="Meta-format folder (params.json + consolidated.NN.pth)")
+    b.add_argument("dst", type=Path, help="Hugging Face folder to create (must not exist)")
+    b.add_argument("--max_shard_size", "--max-shard-size", type=number(0.0, low_open=True), default=5.0,
+                   help="GB per safetensors file, > 0 (default 5)")  # fmt: skip
     for p in (a, b):
-        p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: keep)")
+        p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the weights: bf16, fp16 or fp32 (default: keep)")
     ns = parser.parse_args(argv)
     dtype = DTYPES[ns.dtype] if ns.dtype else None
-    try:
+    with user_errors(parser.prog):
         if ns.command == "hf-to-meta":
             args = hf_to_meta(ns.src, ns.dst, dtype, ns.shards)
             print(f"wrote {ns.dst}: {json.dumps(args.to_dict())}")
         else:
             meta_to_hf(ns.src, ns.dst, dtype, int(ns.max_shard_size * 10**9))
             print(f"wrote {ns.dst}")
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

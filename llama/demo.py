@@ -67,13 +67,15 @@ def default_checkpoint(
     """Meta-format folder of SmolLM2-135M-Instruct, converted on first use and then reused.
 
     ``cache_dir`` defaults to ``cache_root()``; the model lives in ``cache_dir/SmolLM2-135M-Instruct``.
-    Messages go to stderr. Delete the folder to force a new conversion.
+    Messages go to stderr. Delete the folder to force a new conversion. The folder is written by
+    ``llama.checkpoint.atomic_folder`` (through ``import_gguf``): a killed conversion leaves a
+    hidden partial folder that the next call removes.
     """
     folder = Path(cache_dir or cache_root()) / MODEL_NAME
     if is_complete(folder):
         return folder
     if folder.exists():
-        raise RuntimeError(
+        raise FileExistsError(
             f"{folder} exists but is incomplete (no checklist.chk, or a file it lists is missing): delete it and retry"
         )
     gguf = smollm2_gguf()

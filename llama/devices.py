@@ -35,6 +35,35 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def devices_here() -> list[str]:
+    """The device names this machine can run on, for error messages: ``['cpu', 'cuda:0', ...]``."""
+    names = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)]
+    if torch.backends.mps.is_available():
+        names.append("mps")
+    return names
+
+
+def check_device(device: torch.device | str) -> torch.device:
+    """``device`` as a torch.device, or a ValueError saying which devices exist here."""
+    here = f"devices here: {', '.join(devices_here())}"
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        hint = " (for a GPU use cuda)" if str(device).lower() in ("gpu", "nvidia", "rocm") else ""
+        raise ValueError(f"device {str(device)!r} is not a device name{hint}; {here}") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device {str(device)!r}: {why}; {here}")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: there are {torch.cuda.device_count()} CUDA GPUs; {here}")
+    elif d.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r}: Apple's MPS is not available here; {here}")
+    elif d.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {str(device)!r} is not supported (cpu, cuda or mps); {here}")
+    return d
+
+
 @functools.cache
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
     """The CPU's feature flags from ``/proc/cpuinfo`` (x86 ``flags``, Arm ``Features``); empty elsewhere.

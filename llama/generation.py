@@ -14,12 +14,12 @@ from typing import Iterator, Optional, Sequence, TypedDict, Union
 
 import torch
 
-from llama import sampling
+from llama import fp8, sampling
 from llama.chat_format import ChatFormat
 from llama.chat_format_llama2 import Llama2ChatFormat
 from llama.checkpoint import load_params, load_transformer, verify_checkpoint
 from llama.datatypes import ChatPrediction, CompletionPrediction, Dialog
-from llama.devices import compile_decode_step, default_device, resolve_dtype
+from llama.devices import check_device, compile_decode_step, default_device, resolve_dtype
 from llama.diagnose import NonFiniteLogitsError, nonfinite_logits_message
 from llama.family import AnyTokenizer, load_tokenizer
 from llama.fast import speed_up
@@ -74,6 +74,7 @@ class Llama:
         dtype: Optional[str | torch.dtype] = None,
         compile: bool = False,
         verify: Optional[bool] = None,
+        quantize: Optional[str] = None,
     ) -> "Llama":
         """Load ``ckpt_dir`` (params.json + consolidated.NN.pth) and its tokenizer, ready to generate.
 
@@ -89,6 +90,10 @@ class Llama:
 
         ``verify``: None checks the files against ``checklist.chk`` when there is one and they were
         not verified before (``llama.checkpoint.verify_checkpoint``), True always, False never.
+
+        ``quantize="fp8"`` (CUDA GPUs of compute capability >= 8.9): after loading, the feed-forward
+        weights of every layer but the first and the last are multiplied in FP8, as in Meta's FP8
+        folders (``llama.fp8``); those folders themselves stay FP8 on such GPUs without it.
         """
         start = time.time()
         check_int("max_seq_len", max_seq_len, 2)
@@ -98,11 +103,18 @@ class Llama:
             check_int("model_parallel_size", model_parallel_size, 1)
         if verify not in (None, True, False):
             raise TypeError(f"verify must be None (auto), True or False, got {verify!r}")
-        device = torch.device(device) if device is not None else default_device()
+        device = check_device(device) if device is not None else default_device()  # names the devices here
         rank, world_size, local_rank = setup_model_parallel(model_parallel_size, device.type)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", local_rank)
         dtype = resolve_dtype(dtype, device)
+        if quantize not in (None, "fp8"):
+            raise ValueError(f"quantize={quantize!r} is not supported: use None or 'fp8'")
+        if quantize == "fp8" and not fp8.fp8_supported(device):
+            raise ValueError(
+                f"quantize='fp8' multiplies in FP8, which needs a CUDA GPU of compute capability 8.9 or more "
+                f"(Ada, Hopper), not {device}; Meta's FP8 folders load on any device without it (as {dtype})"
+            )
 
         if not Path(ckpt_dir).is_dir():  # before the tokenizer, whose default path is inside it
             raise FileNotFoundError(f"checkpoint folder not found: {ckpt_dir}")
@@ -121,7 +133,10 @@ class Llama:
             )
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} must be at least 1")
-        plan = plan_memory(args, max_seq_len, max_batch_size, dtype, world_size)
+        # Meta's FP8 folders stay FP8 on GPUs that multiply it (one file per rank); else bf16 at load.
+        keep_fp8 = fp8.keep_fp8(ckpt_dir, device, world_size)
+        # quantize="fp8" of a bf16 folder quantizes after loading: its peak is the bf16 model.
+        plan = plan_memory(args, max_seq_len, max_batch_size, dtype, world_size, quantize="fp8" if keep_fp8 else None)
         check_fits(plan, device)
         if rank == 0:  # before the load, which can take minutes: what it will take, and where
             print(f"Memory plan on {device}: {plan.describe()}", file=sys.stderr, flush=True)
@@ -132,8 +147,10 @@ class Llama:
 
         model = load_transformer(
             ckpt_dir, device, dtype, rank, world_size, parallelize if world_size > 1 else None, args=args,
-            progress=rank == 0,
+            progress=rank == 0, keep_fp8=keep_fp8,
         )
+        if quantize == "fp8":  # a bf16 folder (or an FP8 one on another rank count): FFN to FP8 now
+            fp8.quantize_feed_forward(model)
         model.setup_cache(max_batch_size, max_seq_len)
         speed_up(model, world_size)  # float32 compute of bf16 weights on CPUs without bf16, and more: llama/fast.py
         llama = Llama(model, tokenizer, rank=rank, seed=seed, compile=compile)

@@ -1,6 +1,6 @@
 """Import a llama-architecture GGUF file as a Meta-format checkpoint folder.
 
-    python -m llama.gguf MODEL.gguf OUT_DIR [--dtype bf16|fp32]
+    python -m llama.gguf MODEL.gguf OUT_DIR [--dtype bf16|fp16|fp32]
     python -m llama.gguf export SRC OUT.gguf [--type bf16|q8_0]   (see llama/gguf_export.py)
 
 writes ``OUT_DIR`` with ``consolidated.00.pth``, ``params.json``, ``tokenizer.model`` (tiktoken
@@ -17,7 +17,6 @@ Three facts make the import a renaming plus dequantization:
   tiktoken rank table (checked below against the merges in the file).
 """
 
-import argparse
 import base64
 import json
 import re
@@ -28,8 +27,17 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from llama.checkpoint import expected_shapes, write_checklist
-from llama.convert import atomic_folder, meta_ffn_params
+from llama.checkpoint import (
+    atomic_folder,
+    expected_shapes,
+    prepare_destination,
+    save_params,
+    save_shards,
+    state_bytes,
+    write_checklist,
+)
+from llama.cli import Parser, user_errors
+from llama.convert import meta_ffn_params
 from llama.devices import DTYPES
 from llama.model import ModelArgs
 from llama.gguf_export import TENSOR_NAMES
@@ -268,7 +276,13 @@ def import_gguf(
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
-    reader = gguf.GGUFReader(gguf_path)
+    prepare_destination(out_dir)  # an existing destination fails before the file is even parsed
+    try:
+        reader = gguf.GGUFReader(gguf_path)
+    except Exception as e:  # a truncated download fails inside numpy (reshape, index) or mmap
+        raise ValueError(
+            f"{gguf_path}: not a readable GGUF file ({type(e).__name__}: {e}); it may be truncated: re-download it"
+        ) from None
     meta = read_metadata(reader)
     args = model_args(meta)
     rope_freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
@@ -277,10 +291,12 @@ def import_gguf(
     bpe, spec = tokenizer_files(meta)  # before the heavy part: a bad vocabulary fails fast
     if spec["vocab_size"] != args.vocab_size:
         raise ValueError(f"GGUF vocabulary has {spec['vocab_size']} tokens but llama.vocab_size is {args.vocab_size}")
+    need = state_bytes(expected_shapes(args), dtype) + len(bpe)
+    prepare_destination(out_dir, need)  # disk space, before dequantizing
     weights = read_weights(reader, args, dtype, progress)
-    with atomic_folder(out_dir) as tmp:
-        torch.save(weights, tmp / "consolidated.00.pth")  # one shard: no resharding copies
-        (tmp / "params.json").write_text(json.dumps(args.to_dict(), indent=2) + "\n")
+    with atomic_folder(out_dir, need) as tmp:
+        save_shards(tmp, weights, args)  # one shard: no resharding copies
+        save_params(tmp, args)
         (tmp / "tokenizer.model").write_text(bpe)
         (tmp / "tokenizer_spec.json").write_text(json.dumps(spec, indent=2, ensure_ascii=False) + "\n")
         write_checklist(tmp)
@@ -302,15 +318,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         from llama.gguf_export import main as export_main
 
         return export_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m llama.gguf", description=__doc__.split("\n\n")[0])
+    """``python -m llama.gguf MODEL.gguf OUT_DIR [--dtype fp32]``; ``--help`` describes the flags."""
+    parser = Parser(prog="python -m llama.gguf", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("gguf", type=Path, help="a llama-architecture .gguf file")
     parser.add_argument("out_dir", type=Path, help="Meta-format folder to create (must not exist)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weight dtype (default fp32)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weight dtype: bf16, fp16 or fp32 (default fp32)")
     a = parser.parse_args(argv)
-    try:
+    with user_errors(parser.prog):
         args = import_gguf(a.gguf, a.out_dir, DTYPES[a.dtype], progress=print_progress)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
-        sys.exit(f"error: {e}")
     print(f"wrote {a.out_dir}: {json.dumps(args.to_dict())}")
 
 

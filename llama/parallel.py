@@ -130,6 +130,8 @@ def setup_model_parallel(model_parallel_size: Optional[int], device_type: str) -
     runs alone: (0, 1, 0), no process group. Under torchrun every rank is one model-parallel
     shard, so ``model_parallel_size`` (if given) must equal ``WORLD_SIZE``. Backend: nccl for cuda
     (each rank on ``cuda:LOCAL_RANK``), gloo for cpu. Calling it again in the same process is a no-op.
+    Across nodes (``torchrun --nnodes``) ``rank`` is global (it picks the checkpoint slice and the
+    one printing process) and ``local_rank`` is the index on this node (it picks the GPU).
     """
     device_type = torch.device(device_type).type
     if "WORLD_SIZE" not in os.environ:
@@ -149,6 +151,15 @@ def setup_model_parallel(model_parallel_size: Optional[int], device_type: str) -
             f"(or pass model_parallel_size=None to use {world_size})"
         )
     if device_type == "cuda":
+        # LOCAL_RANK (this node's process index), never RANK: on the second of two 8-GPU nodes
+        # RANK runs 8..15 but the GPUs are still cuda:0..7.
+        n_gpus = torch.cuda.device_count()
+        if local_rank >= n_gpus:
+            raise ValueError(
+                f"LOCAL_RANK={local_rank} (RANK={rank}) but this machine has {n_gpus} GPU(s): start at most "
+                f"{n_gpus} processes per node (torchrun --nproc_per_node {n_gpus}; "
+                f"more nodes: --nnodes, docs/parallel.md)"
+            )
         torch.cuda.set_device(local_rank)  # before NCCL starts: one GPU per rank
     if world_size == 1:
         return rank, 1, local_rank  # one shard: plain nn layers, no process group needed

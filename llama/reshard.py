@@ -13,29 +13,31 @@ Llama 2 code expects, and its params.json keeps Meta's Llama 2 keys.
 Each output shard is exactly what rank r of M would load from SRC (``load_state_dict``: the source
 files are memory-mapped and only the needed slices read), so only one output shard is in memory
 at a time. Everything is written into a hidden folder beside DST and renamed into place at the
-end: DST either does not exist or is complete. An existing, non-empty DST is never touched.
+end (``llama.checkpoint.atomic_folder``): DST either does not exist or is complete. An existing,
+non-empty DST is never touched; hidden folders left by a killed run are removed by the next one.
 """
 
-import argparse
 import json
-import os
 import shutil
-import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from llama.checkpoint import (
+    atomic_folder,
     check_layout,
+    expected_shapes,
     find_shards,
     load_params,
     load_state_dict,
+    save_params,
     shard_dim,
     shard_state_dict,
+    state_bytes,
     write_checklist,
 )
+from llama.cli import Parser, integer, user_errors
 from llama.devices import DTYPES
 from llama.model import ModelArgs
 
@@ -52,8 +54,8 @@ def reshard(src: str | Path, dst: str | Path, mp: int, dtype: Optional[torch.dty
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise FileExistsError(f"{dst} already exists and is not an empty folder: refusing to overwrite it")
     args = load_params(src)
-    n = len(find_shards(src))
-    check_layout(args, n, mp)  # before writing anything: the error names N, M, n_heads, n_kv_heads
+    shards = find_shards(src)
+    check_layout(args, len(shards), mp)  # before writing anything: the error names N, M, n_heads, n_kv_heads
     # shard_state_dict is the one place deciding the params of an M-shard checkpoint (n_kv_heads
     # raised to M when KV heads are duplicated); given no tensors it only returns those params.
     _, out_args = shard_state_dict({}, args, mp)
@@ -66,10 +68,11 @@ def reshard(src: str | Path, dst: str | Path, mp: int, dtype: Optional[torch.dty
     else:
         out_params = out_args.to_dict()
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    # Disk needed: the source's size (its dtype) or the tensors in the new dtype, with duplicated KV heads.
+    need = state_bytes(expected_shapes(out_args), dtype) if dtype else sum(p.stat().st_size for p in shards)
+
     embedding: Optional[torch.Tensor] = None
-    try:
+    with atomic_folder(dst, need, replace_empty=True, log=log) as tmp:
         for rank in range(mp):
             state = load_state_dict(src, args, rank, mp, dtype)
             # clone: a slice of a memory-mapped source tensor would otherwise drag its whole
@@ -83,19 +86,13 @@ def reshard(src: str | Path, dst: str | Path, mp: int, dtype: Optional[torch.dty
             torch.save(state, path)
             del state
             log(f"wrote {dst / path.name} ({path.stat().st_size / 2**20:.1f} MiB)")
-        (tmp / "params.json").write_text(json.dumps(out_params, indent=2) + "\n")
+        save_params(tmp, out_params)
         for name in COPIED_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / name)
         if not (src / "tokenizer.model").is_file():
             log(f"note: {src} has no tokenizer.model; pass --tokenizer_path when loading {dst}")
         write_checklist(tmp)
-        if dst.exists():  # an empty folder the user made: replace it
-            dst.rmdir()
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 
@@ -120,16 +117,16 @@ def load_full_tensor(ckpt_dir: Path, args: ModelArgs, key: str) -> torch.Tensor:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m llama.reshard", description=__doc__.split("\n\n")[0])
-    ap.add_argument("src", help="checkpoint folder (params.json + consolidated.NN.pth)")
+    """``python -m llama.reshard SRC DST --mp M [--dtype bf16]``; ``--help`` describes the flags."""
+    ap = Parser(prog="python -m llama.reshard", description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    ap.add_argument("src", help="Meta-format checkpoint folder (params.json + consolidated.NN.pth)")
     ap.add_argument("dst", help="new folder to create (must not exist, or be empty)")
-    ap.add_argument("--mp", type=int, required=True, help="number of shards (model-parallel ranks) to write")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the weights (default: keep)")
+    ap.add_argument("--mp", "--shards", dest="mp", type=integer(1), required=True,
+                    help="number of shards (model-parallel ranks) to write, >= 1")  # fmt: skip
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the weights: bf16, fp16 or fp32 (default: keep)")
     a = ap.parse_args(argv)
-    try:
+    with user_errors(ap.prog):
         reshard(a.src, a.dst, a.mp, DTYPES[a.dtype] if a.dtype else None)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        sys.exit(f"llama.reshard: error: {e}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from child_env import REPO, child_env
+from child_env import child_env
 from llama.checkpoint import (
     VERIFIED_RECORD,
     expected_shapes,

@@ -79,6 +79,7 @@ def run(cmd: list[str], stdin: str = "") -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow  # a child process loading a model: 10-20 s
 @pytest.mark.parametrize("launcher", ["python", "torchrun"])
 def test_text_completion_example(launcher, hello_ckpt, meta_tokenizer_path):
     script = ["example_text_completion.py", "--ckpt_dir", str(hello_ckpt), "--tokenizer_path", str(meta_tokenizer_path)]
@@ -89,6 +90,7 @@ def test_text_completion_example(launcher, hello_ckpt, meta_tokenizer_path):
     assert out.count(" Hello there\n\n==================================") == 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["python", "torchrun"])
 def test_chat_completion_example(launcher, hello_ckpt, meta_tokenizer_path):
     script = ["example_chat_completion.py", "--ckpt_dir", str(hello_ckpt), "--tokenizer_path", str(meta_tokenizer_path)]
@@ -99,6 +101,7 @@ def test_chat_completion_example(launcher, hello_ckpt, meta_tokenizer_path):
     assert out.count("==================================") == 4
 
 
+@pytest.mark.slow
 def test_interactive_chat_through_stdin(hello_ckpt):
     cmd = [sys.executable, "-m", "llama.chat", "--ckpt_dir", str(hello_ckpt), "--max_gen_len", "5"]
     cmd += ["--max_seq_len", "128", "--device", "cpu", "--dtype", "fp32"]

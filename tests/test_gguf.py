@@ -103,7 +103,7 @@ def transformers_from_gguf(path: Path):
     return model
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # converts the 98 MB demo GGUF (tens of seconds)
 def test_params_and_files(smol_dir: Path) -> None:
     assert json.loads((smol_dir / "params.json").read_text()) == SMOLLM2_PARAMS
     assert load_params(smol_dir).ffn_hidden_dim == 1536
@@ -121,7 +121,7 @@ def test_params_and_files(smol_dir: Path) -> None:
     assert torch.equal(state["output.weight"], state["tok_embeddings.weight"])  # tied in the GGUF
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # converts the 98 MB demo GGUF (tens of seconds)
 def test_logits_match_transformers(smol_dir: Path, smollm2_gguf: Path, hf_tokenizers) -> None:
     text = "The capital of France is Paris, and the capital of Germany is Berlin. In 2024, 12 people met."
     ids = torch.tensor([hf_tokenizers[1].encode(text)])
@@ -134,7 +134,7 @@ def test_logits_match_transformers(smol_dir: Path, smollm2_gguf: Path, hf_tokeni
     assert torch.equal(theirs.argmax(-1), ours.argmax(-1))
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # converts the 98 MB demo GGUF (tens of seconds)
 def test_tokenizer_matches_transformers(smol_dir: Path, hf_tokenizers) -> None:
     plain, upstream = hf_tokenizers
     tok = Tokenizer(smol_dir / "tokenizer.model")
@@ -154,7 +154,7 @@ def test_tokenizer_matches_transformers(smol_dir: Path, hf_tokenizers) -> None:
     print(f"tokenizer: {len(corpus)} texts equal SmolLM2's tokenizer, {plain_count} (no numerals) transformers' GGUF one")
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # converts the 98 MB demo GGUF (tens of seconds)
 def test_digits_are_isolated_like_smollm2_not_like_transformers_gguf(smol_dir: Path, hf_tokenizers) -> None:
     """Where transformers' GGUF tokenizer drops SmolLM2's digit splitting we follow SmolLM2."""
     plain, upstream = hf_tokenizers
@@ -166,7 +166,7 @@ def test_digits_are_isolated_like_smollm2_not_like_transformers_gguf(smol_dir: P
     assert [tok.decode([t]) for t in tok.encode("a   12", bos=False, eos=False)] == ["a", "   ", "1", "2"]
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # converts the 98 MB demo GGUF (tens of seconds)
 def test_bytes_missing_from_the_vocabulary_are_dropped_like_transformers(smol_dir: Path, hf_tokenizers) -> None:
     """SmolLM2 has no token for 21 bytes (e.g. 0x04, 0xF1); transformers drops them, so must we."""
     tok = Tokenizer(smol_dir / "tokenizer.model")
@@ -174,7 +174,7 @@ def test_bytes_missing_from_the_vocabulary_are_dropped_like_transformers(smol_di
         assert tok.encode(text, bos=False, eos=False) == hf_tokenizers[0].encode(text, add_special_tokens=False)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # converts the 98 MB demo GGUF (tens of seconds)
 def test_special_tokens_have_their_gguf_ids(smol_dir: Path, hf_tokenizers) -> None:
     tok = Tokenizer(smol_dir / "tokenizer.model")
     text = "<|im_start|>user\nHi<|im_end|>\n<|endoftext|>"
@@ -192,7 +192,7 @@ def test_special_tokens_have_their_gguf_ids(smol_dir: Path, hf_tokenizers) -> No
          {"role": "user", "content": "And 3+3?"}],  # fmt: skip
     ],
 )
-@pytest.mark.slow
+@pytest.mark.slow  # converts the 98 MB demo GGUF (tens of seconds)
 def test_chat_prompt_matches_the_files_chat_template(smol_dir: Path, hf_tokenizers, dialog: list) -> None:
     upstream = hf_tokenizers[1]
     theirs = upstream.apply_chat_template(dialog, add_generation_prompt=True, tokenize=True)
@@ -205,7 +205,7 @@ def test_chat_prompt_matches_the_files_chat_template(smol_dir: Path, hf_tokenize
 # --- the embedded default model ---------------------------------------------------------------
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # converts the 98 MB demo GGUF (tens of seconds)
 def test_default_checkpoint_converts_once(demo_run: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> None:
     folder, stderr = demo_run
     assert folder.name == "SmolLM2-135M-Instruct" and demo.is_complete(folder)
@@ -220,7 +220,7 @@ def test_default_checkpoint_converts_once(demo_run: tuple[Path, str], monkeypatc
     assert demo.default_checkpoint(cache_dir=folder.parent) == folder
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # converts the 98 MB demo GGUF (tens of seconds)
 def test_greedy_chat_answers_paris(demo_run: tuple[Path, str]) -> None:
     from llama.generation import Llama
 
@@ -249,7 +249,7 @@ def test_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tm
 def test_incomplete_cache_folder_is_not_used(tmp_path: Path) -> None:
     (tmp_path / demo.MODEL_NAME).mkdir()
     (tmp_path / demo.MODEL_NAME / "params.json").write_text("{}")
-    with pytest.raises(RuntimeError, match="incomplete"):
+    with pytest.raises(FileExistsError, match="incomplete"):
         demo.default_checkpoint(cache_dir=tmp_path, progress=False)
 
 
@@ -345,5 +345,6 @@ def test_cli_refuses_an_existing_folder(tmp_path: Path, capsys: pytest.CaptureFi
     main([str(tmp_path / "tiny.gguf"), str(tmp_path / "out"), "--dtype", "bf16"])
     assert '"dim": 32' in capsys.readouterr().out
     assert {t.dtype for t in load_state_dict(tmp_path / "out", TINY).values()} == {torch.bfloat16}
-    with pytest.raises(SystemExit, match="already exists"):
+    with pytest.raises(SystemExit) as exit:
         main([str(tmp_path / "tiny.gguf"), str(tmp_path / "out")])
+    assert exit.value.code == 1 and "already exists" in capsys.readouterr().err

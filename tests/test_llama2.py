@@ -394,9 +394,12 @@ def test_chat_completion_on_llama2_folder(tmp_path, sp_model, sp_tok):
     args = ModelArgs.from_dict(params, vocab_size=VOCAB)
     dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}]
     prompt = Llama2ChatFormat(sp_tok).encode_dialog_prompt(dialog)
-    answer = sp_tok.encode("Hello there", bos=False, eos=False)
+    # The tokenizer is trained on this repository's text, so how a reply splits changes with the
+    # docs: take the first whose tokens (after the prompt's last) are all distinct, as a bigram needs.
+    replies = [(text, sp_tok.encode(text, bos=False, eos=False)) for text in ("Hello there", "Hello", "Hi there", "Hi")]
+    reply, answer = next(((t, a) for t, a in replies if len({prompt[-1], *a}) == len(a) + 1), (None, None))
+    assert reply is not None, f"every reply repeats a token: {replies}"
     chain = [prompt[-1], *answer, 2]  # the prompt's last token -> the answer -> EOS
-    assert len(set(chain[:-1])) == len(chain) - 1
     full = random_state_dict(args, seed=0, dtype=torch.float32)
     make_bigram(full, args, dict(zip(chain[:-1], chain[1:])))
     write_llama2_folder(tmp_path / "llama-2-chat", params, full, 2, sp_model)
@@ -405,9 +408,9 @@ def test_chat_completion_on_llama2_folder(tmp_path, sp_model, sp_tok):
     assert isinstance(llm.tokenizer, SentencePieceTokenizer) and isinstance(llm.formatter, Llama2ChatFormat)
     out = llm.chat_completion([dialog], temperature=0.0, max_gen_len=20)
     message = out[0]["generation"]
-    assert message["content"] == "Hello there" and message["stop_reason"] == "end_of_turn"
+    assert message["content"] == reply and message["stop_reason"] == "end_of_turn"
     streamed = "".join(e["text"] for e in llm.chat_stream(dialog, temperature=0.0, max_gen_len=20))
-    assert streamed == " Hello there"  # streaming keeps SentencePiece's leading space
+    assert streamed == " " + reply  # streaming keeps SentencePiece's leading space
     text = llm.text_completion(["Say"], temperature=0.0, max_gen_len=3)[0]["generation"]
     assert isinstance(text, str)
 

@@ -1,6 +1,7 @@
 """Memory plan (llama/memory.py) for the released models, against the numbers in llama3-facts §1."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama.memory import GB, GiB, check_fits, kv_cache_bytes, main, parameter_count, plan_memory
+from llama.memory import (
+    GB,
+    GiB,
+    check_fits,
+    kv_cache_bytes,
+    main,
+    parameter_count,
+    plan_memory,
+    quantized_weight_bytes,
+    report,
+)
 from llama.model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,11 +121,12 @@ def test_report_prints_release_numbers(name, tmp_path, capsys):
     main(str(_write_params(tmp_path, name).parent), max_seq_len=1024, max_batch_size=1)
     out = capsys.readouterr().out
     assert f"{count:,}" in out
-    assert f"{weights_gb:.1f} GB" in out
+    assert f"bf16/fp16      {count * 2 / GiB:8.2f} GiB" in out  # the post's GB are 10^9 bytes: one unit here
     assert f"{kv_gib:8.4f} GiB" in out
+    assert " GB" not in out
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # a child process
 def test_memory_cli(tmp_path):
     params = _write_params(tmp_path, "405B")
     run = subprocess.run(
@@ -122,5 +134,54 @@ def test_memory_cli(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
-    assert "405,853,388,800" in run.stdout and "811.7 GB" in run.stdout and "0.4922 GiB" in run.stdout
+    assert "405,853,388,800" in run.stdout and "755.96 GiB" in run.stdout and "0.4922 GiB" in run.stdout
     assert "per rank (8 ranks)" in run.stdout
+
+
+# Llama 3 8B by hand (dim 4096, 32 layers, 32 heads, 8 KV heads, head_dim 128, FFN 14336, vocab 128256):
+#   per layer: wq, wo 4096x4096 = 16,777,216 each; wk, wv 1024x4096 = 4,194,304 each;
+#   w1, w3 14336x4096 and w2 4096x14336 = 58,720,256 each -> 218,103,808 projection weights a layer;
+#   x 32 = 6,979,321,856, + output 128256x4096 = 525,336,576 -> 7,504,658,432 quantized weights;
+#   the rest (embedding 525,336,576 + norms 266,240) stays bf16: 1,051,205,632 bytes.
+#   Output rows: (4096 + 1024 + 1024 + 4096 + 14336 + 14336 + 4096) x 32 + 128256 = 1,504,512.
+INT8_8B = 7_504_658_432 + 4 * 1_504_512 + 1_051_205_632  # 8,561,882,112
+#   int4: half a byte each + (bf16 scale + bf16 zero point) per 128 weights: 58,630,144 groups.
+INT4_8B = 7_504_658_432 // 2 + 4 * 58_630_144 + 1_051_205_632  # 5,038,055,424
+#   fp8 (Meta's recipe): w1 w3 w2 of layers 1..30 only: 30 x 176,160,768 = 5,284,823,040 one-byte
+#   weights + 30 x (14336 + 14336 + 4096) float32 row scales; the other 2,745,438,208 weights bf16.
+FP8_8B = 5_284_823_040 + 4 * 30 * 32_768 + 2 * 2_745_438_208  # 10,779,631,616
+#   int8 on 2 ranks: half of every weight; rows of column-parallel layers halved, row-parallel
+#   (wo, w2) keep all 4096: (2048 + 512 + 512 + 7168 + 7168 + 4096 + 4096) x 32 + 64128 = 883,328.
+INT8_8B_2RANKS = 7_504_658_432 // 2 + 4 * 883_328 + 1_051_205_632 // 2  # 4,281,465,344
+
+
+def test_quantized_bytes_8b():
+    args = args_of("8B")
+    assert quantized_weight_bytes(args, "int8") == INT8_8B == 8_561_882_112
+    assert quantized_weight_bytes(args, "int4") == INT4_8B == 5_038_055_424
+    assert quantized_weight_bytes(args, "fp8") == FP8_8B == 10_779_631_616
+    assert quantized_weight_bytes(args, "int8", world_size=2) == INT8_8B_2RANKS == 4_281_465_344
+    # float32 for the unquantized rest: only those bytes double.
+    assert quantized_weight_bytes(args, "int8", torch.float32) == INT8_8B + 1_051_205_632
+    plan = plan_memory(args, 1024, 1, torch.bfloat16, quantize="int4")
+    assert plan.weight_bytes == INT4_8B
+    assert plan.kv_cache_bytes == plan_memory(args, 1024, 1, torch.bfloat16).kv_cache_bytes  # KV stays bf16
+    with pytest.raises(ValueError, match="unknown quantization 'int3'; use one of int8, int4, fp8"):
+        quantized_weight_bytes(args, "int3")
+
+
+def test_fp8_405b_matches_meta_shard_size():
+    """Meta's 405B FP8 folder: each of the 8 consolidated.NN.pth files is 60,903,742,309 bytes
+    (download-layouts.md); our per-rank bytes, less the scales (stored in fp8_scales_NN.pt), agree
+    to within the pickle's overhead (the bf16 MP8 files carry the same ~7.6 MB over 2 bytes a weight)."""
+    args = args_of("405B")
+    scales = 4 * 124 * (53248 // 8 * 2 + 16384)  # float32 row scales of rank r's w1, w3 slices and w2
+    payload = quantized_weight_bytes(args, "fp8", world_size=8) - scales
+    assert 0 < 60_903_742_309 - payload < 8_000_000, payload
+
+
+def test_report_lists_quantized_sizes():
+    text = report(args_of("8B"), 1024, 1, torch.bfloat16)
+    rows = (("int8 +per-row scales", INT8_8B), ("int4 +group 128", INT4_8B), ("fp8 +Meta's FP8 folders", FP8_8B))
+    for label, nbytes in rows:
+        assert re.search(rf"{label} +{nbytes / GiB:.2f} GiB", text), (label, text)

@@ -190,3 +190,88 @@ def test_example_text_completion_on_two_ranks(build_ckpt, meta_tokenizer_path):
     assert res.stdout.count("The three things every good recipe for bread needs are") == 1, res.stdout
     assert res.stdout.count("==================================") == 4, res.stdout
     assert res.stderr.count("Loaded ") == 1, res.stderr
+
+
+def test_cuda_device_is_local_rank(monkeypatch):
+    """Second node of two (RANK 3, LOCAL_RANK 1): the GPU is cuda:1, the rank stays global; a
+    LOCAL_RANK beyond this node's GPUs is refused before NCCL starts. (No GPU needed: the CUDA and
+    process-group calls are stand-ins recording what they are asked.)"""
+    from fairscale.nn.model_parallel import initialize as fs_init
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 4)
+    monkeypatch.setattr(fs_init, "model_parallel_is_initialized", lambda: True)
+    monkeypatch.setattr(fs_init, "get_model_parallel_world_size", lambda: 4)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert setup_model_parallel(None, "cuda") == (3, 4, 1)
+    assert chosen == [1]
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(ValueError, match=r"LOCAL_RANK=2 .*2 GPU\(s\).*--nproc_per_node 2"):
+        setup_model_parallel(None, "cuda")
+    assert chosen == [1]
+
+
+def launch_node(nnodes: int, nproc: int, port: int, *argv: str) -> subprocess.Popen:
+    """One torchrun launcher of a ``--nnodes`` job, as on a separate machine: c10d rendezvous at
+    127.0.0.1:``port`` (the launcher that binds it first hosts the store; the rendezvous numbers
+    the nodes, so there is no ``--node_rank``)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc_per_node", str(nproc),
+           "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "two-nodes",
+           *argv]  # fmt: skip
+    env = child_env(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK"):
+        env.pop(k, None)
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@needs_gloo
+@pytest.mark.slow
+def test_two_nodes_match_single_process(ckpts, references, build_ckpt, meta_tokenizer_path, tmp_path):
+    """Two torchrun launchers (2 ranks each, one per simulated node) act as 4 ranks: each rank reads
+    the checkpoint slice of its GLOBAL rank (logits equal one process's, identical greedy tokens),
+    LOCAL_RANK restarts at 0 on the second node, and only global rank 0 prints."""
+    tokens_path, refs = references
+    names = ["gqa/4", "kv1/2"]  # 4 files on 4 ranks; 2 files split in half, KV head replicated
+    cases = [f"{n.replace('/', '-')}={ckpts[n]}" for n in names]
+    argv = [str(WORKER), "--out", str(tmp_path), "--tokens", str(tokens_path), "--gen", str(GEN),
+            "--build", str(build_ckpt), "--tokenizer", str(meta_tokenizer_path), *cases]  # fmt: skip
+    port = free_port()
+    nodes = [launch_node(2, 2, port, *argv) for _node in (0, 1)]
+    outs = []
+    try:
+        for p in nodes:
+            outs.append(p.communicate(timeout=600))
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                p.kill()
+    for p, (out, err) in zip(nodes, outs):
+        assert p.returncode == 0, f"{' '.join(p.args)} failed ({p.returncode}):\n{out}\n{err}"
+
+    seen = []
+    for rank in range(4):
+        setup = json.loads((tmp_path / f"setup.rank{rank}.json").read_text())
+        assert (setup["rank"], setup["world"]) == (rank, 4)
+        assert setup["rank"] == 2 * setup["node"] + setup["local_rank"]
+        seen.append((setup["node"], setup["local_rank"]))
+    assert sorted(seen) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+    for name in names:
+        ref = refs[name.split("/")[0]]
+        for rank in range(4):
+            got = torch.load(tmp_path / f"{name.replace('/', '-')}.rank{rank}.pt", weights_only=True)
+            diff = rel_diff(got["logits"], ref["logits"])
+            assert diff < REL_TOL, f"{name} rank {rank}: {diff}"
+            assert torch.equal(got["greedy"], ref["greedy"]), name
+        print(f"2 nodes x 2 ranks, {name}: logits within {REL_TOL} of one process, same greedy tokens")
+
+    want = mp_worker.build_and_generate(str(build_ckpt), str(meta_tokenizer_path), GEN)
+    for rank in range(4):
+        assert json.loads((tmp_path / f"build.rank{rank}.json").read_text()) == want
+    # Llama.build logs "Loaded ..." on the main process only: once over both nodes, not once per node.
+    assert sum(err.count("Loaded ") for _out, err in outs) == 1, [err for _out, err in outs]

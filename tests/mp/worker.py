@@ -13,6 +13,7 @@ in its own process. ``DIR/setup.rankR.json`` records ``setup_model_parallel``'s 
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -81,7 +82,9 @@ def main() -> None:
 
     rank, world, local_rank = setup_model_parallel(None, "cpu")
     out = Path(a.out)
-    info = {"rank": rank, "world": world, "local_rank": local_rank, **check_setup(world)}
+    # GROUP_RANK: torchrun's node index (0 ... nnodes-1); tests with --nnodes 2 check RANK against it.
+    node = int(os.environ.get("GROUP_RANK", "0"))
+    info = {"rank": rank, "world": world, "local_rank": local_rank, "node": node, **check_setup(world)}
     (out / f"setup.rank{rank}.json").write_text(json.dumps(info))
     tokens = torch.load(a.tokens, weights_only=True)
     for case in a.cases:
