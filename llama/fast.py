@@ -29,6 +29,7 @@ from torch import nn
 from llama import native
 from llama.devices import cache_root, cpu_flags, default_compute_dtype
 from llama.model import Attention, Transformer, causal_mask
+from llama.quantize import Int8Linear, Int8MatVec
 
 MatVec = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [rows, in], weight) -> [rows, out]
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # q [B, Hq, hd], k, v -> [B, Hq, hd]
@@ -149,14 +150,17 @@ def apply_fast_paths(
     matvec: Optional[MatVec] = None,
     matvec_rows: int = 0,
     attend: Optional[Attend] = None,
+    int8_matvec: Optional[Int8MatVec] = None,
 ) -> Transformer:
     """Swap ``model``'s ``nn.Linear`` and ``Attention`` modules for the fast ones, in place; returns ``model``.
 
     ``compute_dtype`` float32 multiplies 16-bit weights, and attends over a 16-bit cache, in
     float32 (None: in their own dtype). ``matvec`` multiplies up to ``matvec_rows`` activation rows
     by each contiguous bf16 CPU weight, and ``attend`` computes the attention of eager one-token
-    steps over a bf16 CPU cache (both sum in float32 whatever ``compute_dtype``). Calling it again
-    changes the settings.
+    steps over a bf16 CPU cache (both sum in float32 whatever ``compute_dtype``). ``int8_matvec``
+    does the products of up to 8 rows of ``Int8Linear`` layers (``llama.quantize``): an int8 row is
+    half a bf16 row's bytes, and widening it costs torch more than the kernel's whole product.
+    Calling it again changes the settings.
     """
     device = model.tok_embeddings.weight.device
     # One widening buffer for every FastLinear: layers run one after another.
@@ -169,6 +173,12 @@ def apply_fast_paths(
             usable = w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.is_contiguous()
             new.matvec = matvec if usable else None
             new.matvec_rows = matvec_rows if usable else 0
+        elif isinstance(module, Int8Linear):  # llama.quantize: int8 weights, products in compute_dtype
+            on_cpu = module.weight.device.type == "cpu" and module.parallel is None
+            module.matvec = int8_matvec if on_cpu else None
+            module.matvec_rows = native.MAX_ROWS if module.matvec is not None else 0
+            module.compute_dtype = compute_dtype
+            continue
         elif isinstance(module, Attention):
             new = _as(module, DecodeAttention)
             new.compute_dtype = compute_dtype
@@ -269,14 +279,17 @@ def speed_up(model: Transformer, world_size: int = 1) -> Transformer:
       native and fast);
     - longer inputs (prompts) run torch: its bf16 matmuls where the CPU has native bf16 (AVX512-BF16,
       AMX), else float32 products of widened weights (``default_compute_dtype``);
-    - one-token attention over a bf16 cache runs our kernel.
+    - one-token attention over a bf16 cache runs our kernel;
+    - int8 weights (``llama.quantize``) run our int8 kernel for up to 8 rows.
     Only in one process: with several ranks fairscale's layers replace every ``nn.Linear``, and
     torch's kernels run throughout.
     """
     weight = model.tok_embeddings.weight
     compute_dtype = default_compute_dtype(weight.device, weight.dtype)
-    use_native = weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and world_size == 1
+    int8 = any(isinstance(m, Int8Linear) for m in model.modules())
+    use_native = weight.device.type == "cpu" and world_size == 1 and (weight.dtype == torch.bfloat16 or int8)
     kernels = native.kernels() if use_native else None
     if kernels is None:
         return apply_fast_paths(model, compute_dtype)
-    return apply_fast_paths(model, compute_dtype, kernels.matvec, matvec_rows(kernels.matvec, compute_dtype), kernels.attention)
+    rows = matvec_rows(kernels.matvec, compute_dtype) if weight.dtype == torch.bfloat16 else 0
+    return apply_fast_paths(model, compute_dtype, kernels.matvec, rows, kernels.attention, kernels.int8_matvec)

@@ -60,9 +60,13 @@ class Int8Linear(nn.Module):
 
     BLOCK = 1 << 20  # weights widened per block: 1M elements (4 MiB of float32)
 
-    def __init__(self, in_features: int, out_features: int, device=None):
+    def __init__(self, in_features: int, out_features: int, device=None, parallel: Optional[str] = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        # Under model parallelism this is one rank's slice: "reduce" sums the partial outputs of a
+        # row-parallel layer over the group, "gather" joins a column-parallel layer's outputs
+        # (``output``), as fairscale's RowParallelLinear / ColumnParallelLinear(gather_output) do.
+        self.parallel = parallel
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32, device=device))
         self.matvec: Optional[Int8MatVec] = None
@@ -70,15 +74,25 @@ class Int8Linear(nn.Module):
         self.compute_dtype: Optional[torch.dtype] = None
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor) -> "Int8Linear":
+    def from_float(cls, weight: torch.Tensor, parallel: Optional[str] = None) -> "Int8Linear":
         """The int8 layer of a float weight [out, in] (quantized with ``quantize_int8``)."""
-        layer = cls(weight.shape[1], weight.shape[0], device="meta")
+        layer = cls(weight.shape[1], weight.shape[0], device="meta", parallel=parallel)
         layer.weight, layer.scale = quantize_int8(weight)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.product(x)
+        if self.parallel is not None:
+            from fairscale.nn.model_parallel import mappings
+
+            combine = mappings.reduce_from_model_parallel_region if self.parallel == "reduce" else mappings.gather_from_model_parallel_region
+            y = combine(y)
+        return y
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ (q * scale).T for this rank's slice, in x's dtype."""
         rows = x.numel() // x.shape[-1]
-        if self.matvec is not None and rows <= self.matvec_rows and not torch.compiler.is_compiling():
+        if self.matvec is not None and rows <= self.matvec_rows:
             return self.matvec(x.reshape(rows, -1), self.weight, self.scale).view(*x.shape[:-1], -1)
         dtype = self.compute_dtype or x.dtype
         xc = x.to(dtype)
@@ -101,15 +115,26 @@ def quantize_model(model: nn.Module, keep_output: bool = False) -> int:
     """Swap every projection ``nn.Linear`` of a loaded model for an ``Int8Linear``; return how many.
 
     ``model`` is a ``llama.model.Transformer`` with its weights loaded (on any device); each weight
-    is quantized on its own device and the float copy is released before the next, so peak memory
-    stays near the int8 size plus one layer. Model-parallel layers (fairscale's) are quantized in
-    ``llama.parallel`` on each rank's own shard.
+    is quantized on its own device and its float copy released before the next. Under model
+    parallelism each rank quantizes its own slice of fairscale's layers (a row of a row-parallel
+    layer gets one scale per rank's slice: each rank's partial product is exact to its own
+    rounding, and the all-reduce sums them as before).
     """
     names = set(PROJECTIONS) | ({"output"} if not keep_output else set())
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if name in names and type(child) is not Int8Linear and isinstance(child, nn.Linear):
-                setattr(parent, name, Int8Linear.from_float(child.weight.detach()))
-                swapped += 1
+            if name not in names or isinstance(child, Int8Linear):
+                continue
+            kind = type(child).__name__
+            if isinstance(child, nn.Linear):
+                parallel = None
+            elif kind == "RowParallelLinear":
+                parallel = "reduce"
+            elif kind == "ColumnParallelLinear":
+                parallel = "gather" if child.gather_output else None
+            else:
+                continue
+            setattr(parent, name, Int8Linear.from_float(child.weight.detach(), parallel))
+            swapped += 1
     return swapped
