@@ -13,7 +13,13 @@ faster where it matters (benchmarks/README.md has the numbers):
 """
 
 import copy
+import functools
+import hashlib
+import json
 import math
+import os
+import platform
+import time
 from typing import Callable, Optional, TypeVar
 
 import torch
@@ -21,8 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama import native
-from llama.devices import default_compute_dtype
+from llama.devices import cache_root, cpu_flags, default_compute_dtype
 from llama.model import Attention, Transformer, causal_mask
+from llama.quantize import Int8Linear, Int8MatVec
 
 MatVec = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [rows, in], weight) -> [rows, out]
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # q [B, Hq, hd], k, v -> [B, Hq, hd]
@@ -44,9 +51,9 @@ class FastLinear(nn.Linear):
       page faults than the matmul.
     ``compute_dtype = None`` is plain ``F.linear``.
 
-    ``matvec``, when set, replaces the first two cases for up to ``matvec_rows`` rows: a function
-    (x [rows, in], weight) -> [rows, out] in x's dtype that sums in float32, such as
-    ``llama.native.kernels().matvec``.
+    ``matvec``, when set, takes the products of up to ``matvec_rows`` rows, whatever the compute
+    dtype: a function (x [rows, in], weight) -> [rows, out] in x's dtype that sums in float32, such
+    as ``llama.native.kernels().matvec`` (``speed_up`` says when it is used).
     """
 
     WIDEN_BLOCK = 1 << 20  # weights widened per block: 1M elements = 4 MiB of float32, cache-sized
@@ -59,11 +66,11 @@ class FastLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight  # [out, in]
-        if self.compute_dtype is None or self.compute_dtype == w.dtype:
-            return F.linear(x, w)
         rows = x.numel() // x.shape[-1]
         if self.matvec is not None and rows <= self.matvec_rows:
             return self.matvec(x.reshape(rows, -1), w).view(*x.shape[:-1], -1)  # [..., out] in x's dtype
+        if self.compute_dtype is None or self.compute_dtype == w.dtype:
+            return F.linear(x, w)
         if torch.compiler.is_compiling() and rows <= self.COMPILED_MAX_ROWS:
             # [out, 1, in] * [1, rows, in] summed over in -> [out, rows]: each weight row is read once.
             x2 = x.reshape(1, rows, -1).to(self.compute_dtype)
@@ -143,13 +150,17 @@ def apply_fast_paths(
     matvec: Optional[MatVec] = None,
     matvec_rows: int = 0,
     attend: Optional[Attend] = None,
+    int8_matvec: Optional[Int8MatVec] = None,
 ) -> Transformer:
     """Swap ``model``'s ``nn.Linear`` and ``Attention`` modules for the fast ones, in place; returns ``model``.
 
     ``compute_dtype`` float32 multiplies 16-bit weights, and attends over a 16-bit cache, in
-    float32 (None: in their own dtype). With it, ``matvec`` multiplies up to ``matvec_rows``
-    activation rows by each contiguous bf16 weight, and ``attend`` computes the attention of eager
-    one-token steps over a bf16 cache. Calling it again changes the settings.
+    float32 (None: in their own dtype). ``matvec`` multiplies up to ``matvec_rows`` activation rows
+    by each contiguous bf16 CPU weight, and ``attend`` computes the attention of eager one-token
+    steps over a bf16 CPU cache (both sum in float32 whatever ``compute_dtype``). ``int8_matvec``
+    does the products of up to 8 rows of ``Int8Linear`` layers (``llama.quantize``): an int8 row is
+    half a bf16 row's bytes, and widening it costs torch more than the kernel's whole product.
+    Calling it again changes the settings.
     """
     device = model.tok_embeddings.weight.device
     # One widening buffer for every FastLinear: layers run one after another.
@@ -159,15 +170,21 @@ def apply_fast_paths(
             new = _as(module, FastLinear)
             new.compute_dtype, new.widen_buffer = compute_dtype, buffer
             w = new.weight
-            usable = compute_dtype == torch.float32 and w.dtype == torch.bfloat16 and w.is_contiguous()
+            usable = w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.is_contiguous()
             new.matvec = matvec if usable else None
             new.matvec_rows = matvec_rows if usable else 0
+        elif isinstance(module, Int8Linear):  # llama.quantize: int8 weights, products in compute_dtype
+            on_cpu = module.weight.device.type == "cpu" and module.parallel is None
+            module.matvec = int8_matvec if on_cpu else None
+            module.matvec_rows = native.MAX_ROWS if module.matvec is not None else 0
+            module.compute_dtype = compute_dtype
+            continue
         elif isinstance(module, Attention):
             new = _as(module, DecodeAttention)
             new.compute_dtype = compute_dtype
             # The cache has the weights' dtype (setup_cache); the kernel reads a bf16 one.
             bf16 = new.wk.weight.dtype == torch.bfloat16
-            new.kernel = attend if compute_dtype == torch.float32 and bf16 else None
+            new.kernel = attend if bf16 and new.wk.weight.device.type == "cpu" else None
         else:
             continue
         if new is not module:
@@ -176,17 +193,103 @@ def apply_fast_paths(
     return model
 
 
+# Two [out, in] bf16 matrices of 32 MiB, used in turn: together more than the last-level cache of
+# most CPUs, so the probe streams from memory as decoding does (a matrix that fits in the cache
+# measures the cache instead, and there torch's bf16 path can look twice as fast).
+PROBE_SHAPE = (8192, 2048)
+
+
+def _best_time(fn: Callable[[], object], reps: int = 5) -> float:
+    """The fastest of ``reps`` wall-clock runs: the run least disturbed by other processes."""
+    fn()
+    best = math.inf
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_matvec_rows(matvec: MatVec, compute_dtype: Optional[torch.dtype]) -> int:
+    """The largest row count r <= ``native.MAX_ROWS`` such that ``matvec`` beats torch's path
+    (``FastLinear`` without it) for every row count up to r, on a bf16 matrix of ``PROBE_SHAPE``
+    with torch's thread count; 0 if it never does. Takes about half a second."""
+    rng = torch.Generator().manual_seed(0)  # the probe's own numbers: no global seed touched
+    weights = [torch.randn(PROBE_SHAPE, generator=rng).to(torch.bfloat16) for _ in range(2)]
+    plain = []
+    for w in weights:
+        layer = FastLinear(PROBE_SHAPE[1], PROBE_SHAPE[0], bias=False, device="meta")
+        layer.weight = nn.Parameter(w, requires_grad=False)
+        layer.compute_dtype = compute_dtype
+        plain.append(layer)
+    rows = 0
+    for r in range(1, native.MAX_ROWS + 1):
+        x = torch.randn(r, PROBE_SHAPE[1], generator=rng).to(torch.bfloat16)
+        ours = _best_time(lambda: [matvec(x, w) for w in weights])
+        if ours > _best_time(lambda: [layer(x) for layer in plain]):
+            break
+        rows = r
+    return rows
+
+
+def matvec_rows(matvec: MatVec, compute_dtype: Optional[torch.dtype]) -> int:
+    """How many activation rows ``speed_up`` gives our bf16 kernel on this machine (0 to 8).
+
+    Measured (``measure_matvec_rows``) once per CPU model and flags, torch version, thread count
+    and compute dtype, and kept in ``~/.cache/llama/native/`` beside the compiled kernels: a rule
+    read off CPU flags held on the CPU it was tuned on only. A measurement taken while the machine
+    is busier than its cores (load average) is used for this process but not kept.
+    ``LLAMA_MATVEC_ROWS=N`` sets it instead.
+    """
+    forced = os.environ.get("LLAMA_MATVEC_ROWS")
+    if forced is not None:
+        if not forced.isdigit() or int(forced) > native.MAX_ROWS:
+            raise ValueError(f"LLAMA_MATVEC_ROWS={forced!r}: use a number of rows from 0 to {native.MAX_ROWS}")
+        return int(forced)
+    return _cached_matvec_rows(matvec, compute_dtype, torch.get_num_threads())
+
+
+@functools.cache
+def _cached_matvec_rows(matvec: MatVec, compute_dtype: Optional[torch.dtype], threads: int) -> int:
+    key = json.dumps([platform.processor(), sorted(cpu_flags()), torch.__version__, threads, str(compute_dtype)])
+    path = cache_root() / "native" / f"matvec-rows-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    try:
+        return int(json.loads(path.read_text())["rows"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    rows = measure_matvec_rows(matvec, compute_dtype)
+    if os.getloadavg()[0] <= (os.cpu_count() or 1):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"rows": rows, "key": json.loads(key)}))
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only cache: measure again next time
+    return rows
+
+
 def speed_up(model: Transformer, world_size: int = 1) -> Transformer:
     """The fast paths for the model's device and weight dtype (``Llama.build`` calls it).
 
-    bf16 weights multiplied in float32 on a CPU in one process also get the native kernels, which
-    stream them faster (``llama.native``); with several ranks fairscale's layers replace every
-    ``nn.Linear`` and torch's kernels run throughout.
+    The rule, the same on every x86-64 CPU with AVX2 + FMA (benchmarks/README.md has the numbers):
+    - products of a few rows (decoding) of bf16 weights run our kernel (``llama.native``) for as
+      many rows as it beats torch's best path on this CPU: ``native.matvec_rows`` measures that
+      once per machine (``matvec_rows``: all 8 on AVX2 CPUs; fewer where torch's bf16 kernels are
+      native and fast);
+    - longer inputs (prompts) run torch: its bf16 matmuls where the CPU has native bf16 (AVX512-BF16,
+      AMX), else float32 products of widened weights (``default_compute_dtype``);
+    - one-token attention over a bf16 cache runs our kernel;
+    - int8 weights (``llama.quantize``) run our int8 kernel for up to 8 rows.
+    Only in one process: with several ranks fairscale's layers replace every ``nn.Linear``, and
+    torch's kernels run throughout.
     """
     weight = model.tok_embeddings.weight
     compute_dtype = default_compute_dtype(weight.device, weight.dtype)
-    use_native = compute_dtype == torch.float32 and weight.dtype == torch.bfloat16 and world_size == 1
+    int8 = any(isinstance(m, Int8Linear) for m in model.modules())
+    use_native = weight.device.type == "cpu" and world_size == 1 and (weight.dtype == torch.bfloat16 or int8)
     kernels = native.kernels() if use_native else None
     if kernels is None:
         return apply_fast_paths(model, compute_dtype)
-    return apply_fast_paths(model, compute_dtype, kernels.matvec, native.MAX_ROWS, kernels.attention)
+    rows = matvec_rows(kernels.matvec, compute_dtype) if weight.dtype == torch.bfloat16 else 0
+    return apply_fast_paths(model, compute_dtype, kernels.matvec, rows, kernels.attention, kernels.int8_matvec)

@@ -26,8 +26,12 @@ from llama.fast import speed_up
 from llama.memory import check_fits, plan_memory
 from llama.model import Transformer
 from llama.parallel import parallelize, setup_model_parallel
+from llama.quantize import quantize_model
 from llama.sampling import check_temperature, check_top_p, sample_next
 from llama.tokenizer import Tokenizer
+
+
+QUANTIZE = (None, "int8", "fp8")  # Llama.build(quantize=...): llama/quantize.py, llama/fp8.py
 
 
 class TokenEvent(TypedDict):
@@ -91,6 +95,10 @@ class Llama:
         ``verify``: None checks the files against ``checklist.chk`` when there is one and they were
         not verified before (``llama.checkpoint.verify_checkpoint``), True always, False never.
 
+        ``quantize="int8"``: after loading, every projection (wq ... w3 and output) is stored as int8
+        with one scale per output row (``llama.quantize``), half the bytes of bf16: faster decoding
+        where reading the weights is the cost (CPUs; benchmarks/README.md), at a small accuracy cost
+        (docs/models.md). It happens after loading, so on a GPU the 16-bit weights must fit first.
         ``quantize="fp8"`` (CUDA GPUs of compute capability >= 8.9): after loading, the feed-forward
         weights of every layer but the first and the last are multiplied in FP8, as in Meta's FP8
         folders (``llama.fp8``); those folders themselves stay FP8 on such GPUs without it.
@@ -108,8 +116,8 @@ class Llama:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", local_rank)
         dtype = resolve_dtype(dtype, device)
-        if quantize not in (None, "fp8"):
-            raise ValueError(f"quantize={quantize!r} is not supported: use None or 'fp8'")
+        if quantize not in QUANTIZE:
+            raise ValueError(f"quantize={quantize!r} is not supported: use one of {QUANTIZE}")
         if quantize == "fp8" and not fp8.fp8_supported(device):
             raise ValueError(
                 f"quantize='fp8' multiplies in FP8, which needs a CUDA GPU of compute capability 8.9 or more "
@@ -135,8 +143,10 @@ class Llama:
             raise ValueError(f"max_batch_size={max_batch_size} must be at least 1")
         # Meta's FP8 folders stay FP8 on GPUs that multiply it (one file per rank); else bf16 at load.
         keep_fp8 = fp8.keep_fp8(ckpt_dir, device, world_size)
-        # quantize="fp8" of a bf16 folder quantizes after loading: its peak is the bf16 model.
-        plan = plan_memory(args, max_seq_len, max_batch_size, dtype, world_size, quantize="fp8" if keep_fp8 else None)
+        # quantize="fp8" or "int8" quantizes after loading: the peak is the 16-bit model, except for
+        # int8 on a CPU, where the 16-bit weights are memory-mapped pages of the file (reclaimable).
+        planned = "fp8" if keep_fp8 else "int8" if quantize == "int8" and device.type == "cpu" else None
+        plan = plan_memory(args, max_seq_len, max_batch_size, dtype, world_size, quantize=planned)
         check_fits(plan, device)
         if rank == 0:  # before the load, which can take minutes: what it will take, and where
             print(f"Memory plan on {device}: {plan.describe()}", file=sys.stderr, flush=True)
@@ -151,6 +161,8 @@ class Llama:
         )
         if quantize == "fp8":  # a bf16 folder (or an FP8 one on another rank count): FFN to FP8 now
             fp8.quantize_feed_forward(model)
+        elif quantize == "int8":  # every projection to int8 with per-row scales (llama/quantize.py)
+            quantize_model(model)
         model.setup_cache(max_batch_size, max_seq_len)
         speed_up(model, world_size)  # float32 compute of bf16 weights on CPUs without bf16, and more: llama/fast.py
         llama = Llama(model, tokenizer, rank=rank, seed=seed, compile=compile)

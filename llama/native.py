@@ -34,7 +34,7 @@ import torch
 from llama.devices import cache_root, cpu_flags
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "bf16_matvec.c", CSRC / "bf16_attention.c")  # compiled into one shared library
+SOURCES = (CSRC / "bf16_matvec.c", CSRC / "bf16_attention.c", CSRC / "int8_matvec.c")  # one shared library
 HEADERS = (CSRC / "bf16.h",)
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 LIBS = ("-lm",)
@@ -42,6 +42,8 @@ MAX_ROWS = 8  # rows of x per matvec call; bf16_matvec.c's MAX_ROWS
 
 MatVec = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Int8MatVec = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, q, scale) -> y
+INT8_VARIANTS = {"avx2": 1, "avx512": 2}  # int8_matvec.c's `variant`
 _LIBRARY: Optional[torch.library.Library] = None  # keeps the llama:: operator registrations alive
 
 
@@ -50,6 +52,7 @@ class Kernels(NamedTuple):
 
     matvec: MatVec
     attention: Attend
+    int8_matvec: Int8MatVec
 
 
 def cpu_supported() -> bool:
@@ -96,6 +99,9 @@ def load(path: Path) -> Kernels:
 
     - ``matvec(x, w) -> y = x @ w.T``: x [rows, K] float32 or bf16 with rows <= 8, w [N, K]
       contiguous bf16, y [rows, N] in x's dtype;
+    - ``int8_matvec(x, q, scale) -> y = (x @ q.T) * scale``: x [rows, K] float32 or bf16 with
+      rows <= 8, q [N, K] contiguous int8, scale [N] float32 (``llama.quantize``), y in x's dtype;
+      ``int8_matvec.variant`` ("avx2" or "avx512", see ``int8_variant``) says which loop runs;
     - ``attention(q, k, v) -> out``: one query per head, q [B, Hq, hd] float32 or bf16, k and v
       [B, Hkv, T, hd] bf16 with equal strides and contiguous last dimensions (views of a KV cache),
       Hq a multiple of Hkv; out [B, Hq, hd] in q's dtype: softmax(q k^T / sqrt(hd)) v, query head
@@ -108,6 +114,10 @@ def load(path: Path) -> Kernels:
     c_matvec.restype = c_attention.restype = ctypes.c_int
     c_matvec.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int] * 3
     c_attention.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 8 + [ctypes.c_int] * 2
+    c_int8 = lib.llama_int8_matvec
+    c_int8.restype = ctypes.c_int
+    c_int8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int] * 4
+    has_avx512 = bool(lib.llama_int8_has_avx512())
 
     def check_io(x: torch.Tensor, name: str) -> None:
         if x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu":
@@ -151,7 +161,39 @@ def load(path: Path) -> Kernels:
             raise MemoryError("bf16_attention could not allocate its scratch scores")
         return out
 
-    return Kernels(matvec, attention)
+    def int8_matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        if q.dtype != torch.int8 or q.device.type != "cpu" or not q.is_contiguous():
+            raise ValueError(f"int8_matvec needs a contiguous int8 CPU weight, got {q.dtype} on {q.device}")
+        if scale.dtype != torch.float32 or scale.shape != (q.shape[0],) or not scale.is_contiguous():
+            raise ValueError(f"int8_matvec needs float32 scales of [{q.shape[0]}], got {scale.dtype} {list(scale.shape)}")
+        if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_ROWS or x.shape[1] != q.shape[1]:
+            raise ValueError(f"int8_matvec needs x of [1..{MAX_ROWS}, {q.shape[1]}], got {list(x.shape)}")
+        check_io(x, "int8_matvec's x")
+        x = x.contiguous()
+        y = torch.empty(x.shape[0], q.shape[0], dtype=x.dtype)
+        bf16_io = int(x.dtype == torch.bfloat16)
+        variant = INT8_VARIANTS[int8_matvec.variant]
+        args = (q.data_ptr(), scale.data_ptr(), x.data_ptr(), y.data_ptr(), q.shape[0], q.shape[1], x.shape[0])
+        if c_int8(*args, bf16_io, variant, torch.get_num_threads()):
+            raise MemoryError("int8_matvec could not allocate its scratch rows")
+        return y
+
+    int8_matvec.variant = int8_variant(has_avx512)
+    return Kernels(matvec, attention, int8_matvec)
+
+
+def int8_variant(has_avx512: bool) -> str:
+    """"avx512" where the CPU has AVX-512 (F and BW), else "avx2"; ``LLAMA_INT8_KERNEL`` forces one.
+
+    Measured on an AVX-512 CPU (benchmarks/README.md): the 16-lane loop does the same work in fewer
+    instructions, and at batch 1 both stream at the speed of memory; AVX-512 is never slower.
+    """
+    forced = os.environ.get("LLAMA_INT8_KERNEL")
+    if forced is not None:
+        if forced not in INT8_VARIANTS or (forced == "avx512" and not has_avx512):
+            raise ValueError(f"LLAMA_INT8_KERNEL={forced!r}: use one of {sorted(INT8_VARIANTS)} (avx512 needs an AVX-512 CPU)")
+        return forced
+    return "avx512" if has_avx512 else "avx2"
 
 
 @functools.cache
@@ -177,6 +219,9 @@ def kernels() -> Optional[Kernels]:
         _LIBRARY = torch.library.Library("llama", "DEF")
         _LIBRARY.define("bf16_matvec(Tensor x, Tensor w) -> Tensor")
         _LIBRARY.define("bf16_attention(Tensor q, Tensor k, Tensor v) -> Tensor")
+        _LIBRARY.define("int8_matvec(Tensor x, Tensor q, Tensor scale) -> Tensor")
+        _LIBRARY.impl("int8_matvec", raw.int8_matvec, "CPU")
+        _LIBRARY.impl("int8_matvec", lambda x, q, s: x.new_empty(x.shape[0], q.shape[0]), "Meta")
         _LIBRARY.impl("bf16_matvec", raw.matvec, "CPU")
         _LIBRARY.impl("bf16_attention", raw.attention, "CPU")
         _LIBRARY.impl("bf16_matvec", lambda x, w: x.new_empty(x.shape[0], w.shape[0]), "Meta")
@@ -192,4 +237,8 @@ def kernels() -> Optional[Kernels]:
     def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return ops.bf16_attention(q, k, v) if traced() else raw.attention(q, k, v)
 
-    return Kernels(matvec, attention)
+    def int8_matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return ops.int8_matvec(x, q, scale) if traced() else raw.int8_matvec(x, q, scale)
+
+    int8_matvec.variant = raw.int8_matvec.variant
+    return Kernels(matvec, attention, int8_matvec)

@@ -1,0 +1,140 @@
+"""int8 weight-only quantization: each projection weight stored as int8 with one float32 scale per
+output row (symmetric), activations left in their own dtype.
+
+Decoding reads every weight once per token, so halving the bytes read halves the time a
+memory-bound step takes. Per-row symmetric scales are the simplest scheme that keeps the error of
+a row's dot product proportional to that row's largest weight:
+
+    scale[n] = max_k |w[n, k]| / 127,   q[n, k] = round(w[n, k] / scale[n]) in [-127, 127],
+    y[b, n]  = scale[n] * sum_k q[n, k] x[b, k]
+
+The scale multiplies each output once, after the sum, so the product needs no dequantized copy
+of the matrix. ``quantize_model`` swaps the projections of a built (and loaded) ``Transformer``
+for ``Int8Linear`` after construction, the way ``llama.parallel`` applies its plan; the model file
+knows nothing of it.
+
+Which weights: the seven projections of every layer (wq, wk, wv, wo, w1, w2, w3). The token
+embedding is a table lookup (one row a token, nothing to gain) and stays in the checkpoint's
+dtype; ``output`` (the vocabulary projection, 13% of Llama 3.2 1B's bytes) is quantized too unless
+``keep_output=True`` (see docs/models.md for the measured effect of each choice).
+"""
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QMAX = 127  # symmetric: -127 ... 127 (the code -128 is never used, so negation is exact)
+PROJECTIONS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+# (x [rows, in], q [out, in] int8, scale [out] float32) -> [rows, out] in x's dtype
+Int8MatVec = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [out, in] (any float dtype) -> (q [out, in] int8, scale [out] float32), per-row symmetric.
+
+    Computed in float32 from the weight's exact values; an all-zero row gets scale 1 (q = 0).
+    """
+    w = weight.float()
+    amax = w.abs().amax(dim=1)  # [out]
+    scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
+    q = torch.round(w / scale[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(q [out, in] int8, scale [out]) -> q * scale[:, None] in ``dtype`` (computed in float32)."""
+    return (q.float() * scale.float()[:, None]).to(dtype)
+
+
+class Int8Linear(nn.Module):
+    """A bias-free linear layer with int8 weights: y = (x @ q.T) * scale, in x's dtype.
+
+    Buffers ``weight`` (int8 [out, in], the checkpoint key's name) and ``scale`` (float32 [out]).
+    ``matvec``, when set (``llama.cpu``), multiplies up to ``matvec_rows`` rows with a kernel that
+    streams the int8 bytes (``llama.native``); otherwise the product is computed in ``compute_dtype``
+    (default: x's dtype) a block of rows at a time, each block's int8 weights widened once.
+    """
+
+    BLOCK = 1 << 20  # weights widened per block: 1M elements (4 MiB of float32)
+
+    def __init__(self, in_features: int, out_features: int, device=None, parallel: Optional[str] = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        # Under model parallelism this is one rank's slice: "reduce" sums the partial outputs of a
+        # row-parallel layer over the group, "gather" joins a column-parallel layer's outputs
+        # (``output``), as fairscale's RowParallelLinear / ColumnParallelLinear(gather_output) do.
+        self.parallel = parallel
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.matvec: Optional[Int8MatVec] = None
+        self.matvec_rows = 0
+        self.compute_dtype: Optional[torch.dtype] = None
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, parallel: Optional[str] = None) -> "Int8Linear":
+        """The int8 layer of a float weight [out, in] (quantized with ``quantize_int8``)."""
+        layer = cls(weight.shape[1], weight.shape[0], device="meta", parallel=parallel)
+        layer.weight, layer.scale = quantize_int8(weight)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.product(x)
+        if self.parallel is not None:
+            from fairscale.nn.model_parallel import mappings
+
+            combine = mappings.reduce_from_model_parallel_region if self.parallel == "reduce" else mappings.gather_from_model_parallel_region
+            y = combine(y)
+        return y
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ (q * scale).T for this rank's slice, in x's dtype."""
+        rows = x.numel() // x.shape[-1]
+        if self.matvec is not None and rows <= self.matvec_rows:
+            return self.matvec(x.reshape(rows, -1), self.weight, self.scale).view(*x.shape[:-1], -1)
+        dtype = self.compute_dtype or x.dtype
+        xc = x.to(dtype)
+        if torch.compiler.is_compiling() or x.device.type != "cpu":
+            # One expression that Inductor (or a GPU) fuses: the widened copy never reaches memory.
+            return (F.linear(xc, self.weight.to(dtype)) * self.scale.to(dtype)).to(x.dtype)
+        out = torch.empty(*x.shape[:-1], self.out_features, dtype=x.dtype, device=x.device)  # [..., out]
+        step = max(1, self.BLOCK // self.in_features)
+        for start in range(0, self.out_features, step):
+            end = min(start + step, self.out_features)
+            wide = self.weight[start:end].to(dtype)  # [step, in]
+            out[..., start:end] = F.linear(xc, wide) * self.scale[start:end].to(dtype)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row scales"
+
+
+def quantize_model(model: nn.Module, keep_output: bool = False) -> int:
+    """Swap every projection ``nn.Linear`` of a loaded model for an ``Int8Linear``; return how many.
+
+    ``model`` is a ``llama.model.Transformer`` with its weights loaded (on any device); each weight
+    is quantized on its own device and its float copy released before the next. Under model
+    parallelism each rank quantizes its own slice of fairscale's layers (a row of a row-parallel
+    layer gets one scale per rank's slice: each rank's partial product is exact to its own
+    rounding, and the all-reduce sums them as before).
+    """
+    names = set(PROJECTIONS) | ({"output"} if not keep_output else set())
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if name not in names or isinstance(child, Int8Linear):
+                continue
+            kind = type(child).__name__
+            if isinstance(child, nn.Linear):
+                parallel = None
+            elif kind == "RowParallelLinear":
+                parallel = "reduce"
+            elif kind == "ColumnParallelLinear":
+                parallel = "gather" if child.gather_output else None
+            else:
+                continue
+            setattr(parent, name, Int8Linear.from_float(child.weight.detach(), parallel))
+            swapped += 1
+    return swapped

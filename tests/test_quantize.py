@@ -1,0 +1,215 @@
+"""int8 weight-only quantization (llama/quantize.py) and its kernel (llama/csrc/int8_matvec.c).
+
+References are float64 formulas written here: per-row symmetric quantization, and y = x @ (q * s).T.
+"""
+
+import torch
+import pytest
+
+from llama import native
+from llama.checkpoint import load_transformer, write_random_checkpoint
+from llama.devices import cpu_flags
+from llama.fast import FastLinear, apply_fast_paths, speed_up
+from llama.generation import Llama
+from llama.model import ModelArgs
+from llama.quantize import QMAX, Int8Linear, dequantize_int8, quantize_int8, quantize_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+KERNELS = native.kernels()
+needs_kernels = pytest.mark.skipif(KERNELS is None, reason="native kernels unavailable (not x86-64 Linux with AVX2, or no compiler)")
+VARIANTS = ["avx2"] + (["avx512"] if {"avx512f", "avx512bw"} <= cpu_flags() else [])
+
+
+def reference_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64: scale = max|row| / 127 (1 for a zero row), q = round-half-even(w / scale)."""
+    w = w.double()
+    amax = w.abs().amax(1)
+    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    return torch.round(w / scale[:, None]).clamp(-127, 127), scale
+
+
+def test_quantize_matches_float64_formula():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(67, 130, generator=g).to(torch.bfloat16)
+    w[3] = 0  # an all-zero row: scale 1, q 0
+    q, s = quantize_int8(w)
+    ref_q, ref_s = reference_quantize(w)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32
+    assert torch.allclose(s.double(), ref_s, rtol=1e-7, atol=0)
+    # float32 arithmetic may round the other way than float64 only next to a .5 boundary.
+    diff = q.double() != ref_q
+    ratio = w.double() / ref_s[:, None]
+    assert (q.double() - ref_q).abs().max() <= 1
+    assert torch.all((ratio[diff] - ratio[diff].floor() - 0.5).abs() < 1e-4), "a mismatch away from a tie"
+    assert diff.double().mean() < 1e-3
+    assert q.abs().max() <= QMAX and torch.all(q.abs().amax(1)[torch.arange(67) != 3] == QMAX)
+    # Round trip: every weight within half a step of its row's scale.
+    err = (dequantize_int8(q, s, torch.float64) - w.double()).abs()
+    assert torch.all(err <= ref_s[:, None] / 2 * (1 + 1e-5))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_linear_torch_path_matches_float64(dtype):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(300, 70, generator=g)
+    layer = Int8Linear.from_float(w)
+    layer.BLOCK = 1000  # several row blocks
+    x = torch.randn(2, 5, 70, generator=g).to(dtype)
+    ref = x.double() @ dequantize_int8(layer.weight, layer.scale, torch.float64).T
+    out = layer(x)
+    assert out.dtype == dtype and out.shape == (2, 5, 300)
+    tol = 1e-6 if dtype == torch.float32 else 2e-2  # bf16 output: its own rounding
+    assert (out.double() - ref).abs().max() / ref.abs().max() < tol
+
+
+@needs_kernels
+@torch.no_grad()
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("rows", range(1, 9))
+def test_int8_kernel_matches_float64(variant, rows, monkeypatch):
+    """Every row count and both variants present on this CPU (AVX2 forced on AVX-512 machines), with
+    N and K that leave tails (not multiples of the blocks), float32 and bf16 in/out."""
+    g = torch.Generator().manual_seed(rows)
+    n, k = 37, 2 * 16 * 5 + 7
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    s = torch.rand(n, generator=g) * 0.01
+    monkeypatch.setattr(KERNELS.int8_matvec, "variant", variant)
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 8e-3)):
+        x = torch.randn(rows, k, generator=g).to(dtype)
+        ref = (x.double() @ q.double().T) * s.double()
+        y = KERNELS.int8_matvec(x, q, s)
+        assert y.dtype == dtype and y.shape == (rows, n)
+        assert ((y.double() - ref).abs() / ref.abs().max()).max() < tol, (dtype, variant, rows)
+
+
+@needs_kernels
+def test_int8_kernel_refuses_bad_input():
+    q, s = torch.zeros(4, 16, dtype=torch.int8), torch.ones(4)
+    with pytest.raises(ValueError, match="x of \\[1..8, 16\\]"):
+        KERNELS.int8_matvec(torch.zeros(9, 16), q, s)
+    with pytest.raises(ValueError, match="contiguous int8"):
+        KERNELS.int8_matvec(torch.zeros(1, 16), q.float(), s)
+    with pytest.raises(ValueError, match="float32 scales"):
+        KERNELS.int8_matvec(torch.zeros(1, 16), q, s.double())
+
+
+def tiny_args() -> ModelArgs:
+    return ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=64)
+
+
+@torch.no_grad()
+def test_quantized_model_close_to_float_model_and_formula(tmp_path):
+    """Logits of the int8 model equal a float64 forward of the dequantized weights (up to float32
+    rounding), and stay within a stated distance of the unquantized model (random weights)."""
+    args = tiny_args()
+    write_random_checkpoint(tmp_path, args, seed=3, dtype=torch.float32)
+    ref = load_transformer(tmp_path, "cpu", torch.float32)
+    model = load_transformer(tmp_path, "cpu", torch.float32)
+    assert quantize_model(model) == 2 * 7 + 1  # seven projections a layer, and output
+    dequant = load_transformer(tmp_path, "cpu", torch.float64)
+    for name, module in model.named_modules():
+        if isinstance(module, Int8Linear):
+            dequant.get_submodule(name).weight.copy_(dequantize_int8(module.weight, module.scale, torch.float64))
+    tokens = torch.randint(0, args.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
+    out, exact, full = model(tokens), dequant(tokens), ref(tokens)
+    assert (out.double() - exact).abs().max() / exact.abs().max() < 1e-5
+    # The quantization itself: random Gaussian weights lose ~1% of each logit's scale.
+    rel = ((out - full).norm() / full.norm()).item()
+    assert rel < 0.03, rel
+
+
+@needs_kernels
+@torch.no_grad()
+def test_fast_paths_use_the_int8_kernel_for_decode(tmp_path):
+    args = tiny_args()
+    write_random_checkpoint(tmp_path, args, seed=4, dtype=torch.bfloat16)
+    model = load_transformer(tmp_path, "cpu", torch.bfloat16)
+    quantize_model(model)
+    model.setup_cache(1, 16)
+    tokens = torch.randint(0, args.vocab_size, (1, 11), generator=torch.Generator().manual_seed(0))
+    plain = [model(tokens[:, :10], 0)[:, -1]]
+    plain.append(model(tokens[:, 10:11], 10)[:, -1])
+    speed_up(model)
+    wq = model.layers[0].attention.wq
+    # native.kernels() now: other tests clear its cache, so compare with the current kernels
+    assert isinstance(wq, Int8Linear) and wq.matvec is native.kernels().int8_matvec and wq.matvec_rows == native.MAX_ROWS
+    calls = []
+    original = wq.matvec
+    wq.matvec = lambda *a: calls.append(1) or original(*a)
+    fast = [model(tokens[:, :10], 0)[:, -1], model(tokens[:, 10:11], 10)[:, -1]]
+    assert calls == [1]  # the one-token step only: the 10-token prompt (> 8 rows) takes torch's path
+    for a, b in zip(plain, fast):
+        assert (a - b).abs().max() / a.abs().max() < 2e-2  # bf16 activations, summed in another order
+
+
+@needs_kernels
+@torch.no_grad()
+def test_bf16_kernel_runs_for_few_rows_whatever_the_compute_dtype():
+    """The rule of llama/fast.py: our kernel takes up to matvec_rows rows even where torch
+    multiplies bf16 natively (compute_dtype None); more rows go to torch."""
+    layer = FastLinear(64, 32, bias=False)
+    layer.weight.data = torch.randn(32, 64).to(torch.bfloat16)
+    model = torch.nn.Module()
+    calls = []
+    layer.matvec = lambda x, w: calls.append(x.shape[0]) or KERNELS.matvec(x, w)
+    layer.matvec_rows, layer.compute_dtype = 2, None
+    for rows in (1, 2, 3):
+        layer(torch.randn(rows, 64).to(torch.bfloat16))
+    assert calls == [1, 2]
+    del model
+
+
+def test_build_quantize_int8(tmp_path, meta_tokenizer_path):
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=32)
+    write_random_checkpoint(tmp_path, args, seed=5, dtype=torch.bfloat16, tokenizer_path=meta_tokenizer_path)
+    llama = Llama.build(str(tmp_path), max_seq_len=32, max_batch_size=1, device="cpu", quantize="int8", verify=False)
+    assert isinstance(llama.model.layers[1].feed_forward.w2, Int8Linear)
+    assert isinstance(llama.model.output, Int8Linear)
+    out = llama.text_completion(["The capital of France is"], temperature=0.0, max_gen_len=4)
+    assert isinstance(out[0]["generation"], str)
+    with pytest.raises(ValueError, match="quantize='int4' is not supported"):
+        Llama.build(str(tmp_path), max_seq_len=32, max_batch_size=1, device="cpu", quantize="int4")
+
+
+def test_apply_fast_paths_leaves_int8_layers_int8():
+    args = tiny_args()
+    from llama.model import Transformer
+
+    model = Transformer(args)
+    quantize_model(model)
+    apply_fast_paths(model, torch.float32)
+    assert isinstance(model.layers[0].feed_forward.w1, Int8Linear)
+    assert model.layers[0].feed_forward.w1.compute_dtype == torch.float32
+
+
+def test_matvec_rows_measured_kept_and_overridden(tmp_path, monkeypatch):
+    """The kernel rule of llama/fast.py is a measurement, not a CPU flag: a fake kernel that is
+    instant up to 3 rows and slow beyond gets 3 rows; the verdict is kept in the cache folder
+    (and read back without measuring); LLAMA_MATVEC_ROWS overrides it."""
+    import time
+
+    from llama import fast
+
+    def fake(x, w):
+        if x.shape[0] > 3:
+            time.sleep(0.02)
+        return x.new_zeros(x.shape[0], w.shape[0])
+
+    monkeypatch.setattr(fast, "PROBE_SHAPE", (256, 64))
+    assert fast.measure_matvec_rows(fake, torch.float32) == 3
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(fast.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    fast._cached_matvec_rows.cache_clear()
+    assert fast.matvec_rows(fake, torch.float32) == 3
+    assert len(list((tmp_path / "llama" / "native").glob("matvec-rows-*.json"))) == 1
+    fast._cached_matvec_rows.cache_clear()
+    monkeypatch.setattr(fast, "measure_matvec_rows", lambda *a: pytest.fail("measured again"))
+    assert fast.matvec_rows(fake, torch.float32) == 3
+    monkeypatch.setenv("LLAMA_MATVEC_ROWS", "0")
+    assert fast.matvec_rows(fake, torch.float32) == 0
+    monkeypatch.setenv("LLAMA_MATVEC_ROWS", "nine")
+    with pytest.raises(ValueError, match="LLAMA_MATVEC_ROWS"):
+        fast.matvec_rows(fake, torch.float32)
+    fast._cached_matvec_rows.cache_clear()
