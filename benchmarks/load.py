@@ -6,9 +6,9 @@
 
 Each measurement runs in a fresh process (thread settings and OpenMP's environment are read once
 per process): build the model on CPU, prefill a chat prompt, then time greedy one-token decode
-steps for ``--seconds`` (or ``--tokens``, whichever comes first). "loaded" runs the same while
+steps of ``Llama.generate_stream`` for ``--seconds`` (or ``--tokens``, whichever comes first). "loaded" runs the same while
 ``python -c "while True: pass"`` holds a core. Engines: ``native`` (our bf16 kernels,
-llama/native.py, forced on even where the CPU has native bf16) and ``torch`` (``LLAMA_NATIVE=0``:
+llama/native.py, for every one-token product even where the CPU has native bf16) and ``torch`` (``LLAMA_NATIVE=0``:
 what ``Llama.build`` runs without our kernels). Prints the CPU model, its flags and the load
 average beside the table; the load average is read at each measurement, because on a shared
 machine "idle" is only as idle as the neighbours allow.
@@ -25,20 +25,27 @@ from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 MARK = "@@load "
+FIXED = "LOAD_BENCH_FIXED_THREADS"  # this script's own switch: keep the thread count (no CpuThreads)
 HOG = [sys.executable, "-c", "while True: pass"]
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def worker(opts: argparse.Namespace) -> None:
     """One measurement in this process: prints MARK + {"tok_s", "threads", "steps"}."""
-    import llama  # first: it sets OpenMP's wait policy before torch loads the runtime (llama/openmp.py)
+    import llama  # noqa: F401  first: it sets OpenMP's wait policy before torch loads the runtime (llama/openmp.py)
     import torch
 
     from llama import native
+    from llama.devices import default_compute_dtype
+    from llama.fast import apply_fast_paths
     from llama.generation import Llama
 
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    if os.environ.get(FIXED) == "1":  # the variant without llama.devices.CpuThreads lowering threads
+        from llama import devices
+
+        devices.CpuThreads.adjust = lambda self: torch.get_num_threads()
     ckpt = opts.ckpt_dir
     if ckpt is None:
         from llama.demo import default_checkpoint
@@ -51,22 +58,26 @@ def worker(opts: argparse.Namespace) -> None:
         if kernels is None:
             print(MARK + json.dumps({"error": "native kernels unavailable on this machine"}), flush=True)
             return
-        model.set_compute_dtype(torch.float32, kernels.matvec, native.MAX_ROWS, kernels.attention)
+        # Llama.build already gave the kernels the products they win (llama/fast.py); here they take
+        # every one-token product, as on CPUs without native bf16.
+        apply_fast_paths(model, default_compute_dtype(torch.device("cpu"), torch.bfloat16), kernels.matvec,
+                         native.MAX_ROWS, kernels.attention)  # fmt: skip
     prompt = llm.formatter.encode_dialog_prompt(PROMPT)
+    llm.tokenizer.stop_tokens = [-1]  # no id is -1: every run decodes the same number of steps
+    # Through Llama's own decode loop (generate_stream), as users run it: it also lowers the thread
+    # count while other processes keep cores busy (llama.devices.CpuThreads). Timed from the first
+    # new token (after the prompt and 3 warm-up steps) to the last.
+    start, steps = 0.0, 0
     with torch.inference_mode():
-        tokens = torch.tensor([prompt])
-        logits = model(tokens, 0, last_only=True)
-        pos, steps = len(prompt), 0
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
-        for _ in range(3):  # warm-up steps, not timed
-            logits = model(nxt, pos, last_only=True)
-            nxt, pos = logits[:, -1].argmax(-1, keepdim=True), pos + 1
-        start = time.perf_counter()
-        while steps < opts.tokens - 3 and time.perf_counter() - start < opts.seconds:
-            logits = model(nxt, pos, last_only=True)
-            nxt, pos, steps = logits[:, -1].argmax(-1, keepdim=True), pos + 1, steps + 1
+        for i, _events in enumerate(llm.generate_stream([prompt], max_gen_len=opts.tokens, temperature=0.0)):
+            if i == 3:
+                start = time.perf_counter()
+            elif i > 3:
+                steps += 1
+                if time.perf_counter() - start > opts.seconds:
+                    break
         elapsed = time.perf_counter() - start
-    policy = os.environ.get("OMP_WAIT_POLICY", "libgomp default") if llama.openmp else ""
+    policy = os.environ.get("OMP_WAIT_POLICY") or f"spin {os.environ.get('GOMP_SPINCOUNT', 'default')}"
     print(MARK + json.dumps({"tok_s": steps / elapsed, "threads": torch.get_num_threads(), "steps": steps, "policy": policy}), flush=True)
 
 
@@ -111,7 +122,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--engines", default="native,torch", help="comma-separated: native, torch")
     parser.add_argument("--tokens", type=int, default=128, help="decode steps at most per measurement")
     parser.add_argument("--seconds", type=float, default=8.0, help="decode time at most per measurement")
-    parser.add_argument("--variants", action="store_true", help="also 2 threads with each OpenMP wait policy")
+    parser.add_argument("--variants", action="store_true", help="also: threads never lowered, and each OpenMP wait policy")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--engine", default="native", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
@@ -129,6 +140,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     settings = [("default", 0, {}), ("1 thread", 1, {})]
     if opts.variants:
         settings += [
+            (f"{cores} thr, never lowered", cores, {FIXED: "1"}),
             (f"{cores} thr, OMP_WAIT_POLICY=active", cores, {"OMP_WAIT_POLICY": "active"}),
             (f"{cores} thr, OMP_WAIT_POLICY=passive", cores, {"OMP_WAIT_POLICY": "passive"}),
             (f"{cores} thr, libgomp default wait", cores, {"LLAMA_OMP_DEFAULTS": "1"}),

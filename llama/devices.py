@@ -135,3 +135,50 @@ def cache_root() -> Path:
     """``$XDG_CACHE_HOME/llama``, or ``~/.cache/llama`` (the XDG base-directory convention)."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "llama"
+
+
+def runnable_elsewhere() -> Optional[int]:
+    """Tasks runnable on this machine right now besides the caller (Linux's /proc/loadavg, whose
+    fourth field is running/total); None where that is unknown."""
+    try:
+        with open("/proc/loadavg") as f:
+            running = int(f.read().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(running - 1, 0)
+
+
+class CpuThreads:
+    """torch's thread count for CPU decoding, lowered while other processes keep cores busy.
+
+    A decode step is a few hundred short parallel regions, each ending at a barrier. When another
+    process holds one of the cores, the thread sharing that core is descheduled for whole time
+    slices while its partners wait at every barrier: two threads beside one busy process decoded
+    slower than one thread alone (benchmarks/README.md, ``python benchmarks/load.py``). So every
+    ``every`` steps ``adjust`` counts the tasks runnable elsewhere and uses the cores they leave
+    free, never more than the threads it started with and never fewer than one; when the others
+    finish, the threads come back. Our kernels (llama/native.py) follow torch's count.
+    """
+
+    def __init__(self, every: int = 8):
+        self.full = torch.get_num_threads()
+        self.cores = os.cpu_count() or 1
+        self.every = every
+        self.steps = 0
+
+    def adjust(self) -> int:
+        """Called once per decode step; returns the thread count in use."""
+        self.steps += 1
+        if self.steps % self.every == 1 or self.every == 1:
+            others = runnable_elsewhere()
+            if others is not None:
+                want = max(1, min(self.full, self.cores - others))
+                if want != torch.get_num_threads():
+                    torch.set_num_threads(want)
+        return torch.get_num_threads()
+
+    def restore(self) -> None:
+        """The thread count it started with."""
+        if torch.get_num_threads() != self.full:
+            torch.set_num_threads(self.full)
+

@@ -19,7 +19,7 @@ from llama.chat_format import ChatFormat
 from llama.chat_format_llama2 import Llama2ChatFormat
 from llama.checkpoint import load_params, load_transformer, verify_checkpoint
 from llama.datatypes import ChatPrediction, CompletionPrediction, Dialog
-from llama.devices import check_device, compile_decode_step, default_device, resolve_dtype
+from llama.devices import CpuThreads, check_device, compile_decode_step, default_device, resolve_dtype
 from llama.diagnose import NonFiniteLogitsError, nonfinite_logits_message
 from llama.family import AnyTokenizer, load_tokenizer
 from llama.fast import speed_up
@@ -262,28 +262,36 @@ class Llama:
         start_pos = torch.zeros((), dtype=torch.long, device=self.device)
 
         prev = 0
-        for cur in range(min_len, total):
-            if self.decode_step is not None and cur - prev == 1:  # total <= max_seq_len: in bounds
-                step_tokens.copy_(tokens[:, prev:cur])
-                logits = self.decode_step(step_tokens, start_pos.fill_(prev), last_only=not logprobs)
-            else:
-                logits = self.model(tokens[:, prev:cur], prev, last_only=not logprobs)  # [B, S or 1, V]
-            if not bool(torch.isfinite(logits[:, -1]).all()):  # a broken checkpoint: never sample from NaN
-                message = nonfinite_logits_message(self.model, tokens[:, prev:cur], prev, cur, self.ckpt_dir)
-                raise NonFiniteLogitsError(message)
-            nxt = sample_next(logits[:, -1], temperature, top_p, self.rng)
-            is_new = ~in_prompt[:, cur] & ~stopped & (cur < limit)
-            tokens[:, cur] = torch.where(in_prompt[:, cur], tokens[:, cur], nxt)
-            if token_logprobs is not None:
-                # Log-probability of each next token under the logits that predicted it.
-                targets = tokens[:, prev + 1 : cur + 1]
-                token_logprobs[:, prev + 1 : cur + 1] = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None])[..., 0]
-            stopped_now = is_new & torch.isin(nxt, stop_tokens)
-            stopped |= stopped_now
-            yield cur, tokens, is_new, stopped_now, token_logprobs
-            prev = cur
-            if bool((stopped | (cur + 1 >= limit)).all()):
-                break
+        # On CPUs: fewer threads while other processes keep cores busy (llama.devices.CpuThreads).
+        threads = CpuThreads() if self.device.type == "cpu" else None
+        try:
+            for cur in range(min_len, total):
+                if threads is not None:
+                    threads.adjust()
+                if self.decode_step is not None and cur - prev == 1:  # total <= max_seq_len: in bounds
+                    step_tokens.copy_(tokens[:, prev:cur])
+                    logits = self.decode_step(step_tokens, start_pos.fill_(prev), last_only=not logprobs)
+                else:
+                    logits = self.model(tokens[:, prev:cur], prev, last_only=not logprobs)  # [B, S or 1, V]
+                if not bool(torch.isfinite(logits[:, -1]).all()):  # a broken checkpoint: never sample from NaN
+                    message = nonfinite_logits_message(self.model, tokens[:, prev:cur], prev, cur, self.ckpt_dir)
+                    raise NonFiniteLogitsError(message)
+                nxt = sample_next(logits[:, -1], temperature, top_p, self.rng)
+                is_new = ~in_prompt[:, cur] & ~stopped & (cur < limit)
+                tokens[:, cur] = torch.where(in_prompt[:, cur], tokens[:, cur], nxt)
+                if token_logprobs is not None:
+                    # Log-probability of each next token under the logits that predicted it.
+                    targets = tokens[:, prev + 1 : cur + 1]
+                    token_logprobs[:, prev + 1 : cur + 1] = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None])[..., 0]
+                stopped_now = is_new & torch.isin(nxt, stop_tokens)
+                stopped |= stopped_now
+                yield cur, tokens, is_new, stopped_now, token_logprobs
+                prev = cur
+                if bool((stopped | (cur + 1 >= limit)).all()):
+                    break
+        finally:
+            if threads is not None:
+                threads.restore()
 
     def generate(
         self,

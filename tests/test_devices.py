@@ -28,3 +28,40 @@ def test_cpu_flags_and_native_bf16(tmp_path, monkeypatch, text, flags, native_bf
 
 def test_no_cpuinfo_means_no_flags(tmp_path):
     assert devices.cpu_flags(str(tmp_path / "missing")) == frozenset()
+
+
+def test_cpu_threads_use_the_cores_others_leave_free(monkeypatch):
+    """llama.devices.CpuThreads: with one other task runnable on a 2-core machine, one thread;
+    when it is gone, the threads come back; restore() gives the starting count."""
+    import torch
+
+    from llama import devices
+
+    start = torch.get_num_threads()
+    monkeypatch.setattr(devices.os, "cpu_count", lambda: 2)
+    torch.set_num_threads(2)
+    try:
+        others = [1]
+        monkeypatch.setattr(devices, "runnable_elsewhere", lambda: others[0])
+        threads = devices.CpuThreads(every=1)
+        assert threads.adjust() == 1
+        others[0] = 0
+        assert threads.adjust() == 2
+        others[0] = 5  # never fewer than one
+        assert threads.adjust() == 1
+        threads.restore()
+        assert torch.get_num_threads() == 2
+        monkeypatch.setattr(devices, "runnable_elsewhere", lambda: None)  # unknown (not Linux): unchanged
+        assert devices.CpuThreads(every=1).adjust() == 2
+    finally:
+        torch.set_num_threads(start)
+
+
+def test_runnable_elsewhere_reads_proc_loadavg(tmp_path, monkeypatch):
+    from llama import devices
+
+    fake = tmp_path / "loadavg"
+    fake.write_text("1.50 0.98 0.60 3/412 12345\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(fake if path == "/proc/loadavg" else path, *a, **k))
+    assert devices.runnable_elsewhere() == 2  # 3 running, the caller among them

@@ -70,9 +70,12 @@ def test_format_bytes():
     assert [format_bytes(n) for n in (12, 12_300, 850e6, 16_060_522_496)] == ["12 B", "12.3 kB", "850.0 MB", "16.1 GB"]
 
 
-def _omp_policy(*before: str, **env: str) -> str:
-    """OMP_WAIT_POLICY as a fresh interpreter sees it after ``before`` imports and ``import llama``."""
-    code = "".join(f"import {m}; " for m in before) + "import llama, os; print(os.environ.get('OMP_WAIT_POLICY'))"
+def _omp_settings(*before: str, **env: str) -> str:
+    """OMP_WAIT_POLICY and GOMP_SPINCOUNT as a fresh interpreter sees them after ``before`` imports
+    and ``import llama``."""
+    code = "".join(f"import {m}; " for m in before) + (
+        "import llama, os; print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))"
+    )
     base = child_env(**env)
     for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "LLAMA_OMP_DEFAULTS"):
         if name not in env:
@@ -81,9 +84,9 @@ def _omp_policy(*before: str, **env: str) -> str:
 
 
 @pytest.mark.slow
-def test_import_sets_a_passive_wait_policy_unless_the_user_chose():
-    assert _omp_policy() == "passive"
-    assert _omp_policy(OMP_WAIT_POLICY="active") == "active"
-    assert _omp_policy(GOMP_SPINCOUNT="10000") == "None"
-    assert _omp_policy(LLAMA_OMP_DEFAULTS="1") == "None"
-    assert _omp_policy("torch") == "None"  # too late: torch's OpenMP runtime has read the environment
+def test_import_sets_a_short_spin_unless_the_user_chose():
+    assert _omp_settings() == "None 10000"
+    assert _omp_settings(OMP_WAIT_POLICY="active") == "active None"
+    assert _omp_settings(GOMP_SPINCOUNT="5") == "None 5"
+    assert _omp_settings(LLAMA_OMP_DEFAULTS="1") == "None None"
+    assert _omp_settings("torch") == "None None"  # too late: torch's OpenMP runtime has read the environment
