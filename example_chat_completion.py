@@ -26,6 +26,7 @@ def main(
     max_gen_len: Optional[int] = None,  # None: up to max_seq_len, or the demo's
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    quantize: Optional[str] = None,
 ):
     """Each dialog ends with a user turn; the model writes the assistant's reply."""
     from llama.demo import default_checkpoint, generation_settings
@@ -42,6 +43,7 @@ def main(
         max_batch_size=max_batch_size,
         device=device,
         dtype=dtype,
+        quantize=quantize,
     )
 
     dialogs: list[Dialog] = [

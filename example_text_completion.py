@@ -26,6 +26,7 @@ def main(
     max_batch_size: int = 4,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    quantize: Optional[str] = None,
 ):
     """Prompts are prefixes the model continues; base models need no chat format."""
     from llama.demo import default_checkpoint, generation_settings
@@ -42,6 +43,7 @@ def main(
         max_batch_size=max_batch_size,
         device=device,
         dtype=dtype,
+        quantize=quantize,
     )
 
     prompts: list[str] = [

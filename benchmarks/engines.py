@@ -20,16 +20,15 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Optional, Protocol
 
 import torch
 
 from llama.checkpoint import write_random_checkpoint
 from llama.convert import meta_to_hf
 from llama.model import ModelArgs
-from llama.params import to_dict
 
-ENGINES = ("ours", "ours-compile", "ours-torch", "hf", "hf-compile")
+ENGINES = ("ours", "ours-int8", "ours-compile", "ours-torch", "hf", "hf-compile")
 
 
 class Engine(Protocol):
@@ -46,12 +45,15 @@ def sync(device: torch.device) -> None:
 class Ours:
     """``llama.Llama`` as a user builds it; stop tokens disabled so every run has the same length."""
 
-    def __init__(self, ckpt_dir: Path, device: str, dtype: torch.dtype, max_batch: int, max_seq_len: int, compile: bool):
+    def __init__(
+        self, ckpt_dir: Path, device: str, dtype: torch.dtype, max_batch: int, max_seq_len: int, compile: bool,
+        quantize: Optional[str] = None,
+    ):  # fmt: skip
         from llama.generation import Llama
 
         self.llama = Llama.build(
             str(ckpt_dir), max_seq_len=max_seq_len, max_batch_size=max_batch, device=device, dtype=dtype,
-            compile=compile,
+            compile=compile, quantize=quantize, verify=False,
         )  # fmt: skip
         self.llama.tokenizer.stop_tokens = [-1]  # no id is -1: rows never stop early (like HF's min_new_tokens)
         self.device = self.llama.device
@@ -183,6 +185,8 @@ def load_engine(
     if name == "ours-torch":
         os.environ["LLAMA_NATIVE"] = "0"  # this worker process only
         return Ours(ckpt_dir, device, dtype, max_batch, max_seq_len, compile=False)
+    if name == "ours-int8":
+        return Ours(ckpt_dir, device, dtype, max_batch, max_seq_len, compile=False, quantize="int8")
     if name in ("ours", "ours-compile"):
         return Ours(ckpt_dir, device, dtype, max_batch, max_seq_len, compile=name == "ours-compile")
     if name in ("hf", "hf-compile"):
@@ -204,7 +208,7 @@ def ensure_checkpoints(
     tag = f"{name}-{str(dtype).removeprefix('torch.')}-seed{seed}"
     meta_dir, hf_dir = root / tag / "meta", root / tag / "hf"
     done = root / tag / "complete.json"
-    want = {"params": to_dict(args), "dtype": str(dtype), "seed": seed}
+    want = {"params": args.to_dict(), "dtype": str(dtype), "seed": seed}
     if done.is_file() and json.loads(done.read_text()) == want:
         return meta_dir, hf_dir, 0.0
     start = time.perf_counter()

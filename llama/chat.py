@@ -49,6 +49,7 @@ def main(
     max_gen_len: Optional[int] = None,  # None: 512, or the demo's
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    quantize: Optional[str] = None,
 ) -> None:
     """Chat with a model; see the module docstring for the commands."""
     system = None if system is None else str(system)  # fire reads --system 42 as a number
@@ -59,7 +60,7 @@ def main(
     temperature, top_p, max_gen_len = settings["temperature"], settings["top_p"], settings["max_gen_len"]
     if ckpt_dir is None:
         ckpt_dir = str(default_checkpoint())
-    generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, 1, device=device, dtype=dtype)
+    generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, 1, device=device, dtype=dtype, quantize=quantize)
     start: Dialog = [{"role": "system", "content": system}] if system else []
     dialog: Dialog = list(start)
     interactive = sys.stdin.isatty()

@@ -45,8 +45,10 @@ COMMON_HELP = {
     "max_gen_len": "tokens to generate per answer, >= 1 (default: Meta's for this script; 128 with the demo model)",
     "device": "cpu, cuda or cuda:N, mps (default: cuda when available, else cpu)",
     "dtype": "weight dtype: bf16, fp16 or fp32 (default: bf16, or fp16 on GPUs without bf16)",
+    "quantize": "int8: every projection stored as int8 with per-row scales (half the bytes of bf16; "
+    "docs/models.md); fp8: Meta's FP8 feed-forward, on GPUs of compute capability >= 8.9 (default: none)",
 }
-COMMON_CHOICES: dict[str, Sequence[str]] = {"dtype": DTYPE_CHOICES}
+COMMON_CHOICES: dict[str, Sequence[str]] = {"dtype": DTYPE_CHOICES, "quantize": ("int8", "fp8")}
 
 
 def fail(message: str) -> argparse.ArgumentTypeError:
