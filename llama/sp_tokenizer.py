@@ -12,11 +12,11 @@ encoded as plain characters, so user content cannot inject BOS/EOS.
 
 from __future__ import annotations
 
-import functools
 import os
-import re
 from pathlib import Path
 from typing import AbstractSet, Collection, Literal, Optional, Sequence
+
+from llama.tokenizer import split_special
 
 INSTALL_HINT = "pip install sentencepiece (Llama 2's tokenizer.model is a SentencePiece model)"
 
@@ -93,26 +93,9 @@ class SentencePieceTokenizer:
         """
         if not isinstance(s, str):
             raise TypeError(f"encode expects str, got {type(s).__name__}")
-        names = frozenset(self.special_tokens)
-        allowed = names if allowed_special == "all" else frozenset(allowed_special)
-        disallowed = names - allowed if disallowed_special == "all" else frozenset(disallowed_special)
-        if unknown := sorted((allowed | disallowed) - names):
-            raise ValueError(f"unknown special token name(s) {unknown[:5]}; this tokenizer has {sorted(names)}")
-        if disallowed and (match := _alternation(disallowed).search(s)):
-            raise ValueError(
-                f"text contains the special token {match.group()!r} at character {match.start()}, "
-                f"which disallowed_special forbids"
-            )
         tokens = [self.bos_id] if bos and self.bos_id is not None else []
-        start = 0
-        if allowed:
-            for match in _alternation(allowed).finditer(s):
-                if match.start() > start:
-                    tokens += self.sp_model.encode(s[start : match.start()])
-                tokens.append(self.special_tokens[match.group()])
-                start = match.end()
-        if start < len(s):
-            tokens += self.sp_model.encode(s[start:])
+        for piece in split_special(s, self.special_tokens, allowed_special, disallowed_special):
+            tokens += [piece] if isinstance(piece, int) else self.sp_model.encode(piece)
         if eos:
             tokens.append(self.eos_id)
         return tokens
@@ -134,9 +117,3 @@ class SentencePieceTokenizer:
     def _check_ids(self, tokens: Sequence[int]) -> None:
         if bad := [t for t in tokens if not 0 <= t < self.n_words][:5]:
             raise ValueError(f"cannot decode ids {bad}: valid ids are 0..{self.n_words - 1}")
-
-
-@functools.lru_cache(maxsize=16)
-def _alternation(names: frozenset[str]) -> re.Pattern[str]:
-    # Longest first, so a name that prefixes another cannot shadow it.
-    return re.compile("|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)))

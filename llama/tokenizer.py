@@ -17,7 +17,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AbstractSet, Collection, Iterator, Literal, NoReturn, Optional, Sequence
+from typing import AbstractSet, Collection, Iterator, Literal, Mapping, NoReturn, Optional, Sequence
 
 import tiktoken
 
@@ -282,27 +282,9 @@ class Tokenizer:
         """
         if not isinstance(s, str):
             raise TypeError(f"encode expects str, got {type(s).__name__}")
-        names = frozenset(self.special_tokens)
-        allowed = names if allowed_special == "all" else frozenset(allowed_special)
-        if disallowed_special == "all":
-            disallowed = names - allowed
-        else:
-            disallowed = frozenset(disallowed_special)
-        if unknown := sorted((allowed | disallowed) - names):
-            raise ValueError(f"unknown special token name(s) {unknown[:5]}")
-        if disallowed and (match := _alternation(disallowed).search(s)):
-            raise ValueError(
-                f"text contains the special token {match.group()!r} at character "
-                f"{match.start()}, which disallowed_special forbids"
-            )
         tokens = [self.bos_id] if bos and self.bos_id is not None else []
-        start = 0
-        if allowed:
-            for match in _alternation(allowed).finditer(s):
-                tokens += self._encode_plain(s[start : match.start()])
-                tokens.append(self.special_tokens[match.group()])
-                start = match.end()
-        tokens += self._encode_plain(s[start:])
+        for piece in split_special(s, self.special_tokens, allowed_special, disallowed_special):
+            tokens += [piece] if isinstance(piece, int) else self._encode_plain(piece)
         if eos:
             tokens.append(self.eos_id)
         return tokens
@@ -372,6 +354,42 @@ def _split_long_runs(window: str) -> Iterator[str]:
 _GOOD_CUT = re.compile(r"(?<=\S) ")
 # The lookbehinds anchor each match at the start of a run, keeping the search linear.
 _LONG_RUN = re.compile(rf"(?<!\S)\S{{{MAX_RUN_CHARS + 1},}}|(?<!\s)\s{{{MAX_RUN_CHARS + 1},}}")
+
+
+def split_special(
+    s: str,
+    special_tokens: Mapping[str, int],
+    allowed_special: Literal["all"] | AbstractSet[str] = frozenset(),
+    disallowed_special: Literal["all"] | Collection[str] = (),
+) -> list[str | int]:
+    """``s`` as plain-text pieces (str) and the ids (int) of the special tokens ``allowed_special``
+    lets through, in order; empty pieces are left out. Shared by both tokenizers' ``encode``.
+
+    ``allowed_special`` / ``disallowed_special``: "all" or names of ``special_tokens`` ("all"
+    disallowed = every special token not allowed). Raises ValueError for an unknown name, or when
+    ``s`` contains the text of a disallowed special token.
+    """
+    names = frozenset(special_tokens)
+    allowed = names if allowed_special == "all" else frozenset(allowed_special)
+    disallowed = names - allowed if disallowed_special == "all" else frozenset(disallowed_special)
+    if unknown := sorted((allowed | disallowed) - names):
+        raise ValueError(f"unknown special token name(s) {unknown[:5]}; this tokenizer has {len(names)} special tokens")
+    if disallowed and (match := _alternation(disallowed).search(s)):
+        raise ValueError(
+            f"text contains the special token {match.group()!r} at character "
+            f"{match.start()}, which disallowed_special forbids"
+        )
+    pieces: list[str | int] = []
+    start = 0
+    if allowed:
+        for match in _alternation(allowed).finditer(s):
+            if match.start() > start:
+                pieces.append(s[start : match.start()])
+            pieces.append(special_tokens[match.group()])
+            start = match.end()
+    if start < len(s):
+        pieces.append(s[start:])
+    return pieces
 
 
 @functools.lru_cache(maxsize=64)
