@@ -27,6 +27,7 @@ import torch
 from llama.checkpoint import write_random_checkpoint
 from llama.convert import meta_to_hf
 from llama.model import ModelArgs
+from llama.params import to_dict
 
 ENGINES = ("ours", "ours-int8", "ours-compile", "ours-torch", "hf", "hf-compile")
 
@@ -208,7 +209,7 @@ def ensure_checkpoints(
     tag = f"{name}-{str(dtype).removeprefix('torch.')}-seed{seed}"
     meta_dir, hf_dir = root / tag / "meta", root / tag / "hf"
     done = root / tag / "complete.json"
-    want = {"params": args.to_dict(), "dtype": str(dtype), "seed": seed}
+    want = {"params": to_dict(args), "dtype": str(dtype), "seed": seed}
     if done.is_file() and json.loads(done.read_text()) == want:
         return meta_dir, hf_dir, 0.0
     start = time.perf_counter()

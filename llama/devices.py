@@ -138,14 +138,20 @@ def cache_root() -> Path:
 
 
 def runnable_elsewhere() -> Optional[int]:
-    """Tasks runnable on this machine right now besides the caller (Linux's /proc/loadavg, whose
-    fourth field is running/total); None where that is unknown."""
+    """Tasks of other processes runnable on this machine right now (Linux: /proc/loadavg's
+    running/total field, less this process's own running threads, e.g. OpenMP threads still
+    spinning after a parallel region); None where that is unknown."""
     try:
+        # Our own threads first: one that stops spinning in between is then not counted as another's.
+        own = 0
+        for task in os.scandir("/proc/self/task"):
+            with open(f"{task.path}/stat") as f:
+                own += f.read().rpartition(")")[2].split()[0] == "R"  # the state follows the name
         with open("/proc/loadavg") as f:
             running = int(f.read().split()[3].split("/")[0])
     except (OSError, ValueError, IndexError):
         return None
-    return max(running - 1, 0)
+    return max(running - max(own, 1), 0)
 
 
 class CpuThreads:

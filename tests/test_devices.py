@@ -64,4 +64,5 @@ def test_runnable_elsewhere_reads_proc_loadavg(tmp_path, monkeypatch):
     fake.write_text("1.50 0.98 0.60 3/412 12345\n")
     real_open = open
     monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(fake if path == "/proc/loadavg" else path, *a, **k))
-    assert devices.runnable_elsewhere() == 2  # 3 running, the caller among them
+    # 3 running, the caller among them (its own running threads are not counted as others)
+    assert devices.runnable_elsewhere() == 2
