@@ -185,8 +185,8 @@ def load(path: Path) -> Kernels:
 def int8_variant(has_avx512: bool) -> str:
     """"avx512" where the CPU has AVX-512 (F and BW), else "avx2"; ``LLAMA_INT8_KERNEL`` forces one.
 
-    Measured on an AVX-512 CPU (benchmarks/README.md): the 16-lane loop does the same work in fewer
-    instructions, and at batch 1 both stream at the speed of memory; AVX-512 is never slower.
+    The 16-lane loop does the same work in half the instructions; on the one AVX-512 CPU measured
+    (AMD Zen 4, benchmarks/README.md) both stream at the same speed, within noise.
     """
     forced = os.environ.get("LLAMA_INT8_KERNEL")
     if forced is not None:
