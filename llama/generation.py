@@ -262,8 +262,9 @@ class Llama:
         start_pos = torch.zeros((), dtype=torch.long, device=self.device)
 
         prev = 0
-        # On CPUs: fewer threads while other processes keep cores busy (llama.devices.CpuThreads).
-        threads = CpuThreads() if self.device.type == "cpu" else None
+        # On CPUs: fewer threads while other processes keep cores busy (llama.devices.CpuThreads). Not
+        # with the compiled step: its graph is specialized for a thread count (a change recompiles).
+        threads = CpuThreads() if self.device.type == "cpu" and self.decode_step is None else None
         try:
             for cur in range(min_len, total):
                 if threads is not None:
