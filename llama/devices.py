@@ -163,7 +163,8 @@ class CpuThreads:
     slower than one thread alone (benchmarks/README.md, ``python benchmarks/load.py``). So every
     ``every`` steps ``adjust`` counts the tasks runnable elsewhere and uses the cores they leave
     free, never more than the threads it started with and never fewer than one; when the others
-    finish, the threads come back. Our kernels (llama/native.py) follow torch's count.
+    finish, the threads come back. Our kernels (llama/native.py) follow torch's count. Not used
+    with ``compile=True``: a compiled graph is specialized for its thread count.
     """
 
     def __init__(self, every: int = 8):
