@@ -7,10 +7,13 @@ the shard files and copies only its own slice, so peak RAM per rank stays near i
 """
 
 import contextlib
+import ctypes
 import errno
+import functools
 import hashlib
 import json
 import math
+import mmap
 import os
 import re
 import shutil
@@ -24,7 +27,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from llama import fp8
+from llama import fp8, quantize
 from llama.model import ModelArgs, Transformer
 from llama.params import load as read_params, to_dict
 from llama.progress import Progress
@@ -267,6 +270,55 @@ def _check_shard_count(ckpt_dir: Path, path: Path, sd: dict[str, torch.Tensor], 
         )
 
 
+def file_mappings(path: Path) -> list[tuple[int, int]]:
+    """Address ranges [start, end) of this process's memory mappings of ``path`` (Linux
+    /proc/self/maps); empty elsewhere or when the file was read into ordinary memory."""
+    target = str(Path(path).resolve())
+    ranges = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].rstrip("\n") == target:
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    ranges.append((start, end))
+    except OSError:
+        return []
+    return ranges
+
+
+def release_pages(t: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
+    """Tell the OS this process no longer needs the pages of ``t``, a view into a memory-mapped
+    checkpoint file that has been copied (cast, quantized, moved): they leave this process's
+    resident memory, and a later read of a page it shares with a neighbour reads the file again.
+    Only inside ``mapped`` (file mappings, whose pages the file backs); a no-op elsewhere.
+    """
+    if t.device.type != "cpu" or not mapped or t.numel() == 0:
+        return
+    start = t.data_ptr()
+    end = start + (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, end // page * page  # whole pages inside [start, end)
+    if last <= first or not any(a <= first and last <= b for a, b in mapped):
+        return
+    _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
+
+
+MADV_DONTNEED = 4  # Linux
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
+# Replaces one loaded tensor by entries of the state dict (llama.quantize.int8_transform: a weight
+# by its int8 values and row scales), applied on the CPU before the tensor moves to its device.
+Transform = Callable[[str, torch.Tensor], dict[str, torch.Tensor]]
+
+
 def load_state_dict(
     ckpt_dir: str | Path,
     args: ModelArgs,
@@ -276,6 +328,7 @@ def load_state_dict(
     device: torch.device | str = "cpu",
     progress: bool = False,
     keep_fp8: bool = False,
+    transform: Optional[Transform] = None,
 ) -> dict[str, torch.Tensor]:
     """This rank's tensors for ``world_size`` ranks, resharded from however many files there are.
 
@@ -284,6 +337,9 @@ def load_state_dict(
     is taken. ``progress`` prints bytes taken and the rate on stderr (llama/progress.py). FP8
     weights (``llama.fp8``) are dequantized, or with ``keep_fp8`` and one file per rank kept as
     they are, each with its row scales under ``KEY.scale`` (``layers.5.feed_forward.w1.scale``).
+    ``transform`` replaces each tensor as it is taken (``Transform``). A tensor that ends up copied
+    hands its file pages back at once (``release_pages``), so converting or quantizing while
+    loading never holds the whole file in memory besides the result.
     """
     paths = find_shards(ckpt_dir)
     n = len(paths)
@@ -293,6 +349,8 @@ def load_state_dict(
     cache: dict[int, dict[str, torch.Tensor]] = {}
     scales: dict[int, dict[str, torch.Tensor]] = {}  # Meta's FP8 folders: per file, key -> row scales
     file_dims: dict[str, int] = {}  # split dims of the files where they differ from SHARD_DIMS
+    mapped: list[tuple[int, int]] = []  # address ranges of the files' memory mappings
+    sources: list[torch.Tensor] = []  # the file views the current key was taken from
 
     def split_dim(k: str, shape: torch.Size) -> Optional[int]:
         # Llama 2 split tok_embeddings along dim 1 ([vocab, dim/N] per file), Llama 3 along dim 0:
@@ -331,6 +389,7 @@ def load_state_dict(
                         f"{tuple(want)} for shard {i} of {n} (full shape {full})"
                     )
             scales[i] = fp8.shard_scales(ckpt_dir, i, sd)
+            mapped.extend(file_mappings(paths[i]))
             cache[i] = sd
         return cache[i]
 
@@ -338,6 +397,7 @@ def load_state_dict(
         # One file's piece; an FP8 piece is dequantized with its own file's row scales (sliced with
         # the rows when split by rows; w2 is split by columns and keeps every row's scale).
         t = _take(shard(i)[key], d, rng)
+        sources.append(t)
         if key not in scales[i]:
             return t
         if keep_fp8 and n == world_size:  # rank i reads file i whole: its values and scales as they are
@@ -352,6 +412,7 @@ def load_state_dict(
     for key, full in shapes.items():
         d = shard_dim(key)
         rng = rank_range(key, args, rank, world_size)
+        sources.clear()
         if d is None or (rng is None and n == 1):
             t = take(0, key, None, None)
         elif file_dims.get(key, d) != d:  # Llama 2 embedding: this rank's rows, from every file's columns
@@ -369,9 +430,16 @@ def load_state_dict(
                 t = t.contiguous()
         if dtype is not None and t.dtype != fp8.FP8:
             t = t.to(dtype)
-        out[key] = t.to(device=device)
+        nbytes = t.numel() * t.element_size()
+        taken = transform(key, t) if transform is not None else {key: t}
+        for name, value in taken.items():
+            out[name] = value.to(device=device)
+        kept = {v.untyped_storage().data_ptr() for v in taken.values() if v.device.type == "cpu"}
+        if mapped and not any(src.untyped_storage().data_ptr() in kept for src in sources):
+            for src in sources:  # copied (cast, quantized, moved): its pages of the file are not needed
+                release_pages(src, mapped)
         if bar is not None:  # bytes read from the files, counted once they are cast and moved
-            bar.update(t.numel() * t.element_size())
+            bar.update(nbytes)
     if bar is not None:
         bar.close()
     return out
@@ -402,19 +470,23 @@ def load_transformer(
     args: Optional[ModelArgs] = None,
     progress: bool = False,
     keep_fp8: bool = False,
+    transform: Optional[Transform] = None,
 ) -> Transformer:
     """Construct on ``meta`` (no memory), shard (``parallelize``), load this rank's weights, move.
 
     ``dtype`` None keeps the checkpoint's dtype. The weights are assigned, not copied, so a
     checkpoint that is already in the requested dtype stays memory-mapped on CPU. ``keep_fp8``: the
     FP8 weights of Meta's FP8 folders stay FP8 in ``llama.fp8.Fp8Linear`` layers (one file per rank).
+    ``transform``: see ``load_state_dict``; int8 weights with scales load into ``llama.quantize.Int8Linear``.
     """
     args = args or load_params(ckpt_dir)
-    state = load_state_dict(ckpt_dir, args, rank, world_size, dtype, device, progress, keep_fp8)
+    state = load_state_dict(ckpt_dir, args, rank, world_size, dtype, device, progress, keep_fp8, transform)
     model = Transformer(args, device="meta")
     if parallelize is not None:
         model = parallelize(model)
-    fp8.use_fp8_layers(model, [k for k in state if k.endswith(".scale")])  # keep_fp8: FP8 layers kept
+    scaled = [k.removesuffix("scale") + "weight" for k in state if k.endswith(".scale")]
+    fp8.use_fp8_layers(model, [k.removesuffix("weight") + "scale" for k in scaled if state[k].dtype == fp8.FP8])
+    quantize.use_int8_layers(model, [k for k in scaled if state[k].dtype == torch.int8])  # transform=int8_transform
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device)
 

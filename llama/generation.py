@@ -26,7 +26,7 @@ from llama.fast import speed_up
 from llama.memory import check_fits, plan_memory
 from llama.model import Transformer
 from llama.parallel import parallelize, setup_model_parallel
-from llama.quantize import quantize_model
+from llama.quantize import int8_transform
 from llama.sampling import check_temperature, check_top_p, sample_next
 from llama.tokenizer import Tokenizer
 
@@ -98,7 +98,8 @@ class Llama:
         ``quantize="int8"``: after loading, every projection (wq ... w3 and output) is stored as int8
         with one scale per output row (``llama.quantize``), half the bytes of bf16: faster decoding
         where reading the weights is the cost (CPUs; benchmarks/README.md), at a small accuracy cost
-        (docs/models.md). It happens after loading, so on a GPU the 16-bit weights must fit first.
+        (docs/models.md). Each weight is quantized as it is read (on the CPU), so the 16-bit model
+        never has to fit in memory.
         ``quantize="fp8"`` (CUDA GPUs of compute capability >= 8.9): after loading, the feed-forward
         weights of every layer but the first and the last are multiplied in FP8, as in Meta's FP8
         folders (``llama.fp8``); those folders themselves stay FP8 on such GPUs without it.
@@ -143,9 +144,9 @@ class Llama:
             raise ValueError(f"max_batch_size={max_batch_size} must be at least 1")
         # Meta's FP8 folders stay FP8 on GPUs that multiply it (one file per rank); else bf16 at load.
         keep_fp8 = fp8.keep_fp8(ckpt_dir, device, world_size)
-        # quantize="fp8" or "int8" quantizes after loading: the peak is the 16-bit model, except for
-        # int8 on a CPU, where the 16-bit weights are memory-mapped pages of the file (reclaimable).
-        planned = "fp8" if keep_fp8 else "int8" if quantize == "int8" and device.type == "cpu" else None
+        # quantize="int8" quantizes each weight as it is read (the peak is the int8 model);
+        # quantize="fp8" after loading (the peak is the 16-bit model).
+        planned = "fp8" if keep_fp8 else "int8" if quantize == "int8" else None
         plan = plan_memory(args, max_seq_len, max_batch_size, dtype, world_size, quantize=planned)
         check_fits(plan, device)
         if rank == 0:  # before the load, which can take minutes: what it will take, and where
@@ -157,12 +158,10 @@ class Llama:
 
         model = load_transformer(
             ckpt_dir, device, dtype, rank, world_size, parallelize if world_size > 1 else None, args=args,
-            progress=rank == 0, keep_fp8=keep_fp8,
+            progress=rank == 0, keep_fp8=keep_fp8, transform=int8_transform if quantize == "int8" else None,
         )
         if quantize == "fp8":  # a bf16 folder (or an FP8 one on another rank count): FFN to FP8 now
             fp8.quantize_feed_forward(model)
-        elif quantize == "int8":  # every projection to int8 with per-row scales (llama/quantize.py)
-            quantize_model(model)
         model.setup_cache(max_batch_size, max_seq_len)
         speed_up(model, world_size)  # float32 compute of bf16 weights on CPUs without bf16, and more: llama/fast.py
         llama = Llama(model, tokenizer, rank=rank, seed=seed, compile=compile)

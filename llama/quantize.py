@@ -9,9 +9,10 @@ a row's dot product proportional to that row's largest weight:
     y[b, n]  = scale[n] * sum_k q[n, k] x[b, k]
 
 The scale multiplies each output once, after the sum, so the product needs no dequantized copy
-of the matrix. ``quantize_model`` swaps the projections of a built (and loaded) ``Transformer``
-for ``Int8Linear`` after construction, the way ``llama.parallel`` applies its plan; the model file
-knows nothing of it.
+of the matrix. ``Llama.build(quantize="int8")`` quantizes each weight as it is read from the
+checkpoint (``int8_transform``) into ``Int8Linear`` layers swapped in on ``meta``
+(``use_int8_layers``), the way ``llama.parallel`` applies its plan; ``quantize_model`` does the same
+to a model already loaded. The model file knows nothing of it.
 
 Which weights: the seven projections of every layer (wq, wk, wv, wo, w1, w2, w3). The token
 embedding is a table lookup (one row a token, nothing to gain) and stays in the checkpoint's
@@ -35,12 +36,18 @@ Int8MatVec = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """weight [out, in] (any float dtype) -> (q [out, in] int8, scale [out] float32), per-row symmetric.
 
-    Computed in float32 from the weight's exact values; an all-zero row gets scale 1 (q = 0).
+    Computed in float32 from the weight's exact values, a block of rows at a time (the float32
+    temporaries of a whole 128K-row output matrix would be 2 GB); an all-zero row gets scale 1.
     """
-    w = weight.float()
-    amax = w.abs().amax(dim=1)  # [out]
-    scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
-    q = torch.round(w / scale[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    step = max(1, Int8Linear.BLOCK // max(weight.shape[1], 1))
+    for start in range(0, weight.shape[0], step):
+        w = weight[start : start + step].float()  # [step, in]
+        amax = w.abs().amax(dim=1)
+        s = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
+        q[start : start + step] = torch.round(w / s[:, None]).clamp_(-QMAX, QMAX)
+        scale[start : start + step] = s
     return q, scale
 
 
@@ -111,6 +118,46 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row scales"
 
 
+def is_quantized_key(key: str, keep_output: bool = False) -> bool:
+    """Whether the checkpoint key is one ``quantize="int8"`` stores as int8 (see the module docstring)."""
+    parts = key.split(".")
+    return parts[-1] == "weight" and len(parts) >= 2 and (
+        parts[-2] in PROJECTIONS or (parts[-2] == "output" and len(parts) == 2 and not keep_output)
+    )
+
+
+def int8_transform(key: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """For ``llama.checkpoint.load_state_dict(transform=...)``: a projection weight becomes its int8
+    values and row scales (``KEY`` and ``....scale``) as it is read, so the 16-bit matrix never
+    lives in memory beside the rest; other tensors pass through."""
+    if not is_quantized_key(key):
+        return {key: t}
+    q, scale = quantize_int8(t)
+    return {key: q, key.removesuffix("weight") + "scale": scale}
+
+
+def use_int8_layers(model: nn.Module, weight_keys: list[str]) -> None:
+    """Swap the layers whose ``weight`` keys are named for ``Int8Linear``s on ``meta``, before an int8
+    state dict is assigned; model-parallel layers (fairscale's) keep their reduce or gather."""
+    for key in weight_keys:
+        name = key.removesuffix(".weight")
+        old = model.get_submodule(name)
+        out_features, in_features = old.weight.shape  # this rank's slice
+        parent, _, child = name.rpartition(".")
+        layer = Int8Linear(in_features, out_features, device="meta", parallel=_parallel_kind(old))
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+
+
+def _parallel_kind(module: nn.Module) -> Optional[str]:
+    """How an Int8Linear replacing ``module`` combines ranks' outputs: see ``Int8Linear.parallel``."""
+    kind = type(module).__name__
+    if kind == "RowParallelLinear":
+        return "reduce"
+    if kind == "ColumnParallelLinear" and module.gather_output:
+        return "gather"
+    return None
+
+
 def quantize_model(model: nn.Module, keep_output: bool = False) -> int:
     """Swap every projection ``nn.Linear`` of a loaded model for an ``Int8Linear``; return how many.
 
@@ -126,15 +173,8 @@ def quantize_model(model: nn.Module, keep_output: bool = False) -> int:
         for name, child in list(parent.named_children()):
             if name not in names or isinstance(child, Int8Linear):
                 continue
-            kind = type(child).__name__
-            if isinstance(child, nn.Linear):
-                parallel = None
-            elif kind == "RowParallelLinear":
-                parallel = "reduce"
-            elif kind == "ColumnParallelLinear":
-                parallel = "gather" if child.gather_output else None
-            else:
+            if not isinstance(child, nn.Linear) and type(child).__name__ not in ("RowParallelLinear", "ColumnParallelLinear"):
                 continue
-            setattr(parent, name, Int8Linear.from_float(child.weight.detach(), parallel))
+            setattr(parent, name, Int8Linear.from_float(child.weight.detach(), _parallel_kind(child)))
             swapped += 1
     return swapped

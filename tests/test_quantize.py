@@ -213,3 +213,44 @@ def test_matvec_rows_measured_kept_and_overridden(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="LLAMA_MATVEC_ROWS"):
         fast.matvec_rows(fake, torch.float32)
     fast._cached_matvec_rows.cache_clear()
+
+
+@torch.no_grad()
+def test_quantized_while_loading_equals_quantized_after(tmp_path):
+    """Llama.build's path (int8_transform while reading, 2 shards) gives exactly the layers that
+    quantize_model gives on the loaded model: same int8 values, same scales, same logits."""
+    from llama.quantize import int8_transform
+
+    args = tiny_args()
+    write_random_checkpoint(tmp_path, args, n_shards=2, seed=6, dtype=torch.bfloat16)
+    after = load_transformer(tmp_path, "cpu", torch.bfloat16)
+    quantize_model(after)
+    during = load_transformer(tmp_path, "cpu", torch.bfloat16, transform=int8_transform)
+    for name, module in after.named_modules():
+        if isinstance(module, Int8Linear):
+            other = during.get_submodule(name)
+            assert isinstance(other, Int8Linear), name
+            assert torch.equal(module.weight, other.weight) and torch.equal(module.scale, other.scale), name
+    assert not isinstance(during.tok_embeddings, Int8Linear)
+    tokens = torch.randint(0, args.vocab_size, (1, 7), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(after(tokens), during(tokens))
+
+
+def test_release_pages_only_inside_file_mappings(tmp_path):
+    """load_state_dict releases pages only inside the checkpoint files' own mappings (ordinary
+    memory would read back as zeros); file pages read back from the file unchanged."""
+    from llama.checkpoint import file_mappings, release_pages
+
+    path = tmp_path / "t.pth"
+    torch.save({"w": torch.arange(1 << 20, dtype=torch.float32)}, path)
+    w = torch.load(path, mmap=True, weights_only=True)["w"]
+    mapped = file_mappings(path)
+    assert mapped and any(a <= w.data_ptr() < b for a, b in mapped)
+    assert w.sum().item() == sum(range(1 << 20))
+    release_pages(w, mapped)
+    assert w.sum().item() == sum(range(1 << 20))  # re-read from the file
+    assert file_mappings(tmp_path / "missing.pth") == []
+    ordinary = torch.arange(1 << 20, dtype=torch.float32)
+    assert not any(a <= ordinary.data_ptr() < b for a, b in mapped)
+    release_pages(ordinary, mapped)  # outside every mapping given: nothing happens
+    assert ordinary.sum().item() == sum(range(1 << 20))
