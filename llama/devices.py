@@ -154,6 +154,9 @@ def runnable_elsewhere() -> Optional[int]:
     return max(running - max(own, 1), 0)
 
 
+SAMPLES = 3  # readings of runnable_elsewhere per check (~0.1 ms each)
+
+
 class CpuThreads:
     """torch's thread count for CPU decoding, lowered while other processes keep cores busy.
 
@@ -177,7 +180,10 @@ class CpuThreads:
         """Called once per decode step; returns the thread count in use."""
         self.steps += 1
         if self.steps % self.every == 1 or self.every == 1:
-            others = runnable_elsewhere()
+            # The least of a few quick readings: a task that is runnable for a moment (a kernel
+            # thread, one of ours caught between reads) must not halve a long prefill step.
+            readings = [runnable_elsewhere() for _ in range(SAMPLES)]
+            others = None if None in readings else min(readings)
             if others is not None:
                 want = max(1, min(self.full, self.cores - others))
                 if want != torch.get_num_threads():
