@@ -239,7 +239,11 @@ def test_reshard_llama2_keeps_its_format(tmp_path, llama2_folders, src_shards, m
 
 
 def tokenizer_texts() -> list[str]:
-    lines = corpus_lines()
+    # SentencePiece writes a space as U+2581 and decodes U+2581 as a space: text holding that
+    # character itself cannot round-trip (in Meta's tokenizer too), so lines with it are left out
+    # of the sample (this repository's sources mention it; which lines the sample takes moves as
+    # they are edited).
+    lines = [line for line in corpus_lines() if "\u2581" not in line]
     texts = lines[:: max(1, len(lines) // 200)][:200]
     texts += [
         "", " ", "  ", "Hello", " Hello", "Hello ", "  two  spaces  ", "\n", "a\n\nb", "\tTab\tseparated",
