@@ -235,7 +235,7 @@ def measure_matvec_rows(matvec: MatVec, compute_dtype: Optional[torch.dtype]) ->
 def matvec_rows(matvec: MatVec, compute_dtype: Optional[torch.dtype]) -> int:
     """How many activation rows ``speed_up`` gives our bf16 kernel on this machine (0 to 8).
 
-    Measured (``measure_matvec_rows``) once per CPU model and flags, torch version, thread count
+    Measured (``measure_matvec_rows``) once per set of CPU flags, torch version, thread count
     and compute dtype, and kept in ``~/.cache/llama/native/`` beside the compiled kernels: a rule
     read off CPU flags held on the CPU it was tuned on only. A measurement taken while the machine
     is busier than its cores (load average) is used for this process but not kept.

@@ -151,14 +151,12 @@ def test_bf16_kernel_runs_for_few_rows_whatever_the_compute_dtype():
     multiplies bf16 natively (compute_dtype None); more rows go to torch."""
     layer = FastLinear(64, 32, bias=False)
     layer.weight.data = torch.randn(32, 64).to(torch.bfloat16)
-    model = torch.nn.Module()
     calls = []
     layer.matvec = lambda x, w: calls.append(x.shape[0]) or KERNELS.matvec(x, w)
     layer.matvec_rows, layer.compute_dtype = 2, None
     for rows in (1, 2, 3):
         layer(torch.randn(rows, 64).to(torch.bfloat16))
     assert calls == [1, 2]
-    del model
 
 
 def test_build_quantize_int8(tmp_path, meta_tokenizer_path):
