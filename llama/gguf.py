@@ -42,15 +42,10 @@ from llama.devices import DTYPES
 from llama.model import ModelArgs
 from llama.params import from_dict, to_dict
 from llama.gguf_export import TENSOR_NAMES
-from llama.tokenizer import LLAMA3_PATTERN
+from llama.tokenizer import DIGITS_PATTERN, LLAMA3_PATTERN
 
 # Pre-tokenizer regexes (tokenizer.ggml.pre) for tiktoken, which applies one regex.
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-# SmolLM / StarCoder: every numeric character is its own piece, then GPT-2's regex runs on the text
-# between them (HF: Digits(individual_digits) then ByteLevel; llama.cpp: "\p{N}" then GPT-2). In one
-# regex, a whitespace run just before a digit ends its piece, so `\s+(?!\S)` becomes
-# `\s+(?![^\s\p{N}])`: "a   1" splits "a", "   ", "1" as the two-stage split does.
-DIGITS_PATTERN = r"\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"
 PRE_TOKENIZER_PATTERNS = {
     "smollm": DIGITS_PATTERN,
     "starcoder": DIGITS_PATTERN,

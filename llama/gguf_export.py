@@ -29,7 +29,7 @@ from llama.checkpoint import expected_shapes, find_shards, load_params, load_sta
 from llama.hf_tokenizer import base_tokens, bpe_merges, chat_template
 from llama.model import ModelArgs, rope_frequencies
 from llama.params import to_dict
-from llama.tokenizer import LLAMA3_PATTERN, Tokenizer
+from llama.tokenizer import DIGITS_PATTERN, LLAMA3_PATTERN, Tokenizer
 
 # GGUF tensor names -> Meta names; "{}" is the layer number.
 TENSOR_NAMES = {
@@ -58,12 +58,20 @@ def _gguf_names(args: ModelArgs) -> dict[str, str]:
     return names
 
 
+# llama.cpp's names for the pre-tokenizers we can write (llama/gguf.py maps them back). llama.cpp
+# skips the merges for a pre-token that is a whole token, as tiktoken does, for Llama 3's only; for
+# SmolLM's it applies the merges, which ``bpe_merges`` orders so that they make the same tokens.
+EXPORTABLE_PRE_TOKENIZERS = {LLAMA3_PATTERN: "llama-bpe", DIGITS_PATTERN: "smollm"}
+
+
 def _pre_tokenizer(pattern: str) -> str:
-    """llama.cpp's name for the pre-tokenizer: Llama 3's only. (llama.cpp skips the merges for a
-    pre-token that is a whole token, as tiktoken does, only for Llama 3's pre-tokenizers.)"""
-    if pattern != LLAMA3_PATTERN:
-        raise ValueError("only Llama 3 vocabularies (pre-tokenizer 'llama-bpe') can be exported to GGUF")
-    return "llama-bpe"
+    """llama.cpp's name for the pre-tokenizer of ``pattern``: Llama 3's, or SmolLM's (the demo model)."""
+    if pattern not in EXPORTABLE_PRE_TOKENIZERS:
+        raise ValueError(
+            "only Llama 3 vocabularies (pre-tokenizer 'llama-bpe') and SmolLM's ('smollm', the demo model) "
+            "can be exported to GGUF"
+        )
+    return EXPORTABLE_PRE_TOKENIZERS[pattern]
 
 
 def add_vocabulary(writer: Any, tokenizer: Tokenizer) -> None:

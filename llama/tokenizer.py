@@ -25,6 +25,11 @@ LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# SmolLM / StarCoder: every numeric character is its own piece, then GPT-2's regex runs on the text
+# between them (HF: Digits(individual_digits) then ByteLevel; llama.cpp: "\p{N}" then GPT-2). In one
+# regex, a whitespace run just before a digit ends its piece, so `\s+(?!\S)` becomes
+# `\s+(?![^\s\p{N}])`: "a   1" splits "a", "   ", "1" as the two-stage split does.
+DIGITS_PATTERN = r"\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"
 LLAMA3_NUM_BASE_TOKENS = 128_000
 LLAMA3_NUM_SPECIAL_TOKENS = 256
 LLAMA3_TOKENIZER_MD5 = "08292403f8b173e7524d7fba7bbbd2d3"

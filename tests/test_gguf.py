@@ -359,3 +359,29 @@ def test_cli_refuses_an_existing_folder(tmp_path: Path, capsys: pytest.CaptureFi
     with pytest.raises(SystemExit) as exit:
         main([str(tmp_path / "tiny.gguf"), str(tmp_path / "out")])
     assert exit.value.code == 1 and "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_model_exports_and_imports_back(demo_run: tuple[Path, str], smollm2_gguf: Path, tmp_path: Path) -> None:
+    """The demo folder as a BF16 GGUF (the benchmark's llama.cpp copy of it): pre-tokenizer 'smollm'
+    as in the original file, weights back bit for bit, and the vocabulary imported back encodes
+    every sample text like the original file's."""
+    import gguf
+
+    from llama.gguf import read_metadata
+    from llama.gguf_export import export_gguf
+
+    folder, _ = demo_run
+    out = tmp_path / "demo-bf16.gguf"
+    export_gguf(folder, out, "bf16")
+    ours, original = (read_metadata(gguf.GGUFReader(f)) for f in (out, smollm2_gguf))
+    assert ours["tokenizer.ggml.pre"] == original["tokenizer.ggml.pre"] == "smollm"
+    assert ours["tokenizer.ggml.tokens"] == original["tokenizer.ggml.tokens"]
+    back = tmp_path / "back"
+    import_gguf(out, back, dtype=torch.bfloat16)
+    args = load_params(folder)
+    a, b = load_state_dict(folder, args), load_state_dict(back, load_params(back))
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    theirs, mine = Tokenizer(folder / "tokenizer.model"), Tokenizer(back / "tokenizer.model")
+    for text in TEXTS:
+        assert mine.encode(text, bos=False, eos=False) == theirs.encode(text, bos=False, eos=False), text
