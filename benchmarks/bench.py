@@ -27,11 +27,15 @@ from typing import Optional
 
 import torch
 
-from engines import ENGINES, ensure_checkpoints, load_engine, meta_tokenizer
+from engines import (
+    ENGINES, LLAMACPP, LLAMACPP_PYTHON, ensure_checkpoints, ensure_demo, ensure_gguf, load_engine, meta_tokenizer,
+)
 
-from llama.devices import DTYPES
+from llama.checkpoint import load_params
+from llama.devices import DTYPES, cpu_flags
 from llama.memory import GB, kv_cache_bytes, parameter_count
 from llama.model import ModelArgs
+from llama.tokenizer import Tokenizer
 
 HERE = Path(__file__).resolve().parent
 VOCAB = 128256
@@ -47,6 +51,8 @@ SHAPES = {
         ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True,
     ),  # fmt: skip
 }
+# The demo model (llama.demo: SmolLM2-135M-Instruct, real weights, bf16): small and overhead-bound.
+DEMO = "demo"
 MARK = "@@bench "  # worker replies are the stdout lines starting with this
 SHORT_PROMPT = 16  # tokens per row of the batched decode run
 
@@ -66,7 +72,8 @@ def worker(opts: argparse.Namespace) -> None:
     start = time.perf_counter()
     meta, hf = Path(opts.meta), Path(opts.hf)
     engine = load_engine(opts.worker, meta, hf, opts.device, dtype, opts.max_batch, opts.max_seq_len)
-    reply({"load_s": time.perf_counter() - start, "threads": torch.get_num_threads()})
+    path = engine.kernel_path() if hasattr(engine, "kernel_path") else ""
+    reply({"load_s": time.perf_counter() - start, "threads": torch.get_num_threads(), "kernel_path": path})
     for line in sys.stdin:
         req = json.loads(line)
         if req["op"] == "generate":
@@ -93,14 +100,20 @@ class Worker:
     """The parent's handle on one engine process."""
 
     def __init__(
-        self, name: str, opts: argparse.Namespace, meta: Path, hf: Path, max_batch: int, max_seq_len: int, dtype: str
-    ):
+        self, name: str, opts: argparse.Namespace, meta: Path, hf: Path, max_batch: int, max_seq_len: int, dtype: str,
+        gguf: Optional[Path] = None,
+    ):  # fmt: skip
         self.name = name
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--meta", str(meta), "--hf", str(hf),
-               "--device", opts.device, "--dtype", dtype, "--max-batch", str(max_batch),
-               "--max-seq-len", str(max_seq_len)]  # fmt: skip
-        if opts.threads:
-            cmd += ["--threads", str(opts.threads)]
+        if name in LLAMACPP:  # llama-cpp-python's own venv, without torch
+            threads = opts.threads or torch.get_num_threads()
+            cmd = [str(LLAMACPP_PYTHON), str(HERE / "llamacpp_worker.py"), "--gguf", str(gguf),
+                   "--threads", str(threads), "--max-seq-len", str(max_seq_len)]  # fmt: skip
+        else:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--meta", str(meta), "--hf", str(hf),
+                   "--device", opts.device, "--dtype", dtype, "--max-batch", str(max_batch),
+                   "--max-seq-len", str(max_seq_len)]  # fmt: skip
+            if opts.threads:
+                cmd += ["--threads", str(opts.threads)]
         self.log = open(opts.workdir / f"{name}-{dtype}.log", "w")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
         self.hello = self._read()
@@ -166,15 +179,24 @@ def machine(device: str) -> str:
     return f"{cpu}, {os.cpu_count()} cores ({torch.backends.cpu.get_cpu_capability()}), {mem:.0f} GiB RAM"
 
 
+def simd_flags() -> str:
+    """The CPU's vector flags (what decides which kernels can run), e.g. "fma avx2 avx512f ... ; no AMX"."""
+    flags = cpu_flags()
+    simd = sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c")))
+    return " ".join(simd) + ("" if any(f.startswith("amx") for f in flags) else "; no AMX")
+
+
 def default_engines(shape: str, device: str) -> list[str]:
     """All of them on CPU, except hf-compile for the 1B shape: there it calls the same bf16 matmuls
     as hf (measured 1.0x its decode, 0.8x at batch 8) and would add 5 minutes to the run. On CUDA
-    ours-torch is ours (the native kernels are CPU-only)."""
+    ours-torch is ours (the native kernels are CPU-only). The llama.cpp engines (CPU only) where
+    scripts/setup_llamacpp.sh has built them."""
+    cpp = list(LLAMACPP) if device == "cpu" and LLAMACPP_PYTHON.exists() else []
     if device == "cpu" and shape != "small":
-        return ["ours", "ours-compile", "ours-torch", "hf"]
+        return ["ours", "ours-int8", "ours-compile", "ours-torch", "hf"] + cpp
     if device == "cuda":
-        return [e for e in ENGINES if e != "ours-torch"]
-    return list(ENGINES)
+        return [e for e in ENGINES if e != "ours-torch" and e not in LLAMACPP]
+    return [e for e in ENGINES if e not in LLAMACPP] + cpp
 
 
 def default_reps(shape: str, device: str) -> int:
@@ -196,6 +218,7 @@ class Result:
     peak_gpu: Optional[int] = None
     tokens: dict = field(default_factory=dict)
     profile: str = ""
+    kernel_path: str = ""
 
 
 def busy_ticks(pid: Optional[int] = None) -> int:
@@ -229,10 +252,13 @@ def timed(w: Worker, opts: argparse.Namespace, log, retries: int = 2, **req) -> 
     return min(attempts)[2]
 
 
-def prompts(batch: int, length: int, seed: int) -> list[list[int]]:
-    """BOS then random ids from the base (non-special) vocabulary."""
+def prompts(batch: int, length: int, seed: int, vocab: tuple[int, Optional[int]] = (128000, 128000)) -> list[list[int]]:
+    """BOS (if the vocabulary has one) then random ids from the base (non-special) vocabulary.
+    ``vocab``: (base tokens, BOS id or None); Llama 3's by default."""
+    base, bos = vocab
     g = torch.Generator().manual_seed(seed)
-    return [[128000] + torch.randint(0, 128000, (length - 1,), generator=g).tolist() for _ in range(batch)]
+    head = [bos] if bos is not None else []
+    return [head + torch.randint(0, base, (length - len(head),), generator=g).tolist() for _ in range(batch)]
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[int, int]:
@@ -244,33 +270,53 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[int, int]:
     return same, sum(len(r) for r in a)
 
 
-def run_shape(name: str, args: ModelArgs, opts: argparse.Namespace, log) -> dict:
-    meta, hf, write_s = ensure_checkpoints(opts.workdir, name, args, DTYPES[opts.dtype], meta_tokenizer())
+def run_shape(name: str, opts: argparse.Namespace, log) -> dict:
+    if name == DEMO:
+        meta, hf, write_s = ensure_demo(opts.workdir)
+        args = load_params(meta)
+    else:
+        args = SHAPES[name]
+        meta, hf, write_s = ensure_checkpoints(opts.workdir, name, args, DTYPES[opts.dtype], meta_tokenizer())
     if write_s:
-        log(f"[{name}] wrote random checkpoints in {write_s:.0f} s")
+        log(f"[{name}] wrote the checkpoints in {write_s:.0f} s")
     engines = opts.engines or default_engines(name, opts.device)
+    if cpp := [e for e in engines if e in LLAMACPP]:
+        why = ("it is not built (bash scripts/setup_llamacpp.sh)" if not LLAMACPP_PYTHON.exists()
+               else f"they read a bf16 checkpoint, not {opts.dtype}" if opts.dtype != "bf16"
+               else "it runs on CPU" if opts.device != "cpu" else "")  # fmt: skip
+        if why:
+            log(f"[{name}] skipping {', '.join(cpp)}: {why}")
+            engines = [e for e in engines if e not in LLAMACPP]
+    ggufs = {}
+    for e in (e for e in engines if e in LLAMACPP):
+        ggufs[e], spent = ensure_gguf(meta, hf.parent, LLAMACPP[e])
+        if spent:
+            log(f"[{name}] exported {ggufs[e].name} in {spent:.0f} s")
+    tokenizer = Tokenizer(meta / "tokenizer.model")
+    vocab = (tokenizer.spec.num_base_tokens, tokenizer.bos_id)
     reps = opts.reps or default_reps(name, opts.device)
     new, plen, batch = opts.new_tokens, opts.prompt_len, opts.batch
     max_seq_len = plen + new
     read_bw = bandwidth(opts.device)[0]  # the machine may be busier or quieter for this shape: the best counts
     log(f"[{name}] read bandwidth {read_bw:.1f} GB/s")
     results = {e: Result() for e in engines}
-    check = check_float32(name, meta, hf, engines, opts, log)
+    check = check_float32(name, meta, hf, engines, opts, log, vocab)
     workers: dict[str, Worker] = {}
     try:
         for e in engines:  # started one after another: load times do not overlap
-            workers[e] = Worker(e, opts, meta, hf, batch, max_seq_len, opts.dtype)
+            workers[e] = Worker(e, opts, meta, hf, batch, max_seq_len, opts.dtype, ggufs.get(e))
             results[e].load_s = workers[e].hello["load_s"]
+            results[e].kernel_path = workers[e].hello.get("kernel_path", "")
             log(f"[{name}] {e}: loaded in {results[e].load_s:.2f} s ({workers[e].hello['threads']} threads)")
         # Warm-up: the compiled engines compile here, one graph per batch size.
         for e, w in workers.items():
             t = time.perf_counter()
-            w.ask(op="generate", prompts=prompts(1, 16, 1), new_tokens=4)
-            w.ask(op="generate", prompts=prompts(batch, 16, 2), new_tokens=4)
+            w.ask(op="generate", prompts=prompts(1, 16, 1, vocab), new_tokens=4)
+            w.ask(op="generate", prompts=prompts(batch, 16, 2, vocab), new_tokens=4)
             results[e].warmup_s = time.perf_counter() - t
             log(f"[{name}] {e}: warm-up {results[e].warmup_s:.1f} s")
         # Timings, interleaved: every engine runs each measurement before any runs it again.
-        long_prompt, short = prompts(1, plen, 4), prompts(batch, SHORT_PROMPT, 5)
+        long_prompt, short = prompts(1, plen, 4, vocab), prompts(batch, SHORT_PROMPT, 5, vocab)
         for rep in range(reps):
             for e, w in workers.items():
                 r = timed(w, opts, log, prompts=long_prompt, new_tokens=new)
@@ -280,6 +326,8 @@ def run_shape(name: str, args: ModelArgs, opts: argparse.Namespace, log) -> dict
                 log(f"[{name}] rep {rep} {e} b1: ttft {r['t_first']:.2f} s, decode {rate:.2f} tok/s")
             for e, w in workers.items():
                 r = timed(w, opts, log, prompts=short, new_tokens=new)
+                if "unsupported" in r:
+                    continue
                 res, rate = results[e], batch * (new - 1) / (r["t_last"] - r["t_first"])
                 res.decode8 = max(res.decode8, rate)
                 res.tokens["b8"] = r["tokens"]
@@ -298,7 +346,9 @@ def run_shape(name: str, args: ModelArgs, opts: argparse.Namespace, log) -> dict
     return dict(args=args, max_seq_len=max_seq_len, results=results, check=check, reps=reps, read_bw=read_bw)
 
 
-def check_float32(name: str, meta: Path, hf: Path, engines: list[str], opts: argparse.Namespace, log) -> str:
+def check_float32(
+    name: str, meta: Path, hf: Path, engines: list[str], opts: argparse.Namespace, log, vocab: tuple[int, Optional[int]]
+) -> str:
     """Greedy tokens of our eager engine and transformers', both in float32, must be identical.
 
     float32, because in bf16 the top two logits of random weights are often within rounding of
@@ -307,7 +357,7 @@ def check_float32(name: str, meta: Path, hf: Path, engines: list[str], opts: arg
     engines = [e for e in ("ours", "hf") if e in engines]
     if len(engines) < 2 or opts.no_check:
         return "not run"
-    check, got = prompts(2, 32, 3), {}
+    check, got = prompts(2, 32, 3, vocab), {}
     for e in engines:
         w = Worker(e, opts, meta, hf, 1, 32 + opts.check_tokens, "fp32")
         try:
@@ -332,6 +382,7 @@ def report(shapes: dict, opts: argparse.Namespace, info: dict) -> str:
         f"Command: `{info['command']}`  ",
         f"Machine: {info['machine']}; torch {torch.__version__}, transformers {info['transformers']}; "
         f"{info['threads']} threads; load average before/after: {info['load_before']} / {info['load_after']}  ",
+        f"CPU flags (the SIMD ones): {info['flags']}  ",
         f"Memory bandwidth: {info['read_bw']:.1f} GB/s read-only (sum of a 1 GiB float32 tensor, best of 10; "
         f"measured at the start, before each shape and at the end, the floors use the best), "
         f"{info['copy_bw']:.1f} GB/s copy (read + write, at the start)  ",
@@ -364,10 +415,12 @@ def report(shapes: dict, opts: argparse.Namespace, info: dict) -> str:
             # On a GPU the budget is the GPU's memory; the host RSS is shown alongside.
             peak = r.peak_gpu if r.peak_gpu else r.peak_rss
             gpu = f" (GPU {r.peak_gpu / GB:.2f})" if r.peak_gpu else ""
+            b8 = (f"{r.decode8:.2f} | {100 * r.decode8 / opts.batch / floor:.0f}%" if r.decode8
+                  else "not measured | -")  # fmt: skip
             lines.append(
                 f"| {e} | {r.load_s:.2f} | {r.warmup_s:.1f} | {r.ttft_s:.3f} | {opts.prompt_len / r.ttft_s:.1f} "
-                f"| {r.decode1:.2f} | {100 * r.decode1 / floor:.0f}% | {r.decode8:.2f} "
-                f"| {100 * r.decode8 / opts.batch / floor:.0f}% | {r.peak_rss / GB:.2f}{gpu} | {peak / budget:.2f} |"
+                f"| {r.decode1:.2f} | {100 * r.decode1 / floor:.0f}% | {b8} "
+                f"| {r.peak_rss / GB:.2f}{gpu} | {peak / budget:.2f} |"
             )
         base = res.get("hf")
         if base is not None:
@@ -379,7 +432,7 @@ def report(shapes: dict, opts: argparse.Namespace, info: dict) -> str:
                         f"decode b1 {r.decode1 / base.decode1:.2f}x, decode b{opts.batch} {r.decode8 / base.decode8:.2f}x"
                     )
             for e in ("ours", "ours-compile", "ours-torch"):
-                if e in res:
+                if e in res and name != DEMO:
                     r = res[e]
                     peak = r.peak_gpu if r.peak_gpu else r.peak_rss
                     lines.append(
@@ -389,20 +442,46 @@ def report(shapes: dict, opts: argparse.Namespace, info: dict) -> str:
                         + target("prefill vs hf", base.ttft_s / r.ttft_s, 1.5, "x")
                         + target("peak memory / (weights + KV)", peak / budget, 1.15, "x", at_most=True)
                     )
+        lines += llamacpp_targets(res, floor)
+        lines += [f"- kernel path, {e}: {r.kernel_path}" for e, r in res.items() if r.kernel_path]
         ref = next(iter(res))
         for e, r in res.items():
             if e != ref:
-                agree = [agreement(r.tokens[k], res[ref].tokens[k]) for k in ("b1", "b8")]
-                lines.append(
-                    f"- greedy tokens of the timed runs, {e} vs {ref}: b1 {agree[0][0]}/{agree[0][1]}, "
-                    f"b{opts.batch} {agree[1][0]}/{agree[1][1]} identical before the first difference"
+                kinds = [k for k in ("b1", "b8") if k in r.tokens and k in res[ref].tokens]
+                agree = ", ".join(
+                    f"{'b1' if k == 'b1' else f'b{opts.batch}'} {'/'.join(map(str, agreement(r.tokens[k], res[ref].tokens[k])))}"
+                    for k in kinds
                 )
+                lines.append(f"- greedy tokens of the timed runs, {e} vs {ref}: {agree} identical before the first difference")
         for e, r in res.items():
             if r.profile:
                 title = f"torch.profiler, one batch-1 decode step of {e} after the {opts.prompt_len}-token prompt:"
                 lines += ["", title, "```", r.profile.strip(), "```"]
         lines.append("")
     return "\n".join(lines)
+
+
+def llamacpp_targets(res: dict, floor: float) -> list[str]:
+    """Issue #18's targets against llama.cpp on the same weights, where both engines ran."""
+    lines = []
+    for ours, theirs in (("ours", "llamacpp-bf16"), ("ours-int8", "llamacpp-q8")):
+        if ours in res and theirs in res:
+            a, b = res[ours], res[theirs]
+            lines.append(
+                f"- {ours} vs {theirs}: prefill {b.ttft_s / a.ttft_s:.2f}x; "
+                + target("decode b1", a.decode1 / b.decode1, 1.10, "x")
+                + f"peak RSS {a.peak_rss / max(b.peak_rss, 1):.2f}x"
+            )
+    if "ours-int8" in res and "ours" in res:
+        a, b = res["ours-int8"], res["ours"]
+        lines.append(
+            "- ours-int8 vs ours: "
+            + target("decode b1", a.decode1 / b.decode1, 1.8, "x")
+            + target("peak RSS", a.peak_rss / b.peak_rss, 0.6, "x", at_most=True)
+        )
+    if "ours" in res:
+        lines.append("- ours: " + target("decode b1 of floor", 100 * res["ours"].decode1 / floor, 80, "%"))
+    return lines
 
 
 def target(label: str, value: float, goal: float, unit: str, at_most: bool = False) -> str:
@@ -415,7 +494,7 @@ def target(label: str, value: float, goal: float, unit: str, at_most: bool = Fal
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the small shape only")
-    p.add_argument("--shapes", help=f"comma-separated, from {list(SHAPES)} (default: small + 1B on CPU, + 8B on CUDA)")
+    p.add_argument("--shapes", help=f"comma-separated, from {list(SHAPES) + [DEMO]} (default: small + 1B on CPU, + 8B on CUDA)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--engines", help=f"comma-separated, from {ENGINES} (default: all but hf-compile for 1B on CPU)")
@@ -460,10 +539,11 @@ def main() -> None:
         "transformers": transformers.__version__,
         "threads": opts.threads or torch.get_num_threads(),
         "load_before": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+        "flags": simd_flags(),
     }
     info["read_bw"], info["copy_bw"] = bandwidth(opts.device)
     log(f"{info['machine']}: read {info['read_bw']:.1f} GB/s, copy {info['copy_bw']:.1f} GB/s")
-    shapes = {n: run_shape(n, SHAPES[n], opts, log) for n in names}
+    shapes = {n: run_shape(n, opts, log) for n in names}
     info["read_bw"] = max(info["read_bw"], bandwidth(opts.device)[0])
     info["load_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     info["wall_min"] = (time.perf_counter() - t0) / 60

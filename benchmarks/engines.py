@@ -25,11 +25,16 @@ from typing import Optional, Protocol
 import torch
 
 from llama.checkpoint import write_random_checkpoint
+from llama.gguf_export import export_gguf
 from llama.convert import meta_to_hf
 from llama.model import ModelArgs
 from llama.params import to_dict
 
-ENGINES = ("ours", "ours-int8", "ours-compile", "ours-torch", "hf", "hf-compile")
+ENGINES = ("ours", "ours-int8", "ours-compile", "ours-torch", "hf", "hf-compile", "llamacpp-bf16", "llamacpp-q8")
+# llama.cpp engines: (GGUF type written by our exporter, llama/gguf_export.py). They run in their own
+# venv (scripts/setup_llamacpp.sh) through benchmarks/llamacpp_worker.py, not through load_engine.
+LLAMACPP = {"llamacpp-bf16": "bf16", "llamacpp-q8": "q8_0"}
+LLAMACPP_PYTHON = Path(__file__).resolve().parents[1] / ".venv-llamacpp" / "bin" / "python"
 
 
 class Engine(Protocol):
@@ -59,6 +64,10 @@ class Ours:
         self.llama.tokenizer.stop_tokens = [-1]  # no id is -1: rows never stop early (like HF's min_new_tokens)
         self.device = self.llama.device
 
+    def kernel_path(self) -> str:
+        """Which fast paths this model runs (``llama.fast``), read off its modules."""
+        return describe_paths(self.llama.model)
+
     def generate(self, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[int]], float, float]:
         out: list[list[int]] = [[] for _ in prompts]
         sync(self.device)
@@ -87,6 +96,41 @@ class Ours:
                 step(tokens[:, -1:], start, last_only=True)
                 sync(self.device)
         return top_ops(prof, self.device)
+
+
+def describe_paths(model: torch.nn.Module) -> str:
+    """One line: the kernels a built model uses for few-row products, prompts, attention and int8."""
+    from llama import native
+    from llama.fast import DecodeAttention, FastLinear
+    from llama.quantize import Int8Linear
+
+    mods = list(model.modules())
+    fast = [m for m in mods if isinstance(m, FastLinear)]
+    int8 = [m for m in mods if isinstance(m, Int8Linear)]
+    rows = max((m.matvec_rows for m in fast if m.matvec is not None), default=0)
+    prompt = {str(m.compute_dtype or m.weight.dtype).removeprefix("torch.") for m in fast}
+    parts = [f"bf16 kernel for <= {rows} rows" if rows else "no bf16 kernel",
+             f"longer products in {'/'.join(sorted(prompt)) or '-'} (torch)"]  # fmt: skip
+    if any(isinstance(m, DecodeAttention) and m.kernel is not None for m in mods):
+        parts.append("one-token attention kernel")
+    if int8:
+        kernels = native.kernels()
+        variant = kernels.int8_matvec.variant if kernels and any(m.matvec for m in int8) else "torch"
+        parts.append(f"int8 products: {variant}")
+    blocks = sorted({type(b).__name__ for b in getattr(model, "layers", [])})
+    parts.append(f"blocks: {'/'.join(blocks)}")
+    return "; ".join(parts)
+
+
+def ensure_gguf(meta_dir: Path, folder: Path, gguf_type: str) -> tuple[Path, float]:
+    """The GGUF copy of ``meta_dir`` (our exporter) in ``folder``; reused when present.
+    Returns (path, seconds spent writing: 0 when reused)."""
+    out = folder / f"model-{gguf_type}.gguf"
+    if out.exists():
+        return out, 0.0
+    start = time.perf_counter()
+    export_gguf(meta_dir, out, gguf_type)
+    return out, time.perf_counter() - start
 
 
 def activities(device: torch.device) -> list:
@@ -216,6 +260,23 @@ def ensure_checkpoints(
     write_random_checkpoint(meta_dir, args, seed=seed, dtype=dtype, tokenizer_path=tokenizer)
     shutil.rmtree(hf_dir, ignore_errors=True)  # a copy left by an interrupted run
     meta_to_hf(meta_dir, hf_dir)  # the project's converter: rotate-half wq/wk rows, config.json
+    done.write_text(json.dumps(want) + "\n")
+    return meta_dir, hf_dir, time.perf_counter() - start
+
+
+def ensure_demo(root: Path) -> tuple[Path, Path, float]:
+    """The demo model (``llama.demo``, SmolLM2-135M-Instruct in bf16) and its transformers copy
+    under ``root/demo``. Returns (meta_dir, hf_dir, seconds spent writing: 0 when reused)."""
+    from llama.demo import default_checkpoint
+
+    meta_dir = default_checkpoint()
+    hf_dir, done = root / "demo" / "hf", root / "demo" / "complete.json"
+    want = {"source": str(meta_dir), "params": json.loads((meta_dir / "params.json").read_text())}
+    if done.is_file() and json.loads(done.read_text()) == want:
+        return meta_dir, hf_dir, 0.0
+    start = time.perf_counter()
+    shutil.rmtree(hf_dir, ignore_errors=True)
+    meta_to_hf(meta_dir, hf_dir)
     done.write_text(json.dumps(want) + "\n")
     return meta_dir, hf_dir, time.perf_counter() - start
 
