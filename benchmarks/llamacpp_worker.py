@@ -8,7 +8,7 @@ stdin, replies are stdout lines starting with ``MARK``. ``generate`` continues o
 exactly ``new_tokens`` tokens (llama.cpp's batch API for several sequences is not exposed by the
 binding's high-level class, so batched decoding is reported as not measured): the prompt goes
 through ``Llama.eval`` (llama.cpp's prefill, ``n_batch`` tokens at a time), then each step takes the
-argmax of the last logits and evaluates that one token, as our engines and transformers' greedy
+argmax of the last token's logits and evaluates that one token, as our engines and transformers' greedy
 search do. Tokens are ids: no text is tokenized, so the vocabulary plays no part in the timings.
 """
 
@@ -38,7 +38,10 @@ def generate(llm: Llama, prompt: list[int], new_tokens: int) -> tuple[list[int],
     llm.eval(prompt)
     out, t_first = [], 0.0
     for i in range(new_tokens):
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        # The last evaluated token's logits, read in place (the binding keeps them only with
+        # logits_all=True, which would make llama.cpp compute the output layer for every prompt token).
+        logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+        token = int(np.argmax(logits))
         out.append(token)
         if i == 0:
             t_first = time.perf_counter() - start
