@@ -64,6 +64,20 @@ def test_int8_linear_torch_path_matches_float64(dtype):
     assert (out.double() - ref).abs().max() / ref.abs().max() < tol
 
 
+@pytest.mark.slow
+@torch.no_grad()
+def test_int8_linear_compiled_path_matches_float64():
+    """The one-expression product that GPUs and torch.compile run (no blocks, no kernel), compiled
+    on this CPU by Inductor: the path a CUDA run takes, checked where no GPU is lent."""
+    g = torch.Generator().manual_seed(2)
+    layer = Int8Linear.from_float(torch.randn(96, 64, generator=g))
+    layer.compute_dtype = torch.float32
+    x = torch.randn(3, 64, generator=g)
+    ref = x.double() @ dequantize_int8(layer.weight, layer.scale, torch.float64).T
+    out = torch.compile(layer, fullgraph=True)(x)
+    assert (out.double() - ref).abs().max() / ref.abs().max() < 1e-6
+
+
 @needs_kernels
 @torch.no_grad()
 @pytest.mark.parametrize("variant", VARIANTS)
