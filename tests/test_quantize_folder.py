@@ -160,6 +160,27 @@ def test_shards_load_as_their_ranks_quantize(folders):
         state_equal({k: got[k] for k in want}, want)
 
 
+def test_llama2_layout_keeps_its_embedding_split(tmp_path):
+    """Llama 2 folders split tok_embeddings by columns ([vocab, dim/N] a file): DST keeps each file's
+    own columns, and loads as quantize-at-load does."""
+    src = tmp_path / "src"
+    write_random_checkpoint(src, ARGS, n_shards=2, seed=7)
+    files = [torch.load(src / f"consolidated.0{k}.pth", weights_only=True) for k in range(2)]
+    full = torch.cat([f["tok_embeddings.weight"] for f in files])  # [vocab, dim]
+    for k, f in enumerate(files):
+        f["tok_embeddings.weight"] = full.chunk(2, dim=1)[k].clone()
+        torch.save(f, src / f"consolidated.0{k}.pth")
+    write_checklist(src)
+    qf.quantize_folder(src, tmp_path / "dst", log=lambda m: None)
+    for k in range(2):
+        stored = torch.load(tmp_path / "dst" / f"consolidated.0{k}.pth", weights_only=True)
+        assert torch.equal(stored["tok_embeddings.weight"], files[k]["tok_embeddings.weight"])
+        got = load_state_dict(tmp_path / "dst", ARGS, k, 2, int8_folders=True)
+        want = load_state_dict(src, ARGS, k, 2, transform=int8_transform)
+        assert set(got) == set(want)
+        state_equal({key: got[key] for key in want}, want)
+
+
 def test_build_loads_the_folder(tmp_path, meta_tokenizer_path, monkeypatch):
     """Llama.build(DST) == Llama.build(SRC, quantize="int8"): weights and logits, bit for bit;
     quantize="int8" on DST changes nothing; quantize="fp8" on it is an error saying why."""
