@@ -150,6 +150,19 @@ def test_load_equals_quantize_at_load(folders, name, dtype):
     assert torch.equal(got(TOKENS), want(TOKENS))
 
 
+@torch.no_grad()
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_load_on_gpu_equals_quantize_at_load(folders):
+    """On a GPU the folder's tensors move there as stored (int8 values, float32 scales), as
+    quantize-at-load's do. (Written without a GPU at hand: not run here yet.)"""
+    src, dst = folders["bf16"]
+    got = load_transformer(dst, "cuda", torch.bfloat16)
+    want = load_transformer(src, "cuda", torch.bfloat16, transform=int8_transform)
+    assert got.layers[0].attention.wq.weight.device.type == "cuda"
+    state_equal(got.state_dict(), want.state_dict())
+    assert torch.equal(got(TOKENS.cuda()), want(TOKENS.cuda()))
+
+
 def test_shards_load_as_their_ranks_quantize(folders):
     """Rank k of 2 gets from the 2-shard folder exactly what quantize-at-load gives rank k of 2."""
     src, dst = folders["mp2"]
