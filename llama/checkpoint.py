@@ -2,8 +2,9 @@
 
 Loading is strict (every expected key, no unexpected key except the known-unused ``rope.freqs``,
 every shape checked against ``params.json``) and reshards on the fly: a checkpoint saved as N shards
-loads on M model-parallel ranks when M is a multiple of N or N a multiple of M. Each rank memory-maps
-the shard files and copies only its own slice, so peak RAM per rank stays near its share.
+loads on M model-parallel ranks when M is a multiple of N or N a multiple of M (an int8 folder,
+``llama.quantize``, on exactly N). Each rank memory-maps the shard files and copies only its own
+slice, so peak RAM per rank stays near its share.
 """
 
 import contextlib
