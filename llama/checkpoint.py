@@ -483,7 +483,7 @@ def load_state_dict(
                 t = t.contiguous()
         if int8_scales:  # one file per rank (int8_folder checked it): one piece, one set of row scales
             if len(int8_scales) != 1:
-                raise ValueError(f"{key}: int8 slices of {len(int8_scales)} files cannot be joined (their row scales differ)")
+                raise ValueError(f"{key}: int8 slices of {len(int8_scales)} files cannot be joined (their scales differ)")
             out[quantize.scale_key(key)] = int8_scales[0].to(device=device)
         if dtype is not None and t.dtype not in (fp8.FP8, torch.int8):
             t = t.to(dtype)

@@ -59,23 +59,28 @@ def check_quantization(entry: Any, source: str = "params") -> dict[str, Any]:
     name the field and the value. Only ``format`` "int8" with ``scheme`` "per-row symmetric" exists."""
     where = f"{source}: {QUANTIZATION_KEY!r}"
     if not isinstance(entry, dict):
-        raise ValueError(
-            f"{where} must be an object like {quantize.folder_entry(1, torch.bfloat16)}, got {entry!r} ({_json_type(entry)})"
-        )
+        example = quantize.folder_entry(1, torch.bfloat16)
+        raise ValueError(f"{where} must be an object like {example}, got {entry!r} ({_json_type(entry)})")
     if entry.get("format") != quantize.FOLDER_FORMAT:
         raise ValueError(
             f"{where} has format {entry.get('format')!r}: not supported; this library reads int8 folders written by "
-            f"python -m llama.quantize (format {quantize.FOLDER_FORMAT!r}); Meta's QAT / SpinQuant folders say quantization_args"
+            f"python -m llama.quantize (format {quantize.FOLDER_FORMAT!r}); Meta's QAT / SpinQuant folders say "
+            f"quantization_args"
         )
     unknown = sorted(set(entry) - set(quantize.FOLDER_KEYS))
     missing = [k for k in quantize.FOLDER_KEYS if k not in entry]
     if unknown or missing:
-        problems = ([f"unknown field(s) {unknown}"] if unknown else []) + ([f"missing field(s) {missing}"] if missing else [])
+        problems = [f"unknown field(s) {unknown}"] if unknown else []
+        problems += [f"missing field(s) {missing}"] if missing else []
         raise ValueError(f"{where}: {'; '.join(problems)} (an int8 entry has {list(quantize.FOLDER_KEYS)})")
     if entry["scheme"] != quantize.FOLDER_SCHEME:
-        raise ValueError(f"{where} has scheme {entry['scheme']!r}: not supported (int8 folders are {quantize.FOLDER_SCHEME!r})")
+        raise ValueError(
+            f"{where} has scheme {entry['scheme']!r}: not supported (int8 folders are {quantize.FOLDER_SCHEME!r})"
+        )
     if entry["weights"] != quantize.FOLDER_WEIGHTS:
-        raise ValueError(f"{where} has weights {entry['weights']!r}: not supported (int8 folders quantize {quantize.FOLDER_WEIGHTS})")
+        raise ValueError(
+            f"{where} has weights {entry['weights']!r}: not supported (int8 folders quantize {quantize.FOLDER_WEIGHTS})"
+        )
     _positive_int(f"{where} shards", entry["shards"])
     if entry["source_dtype"] not in SOURCE_DTYPES:
         raise ValueError(f"{where} has source_dtype {entry['source_dtype']!r}: expected one of {list(SOURCE_DTYPES)}")
@@ -166,8 +171,9 @@ def from_dict(params: dict[str, Any], source: str = "params", vocab_size: Option
     vision_num_cross_attention_layers, vision_model, moe_args) mean a checkpoint we cannot run
     correctly: an error saying what it is, unless null (or -1, Meta's "no vision"). Our own
     ``"quantization"`` entry (an int8 folder, ``llama.quantize``) is accepted when
-    ``check_quantization`` accepts it. Any other key is an error naming it. The returned args' ``notes`` hold one line per thing the load
-    should tell the user (a factor chosen for them, a key ignored).
+    ``check_quantization`` accepts it. Any other key is an error naming it. The returned args'
+    ``notes`` hold one line per thing the load should tell the user (a factor chosen for them, a
+    key ignored).
     """
     params = {"rope_theta": LLAMA2_ROPE_THETA, **params}
     if params.get("vocab_size") == -1:

@@ -76,7 +76,8 @@ def quantize_folder(src: str | Path, dst: str | Path, log: Callable[[str], None]
     first = load_shard_file(paths[0])  # memory-mapped: its dtype, and the loader's own checks below
     source_dtype = first["tok_embeddings.weight"].dtype if "tok_embeddings.weight" in first else torch.bfloat16
     del first
-    need = int8_folder_bytes(args, source_dtype, n) + sum((src / f).stat().st_size for f in COPIED_FILES if (src / f).is_file())
+    copied = [src / name for name in COPIED_FILES if (src / name).is_file()]
+    need = int8_folder_bytes(args, source_dtype, n) + sum(p.stat().st_size for p in copied)
 
     with atomic_folder(dst, need, log=log) as tmp:
         for k, path in enumerate(paths):
@@ -93,9 +94,8 @@ def quantize_folder(src: str | Path, dst: str | Path, log: Callable[[str], None]
             del state, own
             log(f"wrote {dst / path.name} ({(tmp / path.name).stat().st_size / 2**20:.1f} MiB)")
         save_params(tmp, {**src_params, "quantization": quantize.folder_entry(n, source_dtype)})
-        for name in COPIED_FILES:
-            if (src / name).is_file():
-                shutil.copyfile(src / name, tmp / name)
+        for path in copied:
+            shutil.copyfile(path, tmp / path.name)
         if not (src / "tokenizer.model").is_file():
             log(f"note: {src} has no tokenizer.model; pass --tokenizer_path when loading {dst}")
         write_checklist(tmp)
@@ -109,7 +109,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                             "float32 scale per row) that Llama.build loads as it is, with no quantize argument.",
                 epilog="The format: docs/models.md (int8 folders). A mistake prints one line; LLAMA_DEBUG=1 "
                        "prints the traceback instead.")  # fmt: skip
-    ap.add_argument("src", help="Meta-format checkpoint folder with 16/32-bit weights (params.json + consolidated.NN.pth)")
+    ap.add_argument("src", help="Meta-format folder of 16/32-bit weights (params.json + consolidated.NN.pth)")
     ap.add_argument("dst", help="new folder to create (must not exist)")
     ap.add_argument("--int8", action="store_true",
                     help="required, the one format: every projection (wq wk wv wo w1 w2 w3, output) as int8 with a "

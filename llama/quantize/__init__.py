@@ -187,7 +187,9 @@ def check_int8_shard(path: str, state: dict[str, torch.Tensor]) -> None:
         if key.endswith(".scale"):
             weight = key.removesuffix("scale") + "weight"
             if not is_quantized_key(weight):  # (a missing weight is named by the loader's key check)
-                raise ValueError(f"{path}: unexpected key {key}: only the quantized weights ({', '.join(FOLDER_WEIGHTS)}) have row scales")
+                raise ValueError(
+                    f"{path}: unexpected key {key}: only the quantized weights ({', '.join(FOLDER_WEIGHTS)}) have row scales"
+                )
             continue
         if is_quantized_key(key):
             if t.dtype != torch.int8:
@@ -199,9 +201,13 @@ def check_int8_shard(path: str, state: dict[str, torch.Tensor]) -> None:
             if scale is None:
                 raise ValueError(f"{path}: {key} is int8, but its row scales {scale_key(key)} are missing")
             rows = t.shape[0] if t.dim() == 2 else -1
-            if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or tuple(scale.shape) != (rows,):
-                got = f"{str(scale.dtype).removeprefix('torch.')} {tuple(scale.shape)}" if isinstance(scale, torch.Tensor) else type(scale).__name__
-                raise ValueError(f"{path}: {scale_key(key)} is {got}, expected float32 of shape ({rows},): one scale per row of {key}")
+            if not isinstance(scale, torch.Tensor):
+                raise ValueError(f"{path}: {scale_key(key)} is a {type(scale).__name__}, expected a tensor of row scales")
+            if scale.dtype != torch.float32 or tuple(scale.shape) != (rows,):
+                got = f"{str(scale.dtype).removeprefix('torch.')} {tuple(scale.shape)}"
+                raise ValueError(
+                    f"{path}: {scale_key(key)} is {got}, expected float32 of shape ({rows},): one scale per row of {key}"
+                )
             bad = ~(torch.isfinite(scale) & (scale > 0))
             if bool(bad.any()):
                 row = int(bad.nonzero()[0, 0])
