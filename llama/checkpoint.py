@@ -3,7 +3,7 @@
 Loading is strict (every expected key, no unexpected key except the known-unused ``rope.freqs``,
 every shape checked against ``params.json``) and reshards on the fly: a checkpoint saved as N shards
 loads on M model-parallel ranks when M is a multiple of N or N a multiple of M (an int8 folder,
-``llama.quantize``, on exactly N). Each rank memory-maps the shard files and copies only its own
+``llama.quantize``, on a multiple of N). Each rank memory-maps the shard files and copies only its own
 slice, so peak RAM per rank stays near its share.
 """
 
@@ -321,8 +321,10 @@ def _libc() -> ctypes.CDLL:
 def int8_folder(ckpt_dir: str | Path, world_size: Optional[int] = None) -> Optional[dict[str, Any]]:
     """The checked ``"quantization"`` entry of an int8 folder (``llama.quantize``); None for others.
 
-    With ``world_size``: raise unless the folder has the shard count its entry says, and that many
-    ranks load it (each file's row scales belong to its own slice: see ``llama.quantize``).
+    With ``world_size``: raise unless the folder has the shard count its entry says, N, and
+    ``world_size`` is a multiple of N: each rank's slice then lies inside one file and keeps that
+    file's row scales, while fewer ranks would have to join files whose scales differ for the same
+    rows (``wo``, ``w2``; see ``llama.quantize``).
     """
     entry = read_quantization(Path(ckpt_dir) / "params.json")
     if entry is None or world_size is None:
@@ -333,12 +335,12 @@ def int8_folder(ckpt_dir: str | Path, world_size: Optional[int] = None) -> Optio
             f"{ckpt_dir}: params.json says its int8 weights were written as {entry['shards']} shard(s), but the "
             f"folder has {n} consolidated.NN.pth file(s): an incomplete copy? copy or quantize it again"
         )
-    if world_size != n:
+    if world_size % n:
         raise ValueError(
-            f"{ckpt_dir} holds int8 weights quantized for {n} rank(s) (each file's row scales belong to its own "
-            f"slice), so it loads on exactly {n} rank(s), not {world_size}: to run on {world_size}, reshard the "
-            f"16-bit folder it was made from (python -m llama.reshard SRC SRC-mp{world_size} --mp {world_size}) "
-            f"and quantize that (python -m llama.quantize SRC-mp{world_size} DST --int8)"
+            f"{ckpt_dir} holds int8 weights quantized as {n} shards (each file's row scales belong to its own "
+            f"slice), so it loads on {n} rank(s) or a multiple of {n}, not {world_size}: to run on {world_size}, "
+            f"reshard the 16-bit folder it was made from (python -m llama.reshard SRC SRC-mp{world_size} --mp "
+            f"{world_size}) and quantize that (python -m llama.quantize SRC-mp{world_size} DST --int8)"
         )
     return entry
 
@@ -372,7 +374,7 @@ def load_state_dict(
     loading never holds the whole file in memory besides the result.
 
     ``int8_folders``: an int8 folder (``llama.quantize``) loads as it is stored, its int8 weights
-    with their row scales under ``KEY.scale``, on exactly as many ranks as it has files; without
+    with their row scales under ``KEY.scale``, on N ranks or a multiple of N for N files; without
     it such a folder is refused (tools that read 16/32-bit weights need the folder it came from).
     """
     paths = find_shards(ckpt_dir)
@@ -385,7 +387,7 @@ def load_state_dict(
             f"GGUF export, quantize) need the folder it was quantized from"
         )
     if int8:
-        int8_folder(ckpt_dir, world_size)  # its shard count, and as many ranks
+        int8_folder(ckpt_dir, world_size)  # its shard count, and a multiple of it as ranks
     check_layout(args, n, world_size)
     fp8.check_scale_files(ckpt_dir, n)
     shapes = expected_shapes(args)
@@ -481,7 +483,7 @@ def load_state_dict(
             t = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=d)
             if not t.is_contiguous():
                 t = t.contiguous()
-        if int8_scales:  # one file per rank (int8_folder checked it): one piece, one set of row scales
+        if int8_scales:  # a multiple of the files as ranks (int8_folder checked it): one piece, one file's scales
             if len(int8_scales) != 1:
                 raise ValueError(f"{key}: int8 slices of {len(int8_scales)} files cannot be joined (their scales differ)")
             out[quantize.scale_key(key)] = int8_scales[0].to(device=device)

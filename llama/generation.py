@@ -100,7 +100,7 @@ class Llama:
         where reading the weights is the cost (CPUs; benchmarks/README.md), at a small accuracy cost
         (docs/models.md). Each weight is quantized as it is read (on the CPU), so the 16-bit model
         never has to fit in memory. An int8 folder (``python -m llama.quantize``) loads as such with
-        no ``quantize`` argument (``"int8"`` changes nothing), on as many ranks as it has files.
+        no ``quantize`` argument (``"int8"`` changes nothing), on N ranks or a multiple of N for N files.
         ``quantize="fp8"`` (CUDA GPUs of compute capability >= 8.9): after loading, the feed-forward
         weights of every layer but the first and the last are multiplied in FP8, as in Meta's FP8
         folders (``llama.fp8``); those folders themselves stay FP8 on such GPUs without it.
@@ -143,7 +143,7 @@ class Llama:
             )
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} must be at least 1")
-        # An int8 folder (llama.quantize): int8 as stored, on as many ranks as it has files.
+        # An int8 folder (llama.quantize): int8 as stored, on a multiple of its file count as ranks.
         int8 = int8_folder(ckpt_dir, world_size) is not None
         if int8 and quantize == "fp8":
             raise ValueError(

@@ -5,7 +5,7 @@ SRC with every projection weight replaced by ``int8_transform``'s int8 values an
 params.json is SRC's plus a ``"quantization"`` entry, tokenizer.model is copied, and a fresh
 checklist.chk is written. ``Llama.build(DST)`` then loads int8 weights straight from disk, bit for
 bit what ``Llama.build(SRC, quantize="int8")`` computes while loading, on as many ranks as DST has
-files (reshard SRC first for another rank count: ``python -m llama.reshard``).
+files, or a multiple of them (reshard SRC first for another rank count: ``python -m llama.reshard``).
 
 Shard k is read as rank k of N reads it (``load_state_dict``: memory-mapped, every key and shape
 checked, each weight quantized as it is taken and its 16-bit pages handed back), so one shard's

@@ -247,13 +247,13 @@ def test_memory_plan_counts_int8_bytes(tmp_path, meta_tokenizer_path, monkeypatc
 
 
 def test_other_rank_counts_refused(folders, tmp_path):
-    _, one = folders["bf16"]
+    """Fewer ranks than files (or a count that is not a multiple) would join files whose scales differ."""
     _, two = folders["mp2"]
-    for path, world in ((two, 1), (one, 2)):
+    for world in (1, 3):
         with pytest.raises(ValueError) as e:
-            load_state_dict(path, ARGS, 0, world, int8_folders=True)
-        n = 3 - world
-        for word in (str(path), f"quantized for {n} rank(s)", f"not {world}", "python -m llama.reshard", "--int8"):
+            load_state_dict(two, ARGS, 0, world, int8_folders=True)
+        words = (str(two), "quantized as 2 shards", "a multiple of 2", f"not {world}", "python -m llama.reshard", "--int8")
+        for word in words:
             assert word in str(e.value), (word, str(e.value))
     partial = shutil.copytree(two, tmp_path / "partial")
     (partial / "consolidated.01.pth").unlink()
@@ -261,10 +261,38 @@ def test_other_rank_counts_refused(folders, tmp_path):
         load_state_dict(partial, ARGS, 0, 1, int8_folders=True)
 
 
+@pytest.mark.parametrize("name, world", [("bf16", 2), ("bf16", 4), ("mp2", 4)])
+def test_multiple_of_the_files_as_ranks(folders, name, world):
+    """On M = kN ranks rank r takes its rows (columns for wo, w2) of file r // k with that file's
+    scales (sliced with the rows, whole with the columns): the N-rank model's numbers, split further.
+    On 4 ranks the 2 KV heads are each held by two ranks."""
+    from llama.checkpoint import expected_shapes, rank_range, shard_dim
+
+    _, dst = folders[name]
+    n = 2 if name == "mp2" else 1
+    k = world // n
+    files = [load_state_dict(dst, ARGS, i, n, int8_folders=True) for i in range(n)]
+    for r in range(world):
+        got = load_state_dict(dst, ARGS, r, world, int8_folders=True)
+        mine = files[r // k]
+        assert set(got) == set(mine)
+        for key in mine:
+            weight = key.removesuffix(".scale") + ".weight" if key.endswith(".scale") else key
+            d, rng = shard_dim(weight), rank_range(weight, ARGS, r, world)
+            if key.endswith(".scale") and d == 1:
+                d = None  # a column slice keeps every row's scale
+            want = mine[key]
+            if d is not None:  # the global rows (columns) of rank r, less where file r // k starts
+                start = (r // k) * expected_shapes(ARGS)[weight][d] // n
+                want = want.narrow(d, rng[0] - start, rng[1] - rng[0])
+            assert torch.equal(got[key], want), (r, key)
+
+
 @pytest.mark.slow
 def test_two_shards_on_two_gloo_ranks(folders, tmp_path):
     """Each rank loads its file into Int8Linear layers with fairscale's reduce / gather: its weights
-    and the logits equal quantize-at-load on 2 ranks, bit for bit, and both ranks agree."""
+    and the logits equal quantize-at-load on 2 ranks, bit for bit, and both ranks agree. A 1-file
+    folder on the same 2 ranks computes its 1-process logits, up to the order of float additions."""
     from test_parallel import dist, torchrun
 
     if not dist.is_available() or not dist.is_gloo_available():
@@ -272,12 +300,17 @@ def test_two_shards_on_two_gloo_ranks(folders, tmp_path):
     src, dst = folders["mp2"]
     torch.save(TOKENS, tmp_path / "tokens.pt")
     worker = Path(__file__).parent / "mp" / "int8_worker.py"
-    torchrun(2, str(worker), str(src), str(dst), str(tmp_path / "tokens.pt"), str(tmp_path))
+    one_file = folders["fp32"][1]
+    torchrun(2, str(worker), str(src), str(dst), str(tmp_path / "tokens.pt"), str(tmp_path), str(one_file))
     got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for g in got:
         assert g["same_state"] and torch.equal(g["folder"], g["at_load"])
         assert g["parallel"] == {"wq": None, "wo": "reduce", "w1": None, "w2": "reduce", "output": "gather"}
     assert torch.equal(got[0]["folder"], got[1]["folder"])
+    assert torch.equal(got[0]["one_file"], got[1]["one_file"])
+    with torch.inference_mode():
+        alone = load_transformer(one_file, "cpu", torch.float32)(TOKENS)
+    assert ((got[0]["one_file"] - alone).abs().max() / alone.abs().max()).item() < 1e-5
     with torch.inference_mode():  # and it is the 2-rank int8 model: near the 1-process float model
         want = load_transformer(src, "cpu", torch.float32)(TOKENS)
     rel = ((got[0]["folder"] - want).abs().max() / want.abs().max()).item()

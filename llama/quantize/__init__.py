@@ -36,9 +36,11 @@ store that result on disk, in Meta's folder layout, so it is computed once:
 - ``tokenizer.model`` copied from SRC, and a fresh ``checklist.chk``.
 
 ``Llama.build(DST)`` loads such a folder into ``Int8Linear`` layers with no ``quantize`` argument,
-strictly (``check_int8_shard``), bit for bit what ``quantize="int8"`` makes of SRC. An N-shard
-folder loads on exactly N ranks: a row-parallel slice's scales belong to its file, so files cannot
-be joined, and other rank counts are refused (reshard the 16-bit SRC, then quantize again).
+strictly (``check_int8_shard``), bit for bit what ``quantize="int8"`` makes of SRC on N ranks for
+an N-shard folder. On kN ranks each rank takes its slice of one file with that file's scales (the
+same numbers, split further: the N-rank model up to the order of float additions). Fewer ranks, or
+a count that is not a multiple of N, are refused: wo and w2 are split by columns, so files have
+their own scales for the same rows and cannot be joined (reshard the 16-bit SRC, quantize again).
 """
 
 from typing import Callable, Optional
