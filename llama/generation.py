@@ -31,7 +31,7 @@ from llama.sampling import check_temperature, check_top_p, sample_next
 from llama.tokenizer import Tokenizer
 
 
-QUANTIZE = (None, "int8", "fp8")  # Llama.build(quantize=...): llama/quantize.py, llama/fp8.py
+QUANTIZE = (None, "int8", "fp8")  # Llama.build(quantize=...): llama/quantize/, llama/fp8.py
 
 
 class TokenEvent(TypedDict):
