@@ -2,8 +2,9 @@
 
 Loading is strict (every expected key, no unexpected key except the known-unused ``rope.freqs``,
 every shape checked against ``params.json``) and reshards on the fly: a checkpoint saved as N shards
-loads on M model-parallel ranks when M is a multiple of N or N a multiple of M. Each rank memory-maps
-the shard files and copies only its own slice, so peak RAM per rank stays near its share.
+loads on M model-parallel ranks when M is a multiple of N or N a multiple of M (an int8 folder,
+``llama.quantize``, on a multiple of N). Each rank memory-maps the shard files and copies only its own
+slice, so peak RAM per rank stays near its share.
 """
 
 import contextlib
@@ -29,7 +30,7 @@ import torch
 
 from llama import fp8, quantize
 from llama.model import ModelArgs, Transformer
-from llama.params import load as read_params, to_dict
+from llama.params import load as read_params, read_quantization, to_dict
 from llama.progress import Progress
 
 # Keys present in old (Llama 1/2) checkpoints that the model does not use; dropped by name.
@@ -219,11 +220,12 @@ def _not_a_checkpoint(path: Path, error: Exception) -> str:
     return f"{path} is not a PyTorch checkpoint (unknown data; {size:,} bytes): re-download it"
 
 
-def load_shard_file(path: str | Path) -> dict[str, torch.Tensor]:
+def load_shard_file(path: str | Path, int8: bool = False) -> dict[str, torch.Tensor]:
     """``torch.load`` of one shard, memory-mapped, ``weights_only`` (checkpoints are untrusted).
 
     Errors say what the file is when it is not a PyTorch checkpoint (an HTML error page saved by
-    a failed download, random bytes), and name a tensor of an integer dtype.
+    a failed download, random bytes), and name a tensor of an integer dtype (``int8``: a shard of
+    an int8 folder, whose int8 tensors ``llama.quantize.check_int8_shard`` checks).
     """
     path = Path(path)
     try:
@@ -245,6 +247,8 @@ def load_shard_file(path: str | Path) -> dict[str, torch.Tensor]:
             fp8_folder = fp8.is_fp8_folder(path.parent) if fp8_folder is None else fp8_folder
             if fp8_folder:
                 continue
+        if int8 and isinstance(t, torch.Tensor) and t.dtype == torch.int8:
+            continue
         if isinstance(t, torch.Tensor) and t.dtype not in WEIGHT_DTYPES:
             raise ValueError(
                 f"{path}: {k} has dtype {str(t.dtype).replace('torch.', '')}, not a float type: integer or "
@@ -314,6 +318,33 @@ def _libc() -> ctypes.CDLL:
     return libc
 
 
+def int8_folder(ckpt_dir: str | Path, world_size: Optional[int] = None) -> Optional[dict[str, Any]]:
+    """The checked ``"quantization"`` entry of an int8 folder (``llama.quantize``); None for others.
+
+    With ``world_size``: raise unless the folder has the shard count its entry says, N, and
+    ``world_size`` is a multiple of N: each rank's slice then lies inside one file and keeps that
+    file's row scales, while fewer ranks would have to join files whose scales differ for the same
+    rows (``wo``, ``w2``; see ``llama.quantize``).
+    """
+    entry = read_quantization(Path(ckpt_dir) / "params.json")
+    if entry is None or world_size is None:
+        return entry
+    n = len(find_shards(ckpt_dir))
+    if n != entry["shards"]:
+        raise FileNotFoundError(
+            f"{ckpt_dir}: params.json says its int8 weights were written as {entry['shards']} shard(s), but the "
+            f"folder has {n} consolidated.NN.pth file(s): an incomplete copy? copy or quantize it again"
+        )
+    if world_size % n:
+        raise ValueError(
+            f"{ckpt_dir} holds int8 weights quantized as {n} shards (each file's row scales belong to its own "
+            f"slice), so it loads on {n} rank(s) or a multiple of {n}, not {world_size}: to run on {world_size}, "
+            f"reshard the 16-bit folder it was made from (python -m llama.reshard SRC SRC-mp{world_size} --mp "
+            f"{world_size}) and quantize that (python -m llama.quantize SRC-mp{world_size} DST --int8)"
+        )
+    return entry
+
+
 # Replaces one loaded tensor by entries of the state dict (llama.quantize.int8_transform: a weight
 # by its int8 values and row scales), applied on the CPU before the tensor moves to its device.
 Transform = Callable[[str, torch.Tensor], dict[str, torch.Tensor]]
@@ -329,6 +360,7 @@ def load_state_dict(
     progress: bool = False,
     keep_fp8: bool = False,
     transform: Optional[Transform] = None,
+    int8_folders: bool = False,
 ) -> dict[str, torch.Tensor]:
     """This rank's tensors for ``world_size`` ranks, resharded from however many files there are.
 
@@ -340,9 +372,22 @@ def load_state_dict(
     ``transform`` replaces each tensor as it is taken (``Transform``). A tensor that ends up copied
     hands its file pages back at once (``release_pages``), so converting or quantizing while
     loading never holds the whole file in memory besides the result.
+
+    ``int8_folders``: an int8 folder (``llama.quantize``) loads as it is stored, its int8 weights
+    with their row scales under ``KEY.scale``, on N ranks or a multiple of N for N files; without
+    it such a folder is refused (tools that read 16/32-bit weights need the folder it came from).
     """
     paths = find_shards(ckpt_dir)
     n = len(paths)
+    int8 = int8_folder(ckpt_dir) is not None
+    if int8 and not int8_folders:
+        raise ValueError(
+            f"{ckpt_dir} is an int8 folder (params.json has \"quantization\"; written by python -m llama.quantize): "
+            f"Llama.build and load_transformer load it; tools that read 16/32-bit weights (reshard, convert, "
+            f"GGUF export, quantize) need the folder it was quantized from"
+        )
+    if int8:
+        int8_folder(ckpt_dir, world_size)  # its shard count, and a multiple of it as ranks
     check_layout(args, n, world_size)
     fp8.check_scale_files(ckpt_dir, n)
     shapes = expected_shapes(args)
@@ -351,6 +396,7 @@ def load_state_dict(
     file_dims: dict[str, int] = {}  # split dims of the files where they differ from SHARD_DIMS
     mapped: list[tuple[int, int]] = []  # address ranges of the files' memory mappings
     sources: list[torch.Tensor] = []  # the file views the current key was taken from
+    int8_scales: list[torch.Tensor] = []  # int8 folders: the row scales of the current key's pieces
 
     def split_dim(k: str, shape: torch.Size) -> Optional[int]:
         # Llama 2 split tok_embeddings along dim 1 ([vocab, dim/N] per file), Llama 3 along dim 0:
@@ -364,12 +410,15 @@ def load_state_dict(
 
     def shard(i: int) -> dict[str, torch.Tensor]:
         if i not in cache:
-            sd = load_shard_file(paths[i])
+            sd = load_shard_file(paths[i], int8)
             for k in UNUSED_KEYS:
                 sd.pop(k, None)
             _check_shard_count(Path(ckpt_dir), paths[i], sd, args, n)
-            missing = [k for k in shapes if k not in sd]
-            unexpected = [k for k in sd if k not in shapes]
+            if int8:  # dtypes and scales first: the most specific message
+                quantize.check_int8_shard(str(paths[i]), sd)
+            expected = set(shapes) | set(int8_scale_keys)
+            missing = [k for k in [*shapes, *int8_scale_keys] if k not in sd]
+            unexpected = [k for k in sd if k not in expected]
             if missing or unexpected:
                 raise ValueError(
                     f"{paths[i]} does not match {Path(ckpt_dir) / 'params.json'}: "
@@ -398,6 +447,10 @@ def load_state_dict(
         # the rows when split by rows; w2 is split by columns and keeps every row's scale).
         t = _take(shard(i)[key], d, rng)
         sources.append(t)
+        if int8 and t.dtype == torch.int8:  # an int8 folder's weight: its values, and its file's row scales
+            s = shard(i)[quantize.scale_key(key)]
+            int8_scales.append(_take(s, 0, rng) if d == 0 and rng is not None else s)
+            return t
         if key not in scales[i]:
             return t
         if keep_fp8 and n == world_size:  # rank i reads file i whole: its values and scales as they are
@@ -406,13 +459,15 @@ def load_state_dict(
         scale = _take(scales[i][key], 0, rng) if d == 0 else scales[i][key]
         return fp8.dequantize(t, scale, dtype or shard(0)["tok_embeddings.weight"].dtype)
 
+    int8_scale_keys = [quantize.scale_key(k) for k in shapes if int8 and quantize.is_quantized_key(k)]
     out: dict[str, torch.Tensor] = {}
     first = shard(0)  # validates the first file and finds its layout (file_dims)
-    bar = _progress_bar(paths, shapes, args, rank, world_size, first) if progress else None
+    bar = _progress_bar(paths, shapes, args, rank, world_size, first, int8) if progress else None
     for key, full in shapes.items():
         d = shard_dim(key)
         rng = rank_range(key, args, rank, world_size)
         sources.clear()
+        int8_scales.clear()
         if d is None or (rng is None and n == 1):
             t = take(0, key, None, None)
         elif file_dims.get(key, d) != d:  # Llama 2 embedding: this rank's rows, from every file's columns
@@ -428,7 +483,11 @@ def load_state_dict(
             t = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=d)
             if not t.is_contiguous():
                 t = t.contiguous()
-        if dtype is not None and t.dtype != fp8.FP8:
+        if int8_scales:  # a multiple of the files as ranks (int8_folder checked it): one piece, one file's scales
+            if len(int8_scales) != 1:
+                raise ValueError(f"{key}: int8 slices of {len(int8_scales)} files cannot be joined (their scales differ)")
+            out[quantize.scale_key(key)] = int8_scales[0].to(device=device)
+        if dtype is not None and t.dtype not in (fp8.FP8, torch.int8):
             t = t.to(dtype)
         nbytes = t.numel() * t.element_size()
         taken = transform(key, t) if transform is not None else {key: t}
@@ -447,12 +506,13 @@ def load_state_dict(
 
 def _progress_bar(
     paths: list[Path], shapes: dict[str, tuple[int, ...]], args: ModelArgs, rank: int, world_size: int,
-    first_shard: dict[str, torch.Tensor],
+    first_shard: dict[str, torch.Tensor], int8: bool = False,
 ) -> Progress:
-    """A progress line over the bytes this rank takes from ``paths`` (sizes from the shapes)."""
-    itemsize = first_shard["tok_embeddings.weight"].element_size()
+    """A progress line over the bytes this rank takes from ``paths`` (sizes from the shapes; in an
+    int8 folder a quantized weight is 1 byte an element)."""
     total = 0
     for key, full in shapes.items():
+        itemsize = 1 if int8 and quantize.is_quantized_key(key) else first_shard["tok_embeddings.weight"].element_size()
         rng = rank_range(key, args, rank, world_size)
         numel = math.prod(full)
         total += itemsize * (numel if rng is None else numel // full[shard_dim(key)] * (rng[1] - rng[0]))
@@ -477,10 +537,13 @@ def load_transformer(
     ``dtype`` None keeps the checkpoint's dtype. The weights are assigned, not copied, so a
     checkpoint that is already in the requested dtype stays memory-mapped on CPU. ``keep_fp8``: the
     FP8 weights of Meta's FP8 folders stay FP8 in ``llama.fp8.Fp8Linear`` layers (one file per rank).
-    ``transform``: see ``load_state_dict``; int8 weights with scales load into ``llama.quantize.Int8Linear``.
+    ``transform``: see ``load_state_dict``; int8 weights with scales (``transform=int8_transform``,
+    or an int8 folder, ``llama.quantize``) load into ``llama.quantize.Int8Linear``.
     """
     args = args or load_params(ckpt_dir)
-    state = load_state_dict(ckpt_dir, args, rank, world_size, dtype, device, progress, keep_fp8, transform)
+    state = load_state_dict(
+        ckpt_dir, args, rank, world_size, dtype, device, progress, keep_fp8, transform, int8_folders=True
+    )
     model = Transformer(args, device="meta")
     if parallelize is not None:
         model = parallelize(model)

@@ -7,7 +7,7 @@ the function's signature with an argparse parser built from it: unknown flags, v
 wrong type, NaN, out-of-range numbers, unknown dtypes and devices that do not exist here are
 refused before anything is loaded. The same parser prints ``--help``.
 
-``python -m llama.convert / reshard / gguf`` use argparse directly with the same conventions:
+``python -m llama.convert / reshard / gguf / quantize`` use argparse directly with the same conventions:
 underscore flag names (``--max_seq_len``; the dashed spelling is accepted too), ``--dtype
 bf16|fp16|fp32``, ``--device``, and ``prog: error: ...`` messages.
 

@@ -17,7 +17,7 @@ import torch
 from llama import fp8, sampling
 from llama.chat_format import ChatFormat
 from llama.chat_format_llama2 import Llama2ChatFormat
-from llama.checkpoint import load_params, load_transformer, verify_checkpoint
+from llama.checkpoint import int8_folder, load_params, load_transformer, verify_checkpoint
 from llama.datatypes import ChatPrediction, CompletionPrediction, Dialog
 from llama.devices import CpuThreads, check_device, compile_decode_step, default_device, resolve_dtype
 from llama.diagnose import NonFiniteLogitsError, nonfinite_logits_message
@@ -31,7 +31,7 @@ from llama.sampling import check_temperature, check_top_p, sample_next
 from llama.tokenizer import Tokenizer
 
 
-QUANTIZE = (None, "int8", "fp8")  # Llama.build(quantize=...): llama/quantize.py, llama/fp8.py
+QUANTIZE = (None, "int8", "fp8")  # Llama.build(quantize=...): llama/quantize/, llama/fp8.py
 
 
 class TokenEvent(TypedDict):
@@ -99,7 +99,8 @@ class Llama:
         with one scale per output row (``llama.quantize``), half the bytes of bf16: faster decoding
         where reading the weights is the cost (CPUs; benchmarks/README.md), at a small accuracy cost
         (docs/models.md). Each weight is quantized as it is read (on the CPU), so the 16-bit model
-        never has to fit in memory.
+        never has to fit in memory. An int8 folder (``python -m llama.quantize``) loads as such with
+        no ``quantize`` argument (``"int8"`` changes nothing), on N ranks or a multiple of N for N files.
         ``quantize="fp8"`` (CUDA GPUs of compute capability >= 8.9): after loading, the feed-forward
         weights of every layer but the first and the last are multiplied in FP8, as in Meta's FP8
         folders (``llama.fp8``); those folders themselves stay FP8 on such GPUs without it.
@@ -142,11 +143,18 @@ class Llama:
             )
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} must be at least 1")
+        # An int8 folder (llama.quantize): int8 as stored, on a multiple of its file count as ranks.
+        int8 = int8_folder(ckpt_dir, world_size) is not None
+        if int8 and quantize == "fp8":
+            raise ValueError(
+                f"{ckpt_dir} is an int8 folder (python -m llama.quantize); quantize='fp8' needs 16-bit weights: "
+                f"build the folder it was quantized from with quantize='fp8', or this one without quantize"
+            )
         # Meta's FP8 folders stay FP8 on GPUs that multiply it (one file per rank); else bf16 at load.
         keep_fp8 = fp8.keep_fp8(ckpt_dir, device, world_size)
         # quantize="int8" quantizes each weight as it is read (the peak is the int8 model);
         # quantize="fp8" after loading (the peak is the 16-bit model).
-        planned = "fp8" if keep_fp8 else "int8" if quantize == "int8" else None
+        planned = "fp8" if keep_fp8 else "int8" if quantize == "int8" or int8 else None
         plan = plan_memory(args, max_seq_len, max_batch_size, dtype, world_size, quantize=planned)
         check_fits(plan, device)
         if rank == 0:  # before the load, which can take minutes: what it will take, and where
@@ -158,7 +166,8 @@ class Llama:
 
         model = load_transformer(
             ckpt_dir, device, dtype, rank, world_size, parallelize if world_size > 1 else None, args=args,
-            progress=rank == 0, keep_fp8=keep_fp8, transform=int8_transform if quantize == "int8" else None,
+            progress=rank == 0, keep_fp8=keep_fp8,
+            transform=int8_transform if quantize == "int8" and not int8 else None,
         )
         if quantize == "fp8":  # a bf16 folder (or an FP8 one on another rank count): FFN to FP8 now
             fp8.quantize_feed_forward(model)

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from llama.checkpoint import check_layout, find_shards
+from llama.checkpoint import check_layout, find_shards, int8_folder
 from llama.devices import check_device, parse_dtype
 from llama.model import ModelArgs
 from llama.params import load as read_params
@@ -197,12 +197,14 @@ def _load_args(path: str | Path) -> ModelArgs:
 
 
 def report(
-    args: ModelArgs, max_seq_len: int, max_batch_size: int, dtype: torch.dtype | str, world_size: int = 1, tied: bool = False
+    args: ModelArgs, max_seq_len: int, max_batch_size: int, dtype: torch.dtype | str, world_size: int = 1,
+    tied: bool = False, quantize: Optional[str] = None,
 ) -> str:
     """The release-post style tables plus this run's plan, as text; every size in GiB.
 
     ``tied``: the model's parameters count the output layer once; the run's plan counts it twice,
-    because a Meta-format checkpoint stores it and ``Llama.build`` loads both copies.
+    because a Meta-format checkpoint stores it and ``Llama.build`` loads both copies. ``quantize``:
+    the run's weights are quantized so ("int8" for an int8 folder, which loads as int8).
     """
     count = parameter_count(args, tied)
     lines = [f"parameters: {count:,}"]
@@ -216,8 +218,8 @@ def report(
     lines += ["", "KV cache (16-bit)  1k tokens   16k tokens   128k tokens"]
     kv = [kv_cache_bytes(args, n, 2) / GiB for n in (1024, 16384, 131072)]
     lines.append(f"  batch 1         {kv[0]:8.4f} GiB {kv[1]:8.3f} GiB {kv[2]:9.3f} GiB")
-    plan = plan_memory(args, max_seq_len, max_batch_size, dtype, world_size)
-    lines += ["", f"this run: {plan.describe()}"]
+    plan = plan_memory(args, max_seq_len, max_batch_size, dtype, world_size, quantize=quantize)
+    lines += ["", f"this run: {plan.describe()}" + (f" ({quantize} weights, scales included)" if quantize else "")]
     return "\n".join(lines)
 
 
@@ -251,7 +253,8 @@ def main(
         folder = Path(path) if Path(path).is_dir() else None
         check_layout(args, len(find_shards(folder)) if folder and any(folder.glob("consolidated.*.pth")) else 1, world_size)
     tied = Path(path).is_dir() and is_tied(path)
-    print(report(args, max_seq_len, max_batch_size, dtype, world_size, tied))
+    quantize = "int8" if Path(path).is_dir() and int8_folder(path) is not None else None  # loads as int8
+    print(report(args, max_seq_len, max_batch_size, dtype, world_size, tied, quantize))
 
 
 HELP = {

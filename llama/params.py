@@ -12,6 +12,9 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
+from llama import quantize
 from llama.model import ModelArgs
 
 # Llama 1/2 params.json files carry no rope_theta: Meta's Llama 2 code fixes theta at 10000.
@@ -44,6 +47,56 @@ UNSUPPORTED_KEYS = {
     "vision_model": "a Llama 3.2 Vision (multimodal) checkpoint",
     "moe_args": "a Llama 4 (mixture-of-experts) checkpoint",
 }
+
+
+# Our own key: an int8 folder written by ``python -m llama.quantize`` (``llama.quantize``'s docstring).
+QUANTIZATION_KEY = "quantization"
+SOURCE_DTYPES = ("bfloat16", "float16", "float32", "float64")
+
+
+def check_quantization(entry: Any, source: str = "params") -> dict[str, Any]:
+    """The ``"quantization"`` entry of an int8 folder's params.json, checked field by field; errors
+    name the field and the value. Only ``format`` "int8" with ``scheme`` "per-row symmetric" exists."""
+    where = f"{source}: {QUANTIZATION_KEY!r}"
+    if not isinstance(entry, dict):
+        example = quantize.folder_entry(1, torch.bfloat16)
+        raise ValueError(f"{where} must be an object like {example}, got {entry!r} ({_json_type(entry)})")
+    if entry.get("format") != quantize.FOLDER_FORMAT:
+        raise ValueError(
+            f"{where} has format {entry.get('format')!r}: not supported; this library reads int8 folders written by "
+            f"python -m llama.quantize (format {quantize.FOLDER_FORMAT!r}); Meta's QAT / SpinQuant folders say "
+            f"quantization_args"
+        )
+    unknown = sorted(set(entry) - set(quantize.FOLDER_KEYS))
+    missing = [k for k in quantize.FOLDER_KEYS if k not in entry]
+    if unknown or missing:
+        problems = [f"unknown field(s) {unknown}"] if unknown else []
+        problems += [f"missing field(s) {missing}"] if missing else []
+        raise ValueError(f"{where}: {'; '.join(problems)} (an int8 entry has {list(quantize.FOLDER_KEYS)})")
+    if entry["scheme"] != quantize.FOLDER_SCHEME:
+        raise ValueError(
+            f"{where} has scheme {entry['scheme']!r}: not supported (int8 folders are {quantize.FOLDER_SCHEME!r})"
+        )
+    if entry["weights"] != quantize.FOLDER_WEIGHTS:
+        raise ValueError(
+            f"{where} has weights {entry['weights']!r}: not supported (int8 folders quantize {quantize.FOLDER_WEIGHTS})"
+        )
+    _positive_int(f"{where} shards", entry["shards"])
+    if entry["source_dtype"] not in SOURCE_DTYPES:
+        raise ValueError(f"{where} has source_dtype {entry['source_dtype']!r}: expected one of {list(SOURCE_DTYPES)}")
+    return dict(entry)
+
+
+def read_quantization(path: str | Path) -> Optional[dict[str, Any]]:
+    """The checked ``"quantization"`` entry of a params.json file; None when it has none (or cannot be
+    read: ``load`` reports that)."""
+    try:
+        params = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(params, dict) or QUANTIZATION_KEY not in params:
+        return None
+    return check_quantization(params[QUANTIZATION_KEY], str(path))
 
 
 def _json_type(value: Any) -> str:
@@ -116,9 +169,11 @@ def from_dict(params: dict[str, Any], source: str = "params", vocab_size: Option
     vision_max_num_chunks: Meta's loaders take them, they do not change the math; each gives a
     note). ``UNSUPPORTED_KEYS`` (quantization_args, lora_args, vision_chunk_size,
     vision_num_cross_attention_layers, vision_model, moe_args) mean a checkpoint we cannot run
-    correctly: an error saying what it is, unless null (or -1, Meta's "no vision"). Any other
-    key is an error naming it. The returned args' ``notes`` hold one line per thing the load
-    should tell the user (a factor chosen for them, a key ignored).
+    correctly: an error saying what it is, unless null (or -1, Meta's "no vision"). Our own
+    ``"quantization"`` entry (an int8 folder, ``llama.quantize``) is accepted when
+    ``check_quantization`` accepts it. Any other key is an error naming it. The returned args'
+    ``notes`` hold one line per thing the load should tell the user (a factor chosen for them, a
+    key ignored).
     """
     params = {"rope_theta": LLAMA2_ROPE_THETA, **params}
     if params.get("vocab_size") == -1:
@@ -135,6 +190,8 @@ def from_dict(params: dict[str, Any], source: str = "params", vocab_size: Option
                 f"{source}: ignored {key}={value!r} ("
                 + (f"a runtime setting: pass {key} to Llama.build)" if runtime else "no vision model here)")
             )
+    if QUANTIZATION_KEY in params:  # our int8 folders: the loader reads the weights as int8
+        check_quantization(params.pop(QUANTIZATION_KEY), source)
     for key, what in UNSUPPORTED_KEYS.items():
         if key in params:
             if params[key] is None or params[key] == -1:

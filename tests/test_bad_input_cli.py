@@ -438,6 +438,7 @@ def test_written_folders_get_normal_permissions(ckpt, tmp_path):
         ("-m llama.convert hf-to-meta", ["--shards", "--dtype", "bf16"]),
         ("-m llama.convert meta-to-hf", ["--max_shard_size", "default 5"]),
         ("-m llama.reshard", ["--mp", "--dtype"]),
+        ("-m llama.quantize", ["src", "dst", "--int8", "per output row"]),
         ("-m llama.gguf", ["out_dir", "--dtype", "default fp32"]),
     ],
 )

@@ -22,10 +22,11 @@ LAYERS = [
     {"family", "tool_calls", "hf_tokenizer", "native"},
     {"checkpoint"},  # files of weights
     # byte counts, dialogs, fast paths, ranks, format tools
-    {"memory", "chat_format", "chat_format_llama2", "fast", "parallel", "convert", "reshard", "gguf_export"},
+    {"memory", "chat_format", "chat_format_llama2", "fast", "parallel", "convert", "reshard", "gguf_export",
+     "quantize_folder"},  # fmt: skip
     {"gguf"},  # GGUF import (writes through convert)
     {"demo", "generation"},  # the demo model; Llama: build and generate
-    {"chat", "guard", "__init__"},  # entry points; moderation on a built Llama
+    {"chat", "guard", "__init__", "quantize.__main__"},  # entry points; moderation on a built Llama
 ]
 # Upward imports allowed by name: Meta's `from llama.tokenizer import ChatFormat` (resolved lazily,
 # on first use, by tokenizer's module __getattr__; chat_format imports tokenizer).
@@ -54,7 +55,18 @@ def imports(path: Path) -> tuple[set[str], set[str]]:
     return ours, others
 
 
-MODULES = sorted(p.stem for p in PACKAGE.glob("*.py"))
+def module_files() -> dict[str, Path]:
+    """Module name -> file: ``x.py`` is ``x``; a subpackage ``x/`` is ``x`` (its ``__init__.py``) and
+    ``x.y`` for its other files (``quantize.__main__``: what ``python -m llama.quantize`` runs)."""
+    files = {p.stem: p for p in PACKAGE.glob("*.py")}
+    for init in PACKAGE.glob("*/__init__.py"):
+        files[init.parent.name] = init
+        files.update({f"{init.parent.name}.{p.stem}": p for p in init.parent.glob("*.py") if p != init})
+    return files
+
+
+FILES = module_files()
+MODULES = sorted(FILES)
 
 
 def test_every_module_has_a_layer():
@@ -72,7 +84,7 @@ def test_model_imports_only_torch_and_the_standard_library():
 @pytest.mark.parametrize("module", MODULES)
 def test_imports_go_down_only(module):
     level = {name: i for i, layer in enumerate(LAYERS) for name in layer}
-    ours, _ = imports(PACKAGE / f"{module}.py")
+    ours, _ = imports(FILES[module])
     upward = sorted(
         dep for dep in ours if level.get(dep, len(LAYERS)) >= level[module] and (module, dep) not in ALIASES
     )

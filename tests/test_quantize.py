@@ -1,4 +1,4 @@
-"""int8 weight-only quantization (llama/quantize.py) and its kernel (llama/csrc/int8_matvec.c).
+"""int8 weight-only quantization (llama/quantize/__init__.py) and its kernel (llama/csrc/int8_matvec.c).
 
 References are float64 formulas written here: per-row symmetric quantization, and y = x @ (q * s).T.
 """

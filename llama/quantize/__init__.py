@@ -18,6 +18,29 @@ Which weights: the seven projections of every layer (wq, wk, wv, wo, w1, w2, w3)
 embedding is a table lookup (one row a token, nothing to gain) and stays in the checkpoint's
 dtype; ``output`` (the vocabulary projection, 13% of Llama 3.2 1B's bytes) is quantized too unless
 ``keep_output=True`` (see docs/models.md for the measured effect of each choice).
+
+**int8 folders** (``python -m llama.quantize SRC DST --int8``, written by ``llama.quantize_folder``)
+store that result on disk, in Meta's folder layout, so it is computed once:
+
+- ``consolidated.NN.pth``: shard k is shard k of SRC with every key ``is_quantized_key`` selects
+  replaced by exactly what ``int8_transform`` makes of it: the int8 values [out, in] under the
+  checkpoint key (``layers.0.attention.wq.weight``) and their float32 row scales [out] under the
+  same key ending in ``scale`` (``layers.0.attention.wq.scale``). Every other tensor (the token
+  embedding, the norms) is SRC's, unchanged. A row-parallel weight (wo, w2) split over several
+  shards has one scale per row in each shard: each shard's slice is quantized on its own, as each
+  rank's slice is by ``Llama.build(quantize="int8")``.
+- ``params.json``: SRC's, plus ``"quantization": folder_entry(...)``: ``format`` "int8",
+  ``scheme`` "per-row symmetric" (the formula above), ``weights`` (the module names quantized:
+  wq wk wv wo w1 w2 w3 output), ``shards`` (how many files, hence ranks, it was quantized for) and
+  ``source_dtype`` (the dtype the weights were quantized from, which the other tensors keep).
+- ``tokenizer.model`` copied from SRC, and a fresh ``checklist.chk``.
+
+``Llama.build(DST)`` loads such a folder into ``Int8Linear`` layers with no ``quantize`` argument,
+strictly (``check_int8_shard``), bit for bit what ``quantize="int8"`` makes of SRC on N ranks for
+an N-shard folder. On kN ranks each rank takes its slice of one file with that file's scales (the
+same numbers, split further: the N-rank model up to the order of float additions). Fewer ranks, or
+a count that is not a multiple of N, are refused: wo and w2 are split by columns, so files have
+their own scales for the same rows and cannot be joined (reshard the 16-bit SRC, quantize again).
 """
 
 from typing import Callable, Optional
@@ -130,10 +153,74 @@ def int8_transform(key: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
     """For ``llama.checkpoint.load_state_dict(transform=...)``: a projection weight becomes its int8
     values and row scales (``KEY`` and ``....scale``) as it is read, so the 16-bit matrix never
     lives in memory beside the rest; other tensors pass through."""
-    if not is_quantized_key(key):
+    if not is_quantized_key(key) or t.dtype == torch.int8:  # int8 already (an int8 folder): its scale comes with it
         return {key: t}
     q, scale = quantize_int8(t)
-    return {key: q, key.removesuffix("weight") + "scale": scale}
+    return {key: q, scale_key(key): scale}
+
+
+# The "quantization" entry of an int8 folder's params.json (checked by ``llama.params``).
+FOLDER_FORMAT = "int8"
+FOLDER_SCHEME = "per-row symmetric"
+FOLDER_WEIGHTS = [*PROJECTIONS, "output"]
+FOLDER_KEYS = ("format", "scheme", "weights", "shards", "source_dtype")
+
+
+def folder_entry(shards: int, source_dtype: torch.dtype) -> dict:
+    """The params.json ``"quantization"`` entry of an int8 folder of ``shards`` files quantized from
+    ``source_dtype`` weights (see the module docstring)."""
+    return {"format": FOLDER_FORMAT, "scheme": FOLDER_SCHEME, "weights": list(FOLDER_WEIGHTS), "shards": shards,
+            "source_dtype": str(source_dtype).removeprefix("torch.")}  # fmt: skip
+
+
+def scale_key(weight_key: str) -> str:
+    """``layers.0.attention.wq.weight`` -> ``layers.0.attention.wq.scale``: where its row scales are stored."""
+    return weight_key.removesuffix("weight") + "scale"
+
+
+def check_int8_shard(path: str, state: dict[str, torch.Tensor]) -> None:
+    """Raise, naming the key and ``path``, unless the shard holds int8 weights exactly where an int8
+    folder has them: every ``is_quantized_key`` int8 [out, in] with float32 row scales [out], finite
+    and > 0, under ``scale_key``; no other tensor int8, no other ``.scale``. (Keys and shapes against
+    params.json are the loader's checks.)"""
+    for key, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        if key.endswith(".scale"):
+            weight = key.removesuffix("scale") + "weight"
+            if not is_quantized_key(weight):  # (a missing weight is named by the loader's key check)
+                raise ValueError(
+                    f"{path}: unexpected key {key}: only the quantized weights ({', '.join(FOLDER_WEIGHTS)}) have row scales"
+                )
+            continue
+        if is_quantized_key(key):
+            if t.dtype != torch.int8:
+                raise ValueError(
+                    f"{path}: {key} has dtype {str(t.dtype).removeprefix('torch.')}, but an int8 folder stores it as "
+                    f"int8 (params.json says \"quantization\": int8): a file from another folder? quantize SRC again"
+                )
+            scale = state.get(scale_key(key))
+            if scale is None:
+                raise ValueError(f"{path}: {key} is int8, but its row scales {scale_key(key)} are missing")
+            rows = t.shape[0] if t.dim() == 2 else -1
+            if not isinstance(scale, torch.Tensor):
+                raise ValueError(f"{path}: {scale_key(key)} is a {type(scale).__name__}, expected a tensor of row scales")
+            if scale.dtype != torch.float32 or tuple(scale.shape) != (rows,):
+                got = f"{str(scale.dtype).removeprefix('torch.')} {tuple(scale.shape)}"
+                raise ValueError(
+                    f"{path}: {scale_key(key)} is {got}, expected float32 of shape ({rows},): one scale per row of {key}"
+                )
+            bad = ~(torch.isfinite(scale) & (scale > 0))
+            if bool(bad.any()):
+                row = int(bad.nonzero()[0, 0])
+                raise ValueError(
+                    f"{path}: {scale_key(key)} has {scale[row].item()} at row {row}: row scales must be finite and > 0"
+                )
+        elif t.dtype == torch.int8:
+            raise ValueError(
+                f"{path}: {key} is int8, but an int8 folder quantizes only {', '.join(FOLDER_WEIGHTS)}; "
+                f"the other tensors keep their float dtype"
+            )
 
 
 def use_int8_layers(model: nn.Module, weight_keys: list[str]) -> None:
