@@ -4,7 +4,9 @@ An engine loads a checkpoint once, then ``generate(prompts, new_tokens)`` contin
 greedily by exactly ``new_tokens`` tokens (no early stop) and returns the tokens with two wall
 times: when the first new token of every row was known (prefill) and when the last one was.
 
-- ``ours``: ``llama.Llama`` eager; ``ours-compile``: ``Llama.build(..., compile=True)``;
+- ``ours``: ``llama.Llama`` eager; ``ours-int8``: the int8 folder ``python -m llama.quantize`` writes
+  (made once, in the workdir beside the transformers copy); ``ours-int8-load``: ``quantize="int8"`` on the 16-bit folder
+  (the same model, quantized while loading: a higher peak RSS); ``ours-compile``: ``Llama.build(..., compile=True)``;
   ``ours-torch``: eager with ``LLAMA_NATIVE=0``, i.e. torch's kernels instead of the native bf16
   kernels (llama/native.py), to show what they buy on the same run.
 - ``hf``: transformers ``LlamaForCausalLM`` with its default (dynamic) cache and SDPA attention;
@@ -30,7 +32,7 @@ from llama.convert import meta_to_hf
 from llama.model import ModelArgs
 from llama.params import to_dict
 
-ENGINES = ("ours", "ours-int8", "ours-compile", "ours-torch", "hf", "hf-compile", "llamacpp-bf16", "llamacpp-q8")
+ENGINES = ("ours", "ours-int8", "ours-int8-load", "ours-compile", "ours-torch", "hf", "hf-compile", "llamacpp-bf16", "llamacpp-q8")
 # llama.cpp engines: (GGUF type written by our exporter, llama/gguf_export.py). They run in their own
 # venv (scripts/setup_llamacpp.sh) through benchmarks/llamacpp_worker.py, not through load_engine.
 LLAMACPP = {"llamacpp-bf16": "bf16", "llamacpp-q8": "q8_0"}
@@ -230,7 +232,9 @@ def load_engine(
     if name == "ours-torch":
         os.environ["LLAMA_NATIVE"] = "0"  # this worker process only
         return Ours(ckpt_dir, device, dtype, max_batch, max_seq_len, compile=False)
-    if name == "ours-int8":
+    if name == "ours-int8":  # the int8 folder `python -m llama.quantize` writes, beside the checkpoint
+        return Ours(ensure_int8_folder(ckpt_dir, hf_dir.parent / "int8"), device, dtype, max_batch, max_seq_len, compile=False)
+    if name == "ours-int8-load":  # the 16-bit folder quantized while loading
         return Ours(ckpt_dir, device, dtype, max_batch, max_seq_len, compile=False, quantize="int8")
     if name in ("ours", "ours-compile"):
         return Ours(ckpt_dir, device, dtype, max_batch, max_seq_len, compile=name == "ours-compile")
@@ -262,6 +266,15 @@ def ensure_checkpoints(
     meta_to_hf(meta_dir, hf_dir)  # the project's converter: rotate-half wq/wk rows, config.json
     done.write_text(json.dumps(want) + "\n")
     return meta_dir, hf_dir, time.perf_counter() - start
+
+
+def ensure_int8_folder(meta_dir: Path, out: Path) -> Path:
+    """The int8 folder of ``meta_dir`` (``python -m llama.quantize``) at ``out``, written once."""
+    from llama.quantize_folder import quantize_folder
+
+    if not out.exists():  # quantize_folder renames a finished folder into place: one that exists is complete
+        quantize_folder(meta_dir, out, log=lambda message: None)
+    return out
 
 
 def ensure_demo(root: Path) -> tuple[Path, Path, float]:
