@@ -259,9 +259,12 @@ def _cached_matvec_rows(matvec: MatVec, compute_dtype: Optional[torch.dtype], th
     return _kept_verdict("matvec-rows", key, lambda: measure_matvec_rows(matvec, compute_dtype), valid)
 
 
-# The prompt probe's rows: a product of this many rows is compute-bound on every path, as a
-# prompt's are (at 512 rows the widening of FastLinear's float32 path costs a few % less).
-PROMPT_ROWS = 64
+# The prompt probe's rows: compute-bound on every path, as prompts are. FastLinear's float32 path
+# widens each weight once for all rows, so it gains a little on longer prompts (the widening is
+# ~1/4 of its time at 128 rows on one Zen 4 core, ~1/16 at 512).
+PROMPT_ROWS = 128
+# Settings that change which kernels torch runs on this CPU: a verdict holds for one of them only.
+TORCH_ISA_SETTINGS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
 PROMPT_PATHS = {"bf16": None, "float32": torch.float32}  # LLAMA_PROMPT_PATH's values -> compute dtype
 
 
@@ -329,10 +332,11 @@ def _cached_prompt_path(threads: int) -> str:
 
 
 def _kept_verdict(kind: str, key: list, measure: Callable[[], T], valid: Callable[[object], bool]) -> T:
-    """``measure()``'s result, kept in ``~/.cache/llama/native/{kind}-{hash}.json`` per CPU (flags),
-    torch version and ``key``; not kept when the machine is busier than its cores (load average).
+    """``measure()``'s result, kept in ``~/.cache/llama/native/{kind}-{hash}.json`` per CPU (flags,
+    and torch's ISA settings), torch version and ``key``; not kept when the machine is busier than its cores (load average).
     A kept verdict that is not ``valid`` (a damaged file) is measured again."""
-    full_key = json.dumps([platform.processor(), sorted(cpu_flags()), torch.__version__, *key])
+    isa = [os.environ.get(name) for name in TORCH_ISA_SETTINGS]
+    full_key = json.dumps([platform.processor(), sorted(cpu_flags()), isa, torch.__version__, *key])
     path = cache_root() / "native" / f"{kind}-{hashlib.sha256(full_key.encode()).hexdigest()[:16]}.json"
     try:
         kept = json.loads(path.read_text())["verdict"]

@@ -1,8 +1,9 @@
-"""Optional C kernels for decoding with bf16 weights on x86 CPUs that have AVX2 but no native bf16.
+"""Optional C kernels for decoding with bf16 (and int8) weights on x86-64 CPUs with AVX2 + FMA.
 
 Decoding a token multiplies every weight matrix by one activation row (a few at batch > 1), so it
-runs at the speed the weights stream from memory. On AVX2 CPUs torch's bf16 kernels widen bf16 to
-float32 well below the machine's read bandwidth; ``csrc/bf16_matvec.c`` (ours) keeps up with it.
+runs at the speed the weights stream from memory. torch's bf16 kernels widen bf16 to float32 well
+below the machine's read bandwidth, even on CPUs with native bf16 (AVX512-BF16: half of it for one
+row); ``csrc/bf16_matvec.c`` (ours) keeps up with it. ``llama.fast`` measures for how many rows.
 The attention of a one-token step is the second largest cost: ``csrc/bf16_attention.c`` (ours)
 reads the bf16 KV cache in place instead of copying it to float32 for torch's matmuls. What each
 buys is measured in benchmarks/README.md. Everything else in the library is plain PyTorch, and so
