@@ -5,8 +5,9 @@ The Llama 3.2 1B shape with random bf16 weights (``llama.checkpoint.random_state
 (seconds to the first token's logits). Paths: torch's bf16 matmuls (``FastLinear`` compute dtype
 None), float32 products of widened weights (compute dtype float32), and the prompt path that
 ``llama.fast.measure_prompt_path`` measures in this process (``speed_up``'s rule, without its cache).
-The paths take turns in each repetition; the best of each is printed with lscpu's model and flags
-and the load average. ``ONEDNN_MAX_CPU_ISA=AVX2`` runs torch's matmuls as on a CPU without AVX-512.
+The probe and each prefill run with the threads ``Llama.generate`` would use (``CpuThreads``: fewer
+while other processes hold cores). The paths take turns in each repetition; the best of each is
+printed with lscpu's model and flags and the load average. ``ONEDNN_MAX_CPU_ISA=AVX2`` runs torch's matmuls as on a CPU without AVX-512.
 
     python benchmarks/prefill.py [--reps 3] [--prompt-len 512] [--threads 2]
 """
@@ -21,6 +22,7 @@ from bench import SHAPES
 from kernels import cpu_description
 from llama import fast
 from llama.checkpoint import random_state_dict
+from llama.devices import CpuThreads
 from llama.model import Transformer
 
 LLAMA_32_1B = SHAPES["llama3.2-1b"]
@@ -39,16 +41,19 @@ def main() -> None:
     model.setup_cache(1, a.prompt_len)
     model.eval()
     tokens = torch.randint(0, LLAMA_32_1B.vocab_size, (1, a.prompt_len), generator=torch.Generator().manual_seed(0))
+    threads = CpuThreads(every=1)
+    threads.adjust()
     start = time.perf_counter()
     picked = fast.measure_prompt_path()
-    probe_s = time.perf_counter() - start
+    probe_s, probe_threads = time.perf_counter() - start, torch.get_num_threads()
     paths = {"torch bf16 matmuls": None, "float32, widened weights": torch.float32,
              f"probe's pick ({picked})": fast.PROMPT_PATHS[picked]}  # fmt: skip
-    best = dict.fromkeys(paths, float("inf"))
+    best, used = dict.fromkeys(paths, float("inf")), set()
     with torch.inference_mode():
         for rep in range(a.reps + 1):  # the first round warms up
             for name, dtype in paths.items():
                 fast.apply_fast_paths(model, dtype)
+                used.add(threads.adjust())
                 t = time.perf_counter()
                 model(tokens, 0, last_only=True)
                 if rep:
@@ -56,7 +61,7 @@ def main() -> None:
     print(machine, f"(at the start); at the end {os.getloadavg()[0]:.1f}")
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
     print(f"Llama 3.2 1B shape, bf16, {a.prompt_len}-token prompt, {a.threads} threads"
-          + (f", ONEDNN_MAX_CPU_ISA={isa}" if isa else "") + f"; probe {probe_s:.2f} s; best of {a.reps}")  # fmt: skip
+          + (f", ONEDNN_MAX_CPU_ISA={isa}" if isa else "") + f"; probe {probe_s:.2f} s on {probe_threads} threads; prefills on {sorted(used)} threads; best of {a.reps}")  # fmt: skip
     print("| path | prefill s | tok/s |\n|---|---|---|")
     for name, seconds in best.items():
         print(f"| {name} | {seconds:.2f} | {a.prompt_len / seconds:.0f} |")

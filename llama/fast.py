@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama import native
-from llama.devices import cache_root, cpu_flags, default_compute_dtype
+from llama.devices import CpuThreads, cache_root, cpu_flags, default_compute_dtype
 from llama.model import Attention, Transformer, causal_mask
 from llama.quantize import Int8Linear, Int8MatVec
 
@@ -379,12 +379,20 @@ def speed_up(model: Transformer, world_size: int = 1) -> Transformer:
     weight = model.tok_embeddings.weight
     int8 = any(isinstance(m, Int8Linear) for m in model.modules())
     on_cpu = weight.device.type == "cpu" and world_size == 1
-    if on_cpu and weight.dtype == torch.bfloat16:
-        compute_dtype = prompt_compute_dtype()
-    else:
-        compute_dtype = default_compute_dtype(weight.device, weight.dtype)
-    kernels = native.kernels() if on_cpu and (weight.dtype == torch.bfloat16 or int8) else None
+    bf16 = on_cpu and weight.dtype == torch.bfloat16
+    kernels = native.kernels() if on_cpu and (bf16 or int8) else None
+    compute_dtype, rows = default_compute_dtype(weight.device, weight.dtype), 0
+    if bf16:
+        # Measured with the threads generation would run now (fewer while other processes hold
+        # cores): with two threads beside a busy process, the float32 path's many short parallel
+        # regions ran 13x slower than on one thread, and the probe picked the wrong path.
+        threads = CpuThreads(every=1)
+        threads.adjust()
+        try:
+            compute_dtype = prompt_compute_dtype()
+            rows = matvec_rows(kernels.matvec, compute_dtype) if kernels is not None else 0
+        finally:
+            threads.restore()
     if kernels is None:
         return apply_fast_paths(model, compute_dtype)
-    rows = matvec_rows(kernels.matvec, compute_dtype) if weight.dtype == torch.bfloat16 else 0
     return apply_fast_paths(model, compute_dtype, kernels.matvec, rows, kernels.attention, kernels.int8_matvec)

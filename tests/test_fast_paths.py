@@ -16,6 +16,7 @@ flips them. Logprobs are compared as numbers, within the noise of the dtype.
 """
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -274,20 +275,31 @@ def test_prompt_path_kept_overridden_and_refused(tmp_path, monkeypatch):
     fast._cached_prompt_path.cache_clear()
 
 
-@pytest.mark.parametrize("measured", [None, torch.float32])
-def test_speed_up_takes_the_measured_prompt_path(monkeypatch, measured):
+@pytest.mark.parametrize("measured,busy", [(None, False), (torch.float32, True)])
+def test_speed_up_takes_the_measured_prompt_path(monkeypatch, measured, busy):
     """bf16 weights on the CPU: the probe's verdict, whatever the CPU's bf16 flag says; the kernel's
-    rows are measured against that path. fp16 weights keep the flag rule and run no probe."""
+    rows are measured against that path, both with the threads generation would use now (one
+    while other processes hold every core), and torch's count is back afterwards. fp16 weights
+    keep the flag rule and run no probe."""
     from llama import devices, fast
 
-    monkeypatch.setattr(fast, "prompt_compute_dtype", lambda: measured)
+    monkeypatch.setattr(devices, "runnable_elsewhere", lambda: 64 if busy else 0)
+    threads = []
+    monkeypatch.setattr(fast, "prompt_compute_dtype", lambda: threads.append(torch.get_num_threads()) or measured)
     monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: measured is not None)  # the flag says the opposite
     asked = []
-    monkeypatch.setattr(fast, "matvec_rows", lambda matvec, dtype: asked.append(dtype) or 3)
-    model = fast.speed_up(decisive_model(torch.bfloat16))
+    monkeypatch.setattr(fast, "matvec_rows", lambda matvec, dtype: asked.append((dtype, torch.get_num_threads())) or 3)
+    torch.set_num_threads(2)  # the module runs on one thread (one_thread)
+    try:
+        model = fast.speed_up(decisive_model(torch.bfloat16))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    expected_threads = 1 if busy else min(2, os.cpu_count() or 1)
+    assert threads == [expected_threads]
     assert all(m.compute_dtype == measured for m in model.modules() if isinstance(m, (FastLinear, DecodeAttention)))
     if fast.native.kernels() is not None:
-        assert asked == [measured] and model.output.matvec_rows == 3
+        assert asked == [(measured, expected_threads)] and model.output.matvec_rows == 3
     monkeypatch.setattr(fast, "prompt_compute_dtype", lambda: pytest.fail("probed for fp16 weights"))
     model = fast.speed_up(decisive_model(torch.float16))
     expected = None if measured is not None else torch.float32  # the flag's rule

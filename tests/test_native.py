@@ -349,7 +349,8 @@ def test_generation_with_kernels_equals_torch_kernels(tokenizer, matvec, attenti
 
 @pytest.mark.slow
 def test_build_uses_them_for_bf16_on_cpus_without_bf16(monkeypatch, tmp_path, meta_tokenizer_path, kernels):
-    """Llama.build wires the kernels in exactly when it computes bf16 weights in float32 on the CPU."""
+    """Llama.build wires the kernels in for bf16 weights on the CPU, whatever its bf16 flag says
+    (speed_up measures), and not for fp32 or fp16 weights."""
     from llama.checkpoint import write_random_checkpoint
     from llama.devices import DTYPES
     from llama.generation import Llama
