@@ -282,8 +282,8 @@ def measure_prompt_path(rounds: int = 3, clear: float = 1.5) -> str:
 
     Times ``PROMPT_ROWS`` bf16 rows by the two bf16 matrices of ``PROBE_SHAPE`` on torch's thread
     count, the paths in turn, best of ``rounds``; stops after the first when one path is ``clear``
-    times faster (the usual case: 4-8x either way on the CPUs in benchmarks/README.md). Takes
-    about half a second on an AVX2 CPU, where the bf16 path is the slow one.
+    times faster (the usual case: 2-4x either way in benchmarks/README.md). Takes about half a
+    second (Zen 4, natively and with torch's matmuls limited to AVX2).
     """
     rng = torch.Generator().manual_seed(0)  # the probe's own numbers: no global seed touched
     weights = [torch.randn(PROBE_SHAPE, generator=rng).to(torch.bfloat16) for _ in range(2)]
@@ -315,8 +315,8 @@ def prompt_compute_dtype() -> Optional[torch.dtype]:
 
     Measured (``measure_prompt_path``) once per set of CPU flags, torch version and thread count,
     and kept beside ``matvec_rows``'s verdict, on the same terms. ``LLAMA_PROMPT_PATH=bf16`` or
-    ``float32`` sets it instead. On the CPUs measured (benchmarks/README.md) it is float32 where the
-    CPU lacks bf16 arithmetic (AVX2) and bf16 where it has it (AVX512-BF16, AMX).
+    ``float32`` sets it instead. Measured (benchmarks/README.md): bf16 on Zen 4 (AVX512-BF16),
+    float32 there with torch's matmuls limited to AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``), as on AVX2 CPUs.
     """
     forced = os.environ.get("LLAMA_PROMPT_PATH")
     if forced is not None:
