@@ -261,7 +261,7 @@ def _cached_matvec_rows(matvec: MatVec, compute_dtype: Optional[torch.dtype], th
 
 # The prompt probe's rows: compute-bound on every path, as prompts are. FastLinear's float32 path
 # widens each weight once for all rows, so it gains a little on longer prompts (the widening is
-# ~1/4 of its time at 128 rows on one Zen 4 core, ~1/16 at 512).
+# ~1/4 of its time at 128 rows on one Zen 4 core, ~1/10 at 512).
 PROMPT_ROWS = 128
 # Settings that change which kernels torch runs on this CPU: a verdict holds for one of them only.
 TORCH_ISA_SETTINGS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")

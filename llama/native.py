@@ -188,8 +188,9 @@ def load(path: Path) -> Kernels:
 def int8_variant(has_avx512: bool) -> str:
     """"avx512" where the CPU has AVX-512 (F and BW), else "avx2"; ``LLAMA_INT8_KERNEL`` forces one.
 
-    The 16-lane loop does the same work in half the instructions; on the one AVX-512 CPU measured
-    (AMD Zen 4, benchmarks/README.md) both stream at the same speed, within noise.
+    The 16-lane loop widens int8 in half the instructions; on the one AVX-512 CPU measured (AMD
+    Zen 4, benchmarks/README.md) it ran 1.06-1.07x the AVX2 loop's speed at 1-3 rows and 1.2-1.3x
+    at 4-8. Both add in the same order: identical results.
     """
     return _variant("LLAMA_INT8_KERNEL", has_avx512, "avx512" if has_avx512 else "avx2")
 
@@ -198,8 +199,9 @@ def bf16_variant(has_avx512: bool) -> str:
     """"avx2" on every CPU; ``LLAMA_BF16_KERNEL=avx512`` picks the 16-lane loop where the CPU has AVX-512.
 
     The AVX-512 loop widens 32 weights in two instructions (AVX2: 16 in two), but one row streams
-    at memory speed either way: on the one AVX-512 CPU measured (AMD Zen 4, benchmarks/README.md)
-    it was not reliably faster, so it is not the default.
+    at memory speed either way. On the one AVX-512 CPU measured (AMD Zen 4, benchmarks/README.md,
+    one thread) it was not reliably faster: one row within 2%, 3-4 rows 3-6% slower, 5-8 rows
+    0-12% faster (rows that torch's native bf16 path takes on that CPU). So it is not the default.
     """
     return _variant("LLAMA_BF16_KERNEL", has_avx512, "avx2")
 
