@@ -282,8 +282,8 @@ def measure_prompt_path(rounds: int = 3, clear: float = 1.5) -> str:
 
     Times ``PROMPT_ROWS`` bf16 rows by the two bf16 matrices of ``PROBE_SHAPE`` on torch's thread
     count, the paths in turn, best of ``rounds``; stops after the first when one path is ``clear``
-    times faster (the usual case: 2-4x either way in benchmarks/README.md). Takes about half a
-    second (Zen 4, natively and with torch's matmuls limited to AVX2).
+    times faster (the usual case: 2-4x either way in benchmarks/README.md). Takes 0.5-1 s (Zen 4,
+    natively and with torch's matmuls limited to AVX2, where the bf16 passes are the slow ones).
     """
     rng = torch.Generator().manual_seed(0)  # the probe's own numbers: no global seed touched
     weights = [torch.randn(PROBE_SHAPE, generator=rng).to(torch.bfloat16) for _ in range(2)]
