@@ -2,12 +2,13 @@
 
 For the projection shapes of a Llama 3.2 1B layer (K = 2048; N = 2048, 512, 8192 and back),
 prints GB/s of weights streamed for: torch's bf16 ``F.linear`` (the CPU's own bf16 path), torch's
-float32 product on widened weights (``FastLinear`` with compute_dtype float32), our bf16 kernel,
-and our int8 kernel in each variant the CPU has, for 1 to 8 rows (decode) and for 128 rows
-(a prompt). Each cell is the best of several repetitions, timed by wall clock (all threads) and by
-this thread's CPU time with one thread (the second is steadier on a busy machine).
+float32 product on widened weights (``FastLinear`` with compute_dtype float32), and our bf16 and
+int8 kernels in each variant the CPU has (AVX2, AVX-512), for 1 to 8 rows (decode) and for 128
+rows (a prompt). Each cell is the best of several repetitions, the engines of a row count taken in
+turn within each repetition, timed by wall clock (all threads) and by this thread's CPU time with
+one thread (the second is steadier on a busy machine).
 
-    python benchmarks/kernels.py [--threads 2] [--reps 5]
+    python benchmarks/kernels.py [--threads 2] [--reps 5] [--rows 1,2,4,8,128]
 """
 
 import argparse
@@ -38,20 +39,24 @@ def cpu_description() -> str:
     return f"{model}; {' '.join(simd)}; load average {os.getloadavg()[0]:.1f}"
 
 
-def best(fn, reps: int, clock) -> float:
-    fn()  # warm up
-    times = []
+def best_interleaved(fns: list, reps: int, clock) -> list[float]:
+    """The best time of each function over ``reps`` rounds, each round running them all in turn."""
+    for fn in fns:
+        fn()  # warm up
+    times = [float("inf")] * len(fns)
     for _ in range(reps):
-        t = clock()
-        fn()
-        times.append(clock() - t)
-    return min(times)
+        for i, fn in enumerate(fns):
+            t = clock()
+            fn()
+            times[i] = min(times[i], clock() - t)
+    return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--rows", default="1,2,4,8,128", help="comma-separated row counts")
     a = parser.parse_args()
     kernels = native.kernels()
     if kernels is None:
@@ -74,30 +79,38 @@ def main() -> None:
         yield "torch bf16 F.linear", bf16_bytes, lambda: [F.linear(x[w.shape[1]], w) for w in weights]
         yield "torch fp32 (widened)", bf16_bytes, lambda: [f(x[f.in_features]) for f in fast]
         if rows <= native.MAX_ROWS:
-            yield "ours bf16", bf16_bytes, lambda: [kernels.matvec(x[w.shape[1]], w) for w in weights]
+            for v in variants:
+                def run_bf16(v=v):
+                    kernels.matvec.variant = v
+                    return [kernels.matvec(x[w.shape[1]], w) for w in weights]
+                yield f"ours bf16 {v}", bf16_bytes, run_bf16
             for v in variants:
                 def run(v=v):
                     kernels.int8_matvec.variant = v
                     return [kernels.int8_matvec(x[q.shape[1]], q, s) for q, s in int8]
                 yield f"ours int8 {v}", int8_bytes, run
 
-    print(cpu_description())
-    print(f"GB/s of weights read; wall clock with {a.threads} threads | CPU time with 1 thread")
-    print("| engine | " + " | ".join(f"rows {r}" for r in (1, 2, 4, 8, 128)) + " |")
-    print("|---" * 6 + "|")
-    rows_list = (1, 2, 4, 8, 128)
+    rows_list = [int(r) for r in a.rows.split(",")]
+    machine = cpu_description()
     table: dict[str, list[str]] = {}
     for rows in rows_list:
         x = {k: torch.randn(rows, k).to(torch.bfloat16) for k in {k for _, k in SHAPES}}
-        for name, nbytes, fn in engines(x, rows):
-            torch.set_num_threads(a.threads)
-            wall = best(fn, a.reps, time.perf_counter)
-            torch.set_num_threads(1)
-            cpu = best(fn, a.reps, time.thread_time)
-            torch.set_num_threads(a.threads)
+        names, sizes, fns = zip(*engines(x, rows))
+        torch.set_num_threads(a.threads)
+        walls = best_interleaved(list(fns), a.reps, time.perf_counter)
+        torch.set_num_threads(1)
+        cpus = best_interleaved(list(fns), a.reps, time.thread_time)
+        torch.set_num_threads(a.threads)
+        for name, nbytes, wall, cpu in zip(names, sizes, walls, cpus):
             table.setdefault(name, ["-"] * len(rows_list))[rows_list.index(rows)] = (
                 f"{nbytes / wall / 1e9:.1f} / {nbytes / cpu / 1e9:.1f}"
             )
+    kernels.matvec.variant = native.bf16_variant(_has_avx512())  # back to the default
+    kernels.int8_matvec.variant = native.int8_variant(_has_avx512())
+    print(machine, f"(at the start); at the end {os.getloadavg()[0]:.1f}")
+    print(f"GB/s of weights read; wall clock with {a.threads} threads | CPU time with 1 thread")
+    print("| engine | " + " | ".join(f"rows {r}" for r in rows_list) + " |")
+    print("|---" * (len(rows_list) + 1) + "|")
     for name, cells in table.items():
         print(f"| {name} | " + " | ".join(cells) + " |")
 

@@ -36,8 +36,7 @@ def worker(opts: argparse.Namespace) -> None:
     import torch
 
     from llama import native
-    from llama.devices import default_compute_dtype
-    from llama.fast import apply_fast_paths
+    from llama.fast import apply_fast_paths, prompt_compute_dtype
     from llama.generation import Llama
 
     if opts.threads:
@@ -60,7 +59,7 @@ def worker(opts: argparse.Namespace) -> None:
             return
         # Llama.build already gave the kernels the products they win (llama/fast.py); here they take
         # every one-token product, as on CPUs without native bf16.
-        apply_fast_paths(model, default_compute_dtype(torch.device("cpu"), torch.bfloat16), kernels.matvec,
+        apply_fast_paths(model, prompt_compute_dtype(), kernels.matvec,
                          native.MAX_ROWS, kernels.attention)  # fmt: skip
     prompt = llm.formatter.encode_dialog_prompt(PROMPT)
     llm.tokenizer.stop_tokens = [-1]  # no id is -1: every run decodes the same number of steps

@@ -92,7 +92,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 (the checkpoints' own dtype) on CPUs and on GPUs with bf16; fp16 on other GPUs.
 
     On CPUs without native bf16 the weights stay bf16 and are multiplied in float32
-    (``default_compute_dtype``): against fp32 weights that is half the memory and faster
+    (``llama.fast.prompt_compute_dtype`` measures it): against fp32 weights that is half the memory and faster
     (benchmarks/README.md has the numbers).
     """
     if device.type == "cuda":
@@ -103,10 +103,14 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def default_compute_dtype(device: torch.device, dtype: torch.dtype) -> Optional[torch.dtype]:
-    """float32 for 16-bit weights on a CPU without native bf16, whose 16-bit matmuls are several times slower.
+    """The compute dtype where nothing is measured: float32 for 16-bit weights on a CPU without
+    native bf16, whose 16-bit matmuls are several times slower; None (multiply in the weights'
+    dtype) everywhere else.
 
-    The weights stay 16-bit in memory; each product is computed in float32 and rounded back (see
-    ``llama.fast``). None (multiply in the weights' dtype) everywhere else.
+    ``llama.fast.speed_up`` uses it for float16 weights, GPUs and several ranks only: for bf16
+    weights on one CPU process it measures which path is faster (``llama.fast.prompt_compute_dtype``)
+    instead of reading this flag. The weights stay 16-bit in memory; each product is computed in
+    float32 and rounded back (see ``llama.fast``).
     """
     if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not cpu_has_native_bf16():
         return torch.float32

@@ -3,13 +3,15 @@
 ``llama.model`` is the plain math: ``nn.Linear`` products in the weights' dtype and one attention
 call. ``apply_fast_paths`` swaps modules, in place, for subclasses that compute the same function
 faster where it matters (benchmarks/README.md has the numbers):
-- ``FastLinear`` (each ``nn.Linear``): 16-bit weights multiplied in float32 on CPUs without native
-  bf16, whose 16-bit matmuls are several times slower; the weights stay 16-bit in memory. A
-  matrix-vector kernel (``llama.native``) can take over the products of a few rows;
+- ``FastLinear`` (each ``nn.Linear``): 16-bit weights multiplied in float32 where that is faster
+  than torch's 16-bit matmuls (CPUs without bf16 arithmetic: several times faster); the weights
+  stay 16-bit in memory. A matrix-vector kernel (``llama.native``) can take over the products of a
+  few rows;
 - ``DecodeAttention`` (each ``Attention``): one-token steps as two small matmuls with K/V heads
   shared (``grouped_attention``), in float32 when the weights are multiplied in float32, or
   through a kernel that reads a bf16 cache in place; longer inputs keep the model's SDPA.
-``speed_up`` picks them for a device and dtype; fairscale's layers (several ranks) are left alone.
+``speed_up`` picks them for a device and dtype, measuring on CPUs which path is faster
+(``prompt_compute_dtype``, ``matvec_rows``); fairscale's layers (several ranks) are left alone.
 """
 
 import copy
@@ -27,13 +29,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama import native
-from llama.devices import cache_root, cpu_flags, default_compute_dtype
+from llama.devices import CpuThreads, cache_root, cpu_flags, default_compute_dtype
 from llama.model import Attention, Transformer, causal_mask
 from llama.quantize import Int8Linear, Int8MatVec
 
 MatVec = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [rows, in], weight) -> [rows, out]
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # q [B, Hq, hd], k, v -> [B, Hq, hd]
 M = TypeVar("M", bound=nn.Module)
+T = TypeVar("T")
 
 
 class FastLinear(nn.Linear):
@@ -251,45 +254,145 @@ def matvec_rows(matvec: MatVec, compute_dtype: Optional[torch.dtype]) -> int:
 
 @functools.cache
 def _cached_matvec_rows(matvec: MatVec, compute_dtype: Optional[torch.dtype], threads: int) -> int:
-    key = json.dumps([platform.processor(), sorted(cpu_flags()), torch.__version__, threads, str(compute_dtype)])
-    path = cache_root() / "native" / f"matvec-rows-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    key = [threads, str(compute_dtype)]
+    valid = lambda rows: type(rows) is int and 0 <= rows <= native.MAX_ROWS  # noqa: E731
+    return _kept_verdict("matvec-rows", key, lambda: measure_matvec_rows(matvec, compute_dtype), valid)
+
+
+# The prompt probe's rows: compute-bound on every path, as prompts are. FastLinear's float32 path
+# widens each weight once for all rows, so it gains a little on longer prompts (the widening is
+# ~1/4 of its time at 128 rows on one Zen 4 core, ~1/10 at 512).
+PROMPT_ROWS = 128
+# Settings that change which kernels torch runs on this CPU: a verdict holds for one of them only.
+TORCH_ISA_SETTINGS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+PROMPT_PATHS = {"bf16": None, "float32": torch.float32}  # LLAMA_PROMPT_PATH's values -> compute dtype
+
+
+def _product_seconds(layers: list[FastLinear], x: torch.Tensor) -> float:
+    """Wall-clock seconds of x through every layer, one after another (what the prompt probe times)."""
+    start = time.perf_counter()
+    for layer in layers:
+        layer(x)
+    return time.perf_counter() - start
+
+
+def measure_prompt_path(rounds: int = 3, clear: float = 1.5) -> str:
+    """"bf16" when torch's bf16 matmul (``FastLinear`` with compute_dtype None) multiplies a prompt
+    faster than float32 products of widened weights (compute_dtype float32), else "float32".
+
+    Times ``PROMPT_ROWS`` bf16 rows by the two bf16 matrices of ``PROBE_SHAPE`` on torch's thread
+    count, the paths in turn, best of ``rounds``; stops after the first when one path is ``clear``
+    times faster (the usual case: 2-4x either way in benchmarks/README.md). Takes 0.5-1 s (Zen 4,
+    natively and with torch's matmuls limited to AVX2, where the bf16 passes are the slow ones).
+    """
+    rng = torch.Generator().manual_seed(0)  # the probe's own numbers: no global seed touched
+    weights = [torch.randn(PROBE_SHAPE, generator=rng).to(torch.bfloat16) for _ in range(2)]
+    x = torch.randn(PROMPT_ROWS, PROBE_SHAPE[1], generator=rng).to(torch.bfloat16)
+    paths = {}
+    for name, dtype in PROMPT_PATHS.items():
+        layers = []
+        for w in weights:
+            layer = FastLinear(PROBE_SHAPE[1], PROBE_SHAPE[0], bias=False, device="meta")
+            layer.weight = nn.Parameter(w, requires_grad=False)
+            layer.compute_dtype = dtype
+            layers.append(layer)
+        paths[name] = layers
+    with torch.no_grad():
+        for layers in paths.values():
+            _product_seconds(layers[:1], x[:8])  # warm up: threads, the widening buffer, GEMM set-up
+        best = dict.fromkeys(paths, math.inf)
+        for _ in range(rounds):
+            for name, layers in paths.items():
+                best[name] = min(best[name], _product_seconds(layers, x))
+            if max(best.values()) > clear * min(best.values()):
+                break
+    return min(best, key=best.get)
+
+
+def prompt_compute_dtype() -> Optional[torch.dtype]:
+    """The compute dtype of bf16 weights' many-row products on this CPU: None (torch's bf16 matmuls)
+    or float32 (float32 products of widened weights), whichever multiplies a prompt faster.
+
+    Measured (``measure_prompt_path``) once per set of CPU flags, torch version and thread count,
+    and kept beside ``matvec_rows``'s verdict, on the same terms. ``LLAMA_PROMPT_PATH=bf16`` or
+    ``float32`` sets it instead. Measured (benchmarks/README.md): bf16 on Zen 4 (AVX512-BF16),
+    float32 there with torch's matmuls limited to AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``), as on AVX2 CPUs.
+    """
+    forced = os.environ.get("LLAMA_PROMPT_PATH")
+    if forced is not None:
+        if forced not in PROMPT_PATHS:
+            raise ValueError(f"LLAMA_PROMPT_PATH={forced!r}: use bf16 (torch's bf16 matmuls) or float32 (widened weights)")
+        return PROMPT_PATHS[forced]
+    return PROMPT_PATHS[_cached_prompt_path(torch.get_num_threads())]
+
+
+@functools.cache
+def _cached_prompt_path(threads: int) -> str:
+    return _kept_verdict("prompt-path", [threads], measure_prompt_path, lambda path: path in PROMPT_PATHS)
+
+
+def _kept_verdict(kind: str, key: list, measure: Callable[[], T], valid: Callable[[object], bool]) -> T:
+    """``measure()``'s result, kept in ``~/.cache/llama/native/{kind}-{hash}.json`` per CPU (flags,
+    and torch's ISA settings), torch version and ``key``; not kept when the machine is busier than its cores (load average).
+    A kept verdict that is not ``valid`` (a damaged file) is measured again."""
+    isa = [os.environ.get(name) for name in TORCH_ISA_SETTINGS]
+    full_key = json.dumps([platform.processor(), sorted(cpu_flags()), isa, torch.__version__, *key])
+    path = cache_root() / "native" / f"{kind}-{hashlib.sha256(full_key.encode()).hexdigest()[:16]}.json"
     try:
-        return int(json.loads(path.read_text())["rows"])
+        kept = json.loads(path.read_text())["verdict"]
+        if valid(kept):
+            return kept
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    rows = measure_matvec_rows(matvec, compute_dtype)
+    verdict = measure()
     if os.getloadavg()[0] <= (os.cpu_count() or 1):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"rows": rows, "key": json.loads(key)}))
+            tmp.write_text(json.dumps({"verdict": verdict, "key": json.loads(full_key)}))
             os.replace(tmp, path)
         except OSError:
             pass  # a read-only cache: measure again next time
-    return rows
+    return verdict
 
 
 def speed_up(model: Transformer, world_size: int = 1) -> Transformer:
     """The fast paths for the model's device and weight dtype (``Llama.build`` calls it).
 
-    The rule, the same on every x86-64 CPU with AVX2 + FMA (benchmarks/README.md has the numbers):
-    - products of a few rows (decoding) of bf16 weights run our kernel (``llama.native``) for as
-      many rows as it beats torch's best path on this CPU: ``native.matvec_rows`` measures that
-      once per machine (``matvec_rows``: all 8 on AVX2 CPUs; fewer where torch's bf16 kernels are
+    The rule, the same on every x86-64 CPU with AVX2 + FMA, each choice measured on this machine
+    rather than read off a CPU flag (benchmarks/README.md has the numbers):
+    - longer inputs (prompts, and batches of more rows than the kernel takes) of bf16 weights run
+      whichever of torch's paths ``prompt_compute_dtype`` measured faster: its bf16 matmuls (fast
+      where the CPU has AVX512-BF16 or AMX) or float32 products of widened weights (AVX2 CPUs);
+    - products of a few rows (decoding) run our kernel (``llama.native``) for as many rows as it
+      beats that path (``matvec_rows``: all 8 on AVX2 CPUs; fewer where torch's bf16 kernels are
       native and fast);
-    - longer inputs (prompts) run torch: its bf16 matmuls where the CPU has native bf16 (AVX512-BF16,
-      AMX), else float32 products of widened weights (``default_compute_dtype``);
-    - one-token attention over a bf16 cache runs our kernel;
-    - int8 weights (``llama.quantize``) run our int8 kernel for up to 8 rows.
-    Only in one process: with several ranks fairscale's layers replace every ``nn.Linear``, and
-    torch's kernels run throughout.
+    - one-token attention over a bf16 cache runs our kernel; without it (torch.compile's step,
+      ``LLAMA_NATIVE=0``) it computes in the prompt path's dtype, as do one-row products when the
+      kernel takes none;
+    - int8 weights (``llama.quantize``) run our int8 kernel for up to 8 rows, and longer inputs in
+      the prompt path's dtype.
+    float16 weights, GPUs, and several ranks keep the rule of ``default_compute_dtype`` (no probe).
+    With several ranks fairscale's layers replace every ``nn.Linear``, and torch's kernels run
+    throughout.
     """
     weight = model.tok_embeddings.weight
-    compute_dtype = default_compute_dtype(weight.device, weight.dtype)
     int8 = any(isinstance(m, Int8Linear) for m in model.modules())
-    use_native = weight.device.type == "cpu" and world_size == 1 and (weight.dtype == torch.bfloat16 or int8)
-    kernels = native.kernels() if use_native else None
+    on_cpu = weight.device.type == "cpu" and world_size == 1
+    bf16 = on_cpu and weight.dtype == torch.bfloat16
+    kernels = native.kernels() if on_cpu and (bf16 or int8) else None
+    compute_dtype, rows = default_compute_dtype(weight.device, weight.dtype), 0
+    if bf16:
+        # Measured with the threads generation would run now (fewer while other processes hold
+        # cores): with two threads beside a busy process, the float32 path's many short parallel
+        # regions ran 13x slower than on one thread, and the probe picked the wrong path.
+        threads = CpuThreads(every=1)
+        threads.adjust()
+        try:
+            compute_dtype = prompt_compute_dtype()
+            rows = matvec_rows(kernels.matvec, compute_dtype) if kernels is not None else 0
+        finally:
+            threads.restore()
     if kernels is None:
         return apply_fast_paths(model, compute_dtype)
-    rows = matvec_rows(kernels.matvec, compute_dtype) if weight.dtype == torch.bfloat16 else 0
     return apply_fast_paths(model, compute_dtype, kernels.matvec, rows, kernels.attention, kernels.int8_matvec)

@@ -1,8 +1,9 @@
-"""Optional C kernels for decoding with bf16 weights on x86 CPUs that have AVX2 but no native bf16.
+"""Optional C kernels for decoding with bf16 (and int8) weights on x86-64 CPUs with AVX2 + FMA.
 
 Decoding a token multiplies every weight matrix by one activation row (a few at batch > 1), so it
-runs at the speed the weights stream from memory. On AVX2 CPUs torch's bf16 kernels widen bf16 to
-float32 well below the machine's read bandwidth; ``csrc/bf16_matvec.c`` (ours) keeps up with it.
+runs at the speed the weights stream from memory. torch's bf16 kernels widen bf16 to float32 well
+below the machine's read bandwidth, even on CPUs with native bf16 (AVX512-BF16: half of it for one
+row); ``csrc/bf16_matvec.c`` (ours) keeps up with it. ``llama.fast`` measures for how many rows.
 The attention of a one-token step is the second largest cost: ``csrc/bf16_attention.c`` (ours)
 reads the bf16 KV cache in place instead of copying it to float32 for torch's matmuls. What each
 buys is measured in benchmarks/README.md. Everything else in the library is plain PyTorch, and so
@@ -43,7 +44,7 @@ MAX_ROWS = 8  # rows of x per matvec call; bf16_matvec.c's MAX_ROWS
 MatVec = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Int8MatVec = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, q, scale) -> y
-INT8_VARIANTS = {"avx2": 1, "avx512": 2}  # int8_matvec.c's `variant`
+VARIANTS = {"avx2": 1, "avx512": 2}  # the `variant` of bf16_matvec.c and int8_matvec.c
 _LIBRARY: Optional[torch.library.Library] = None  # keeps the llama:: operator registrations alive
 
 
@@ -98,7 +99,8 @@ def load(path: Path) -> Kernels:
     """The kernels in ``path`` as torch functions (CPU tensors; sums in float32 in every case):
 
     - ``matvec(x, w) -> y = x @ w.T``: x [rows, K] float32 or bf16 with rows <= 8, w [N, K]
-      contiguous bf16, y [rows, N] in x's dtype;
+      contiguous bf16, y [rows, N] in x's dtype; ``matvec.variant`` ("avx2" or "avx512", see
+      ``bf16_variant``) says which loop runs;
     - ``int8_matvec(x, q, scale) -> y = (x @ q.T) * scale``: x [rows, K] float32 or bf16 with
       rows <= 8, q [N, K] contiguous int8, scale [N] float32 (``llama.quantize``), y in x's dtype;
       ``int8_matvec.variant`` ("avx2" or "avx512", see ``int8_variant``) says which loop runs;
@@ -110,9 +112,9 @@ def load(path: Path) -> Kernels:
     A bf16 output is each float32 result rounded to nearest even, as ``.to(torch.bfloat16)`` rounds.
     """
     lib = ctypes.CDLL(str(path))
-    c_matvec, c_attention = lib.llama_bf16_matvec, lib.llama_bf16_attention
+    c_matvec, c_attention = lib.llama_bf16_matvec_variant, lib.llama_bf16_attention
     c_matvec.restype = c_attention.restype = ctypes.c_int
-    c_matvec.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int] * 3
+    c_matvec.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int] * 4
     c_attention.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 8 + [ctypes.c_int] * 2
     c_int8 = lib.llama_int8_matvec
     c_int8.restype = ctypes.c_int
@@ -132,8 +134,8 @@ def load(path: Path) -> Kernels:
         x = x.contiguous()
         y = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype)
         bf16_io = int(x.dtype == torch.bfloat16)
-        threads = torch.get_num_threads()
-        if c_matvec(w.data_ptr(), x.data_ptr(), y.data_ptr(), w.shape[0], w.shape[1], x.shape[0], bf16_io, threads):
+        threads, variant = torch.get_num_threads(), VARIANTS[matvec.variant]
+        if c_matvec(w.data_ptr(), x.data_ptr(), y.data_ptr(), w.shape[0], w.shape[1], x.shape[0], bf16_io, variant, threads):
             raise MemoryError("bf16_matvec could not allocate its scratch rows")
         return y
 
@@ -172,12 +174,13 @@ def load(path: Path) -> Kernels:
         x = x.contiguous()
         y = torch.empty(x.shape[0], q.shape[0], dtype=x.dtype)
         bf16_io = int(x.dtype == torch.bfloat16)
-        variant = INT8_VARIANTS[int8_matvec.variant]
+        variant = VARIANTS[int8_matvec.variant]
         args = (q.data_ptr(), scale.data_ptr(), x.data_ptr(), y.data_ptr(), q.shape[0], q.shape[1], x.shape[0])
         if c_int8(*args, bf16_io, variant, torch.get_num_threads()):
             raise MemoryError("int8_matvec could not allocate its scratch rows")
         return y
 
+    matvec.variant = bf16_variant(has_avx512)
     int8_matvec.variant = int8_variant(has_avx512)
     return Kernels(matvec, attention, int8_matvec)
 
@@ -185,15 +188,32 @@ def load(path: Path) -> Kernels:
 def int8_variant(has_avx512: bool) -> str:
     """"avx512" where the CPU has AVX-512 (F and BW), else "avx2"; ``LLAMA_INT8_KERNEL`` forces one.
 
-    The 16-lane loop does the same work in half the instructions; on the one AVX-512 CPU measured
-    (AMD Zen 4, benchmarks/README.md) both stream at the same speed, within noise.
+    The 16-lane loop widens int8 in half the instructions; on the one AVX-512 CPU measured (AMD
+    Zen 4, benchmarks/README.md) it ran 1.06-1.07x the AVX2 loop's speed at 1-3 rows and 1.2-1.3x
+    at 4-8. Both add in the same order: identical results.
     """
-    forced = os.environ.get("LLAMA_INT8_KERNEL")
-    if forced is not None:
-        if forced not in INT8_VARIANTS or (forced == "avx512" and not has_avx512):
-            raise ValueError(f"LLAMA_INT8_KERNEL={forced!r}: use one of {sorted(INT8_VARIANTS)} (avx512 needs an AVX-512 CPU)")
-        return forced
-    return "avx512" if has_avx512 else "avx2"
+    return _variant("LLAMA_INT8_KERNEL", has_avx512, "avx512" if has_avx512 else "avx2")
+
+
+def bf16_variant(has_avx512: bool) -> str:
+    """"avx2" on every CPU; ``LLAMA_BF16_KERNEL=avx512`` picks the 16-lane loop where the CPU has AVX-512.
+
+    The AVX-512 loop widens 32 weights in two instructions (AVX2: 16 in two), but one row streams
+    at memory speed either way. On the one AVX-512 CPU measured (AMD Zen 4, benchmarks/README.md,
+    one thread) it was not reliably faster: one row within 2%, 3-4 rows 3-6% slower, 5-8 rows
+    0-12% faster (rows that torch's native bf16 path takes on that CPU). So it is not the default.
+    """
+    return _variant("LLAMA_BF16_KERNEL", has_avx512, "avx2")
+
+
+def _variant(env: str, has_avx512: bool, default: str) -> str:
+    """The kernel variant ``env`` names (one of ``VARIANTS``; avx512 only where the CPU has it), else ``default``."""
+    forced = os.environ.get(env)
+    if forced is None:
+        return default
+    if forced not in VARIANTS or (forced == "avx512" and not has_avx512):
+        raise ValueError(f"{env}={forced!r}: use one of {sorted(VARIANTS)} (avx512 needs an AVX-512 CPU)")
+    return forced
 
 
 @functools.cache
@@ -240,5 +260,8 @@ def kernels() -> Optional[Kernels]:
     def int8_matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return ops.int8_matvec(x, q, scale) if traced() else raw.int8_matvec(x, q, scale)
 
-    int8_matvec.variant = raw.int8_matvec.variant
+    # One setting per kernel: a variant set on these functions (tests, benchmarks) is the one the
+    # loaded functions read, so they share their attributes.
+    matvec.__dict__ = raw.matvec.__dict__
+    int8_matvec.__dict__ = raw.int8_matvec.__dict__
     return Kernels(matvec, attention, int8_matvec)

@@ -16,6 +16,7 @@ flips them. Logprobs are compared as numbers, within the noise of the dtype.
 """
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -210,6 +211,99 @@ def test_apply_fast_paths_reaches_every_matmul():
     assert model.layers[0].attention.cache is not None  # the swapped attention keeps the cache
     apply_fast_paths(model, None)
     assert all(m.compute_dtype is None for m in owners)
+
+
+def fake_cpu(monkeypatch, bf16_s: float, float32_s: float) -> list:
+    """A CPU on which a pass of the prompt probe takes bf16_s seconds on torch's bf16 path and
+    float32_s on the widened float32 path; returns the list of (path, rows) timed."""
+    from llama import fast
+
+    timed = []
+
+    def seconds(layers, x):
+        timed.append(("float32" if layers[0].compute_dtype == torch.float32 else "bf16", x.shape[0]))
+        return float32_s if layers[0].compute_dtype == torch.float32 else bf16_s
+
+    monkeypatch.setattr(fast, "PROBE_SHAPE", (256, 64))  # small weights: nothing is really timed
+    monkeypatch.setattr(fast, "_product_seconds", seconds)
+    return timed
+
+
+@pytest.mark.parametrize("bf16_s,float32_s,expected", [(0.1, 0.6, "bf16"), (0.6, 0.1, "float32"), (0.11, 0.1, "float32")])
+def test_prompt_path_is_the_faster_one(monkeypatch, bf16_s, float32_s, expected):
+    """The probe picks the path that multiplies a prompt faster; a clear winner after one round
+    ends it, a close race runs every round (warm-ups of 8 rows first, then PROMPT_ROWS rows)."""
+    from llama import fast
+
+    timed = fake_cpu(monkeypatch, bf16_s, float32_s)
+    assert fast.measure_prompt_path(rounds=3) == expected
+    rounds = 1 if max(bf16_s, float32_s) > 1.5 * min(bf16_s, float32_s) else 3
+    assert timed == [("bf16", 8), ("float32", 8)] + [("bf16", fast.PROMPT_ROWS), ("float32", fast.PROMPT_ROWS)] * rounds
+
+
+def test_prompt_path_kept_overridden_and_refused(tmp_path, monkeypatch):
+    """The verdict is kept beside the kernels and read back without measuring; not kept when the
+    machine is busier than its cores, nor trusted when damaged; LLAMA_PROMPT_PATH overrides it."""
+    from llama import fast
+
+    fake_cpu(monkeypatch, 0.6, 0.1)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("LLAMA_PROMPT_PATH", raising=False)
+    folder = tmp_path / "llama" / "native"
+    monkeypatch.setattr(fast.os, "getloadavg", lambda: (99.0, 0.0, 0.0))
+    fast._cached_prompt_path.cache_clear()
+    assert fast.prompt_compute_dtype() == torch.float32
+    assert not folder.exists()  # measured on a busy machine: used, not kept
+    monkeypatch.setattr(fast.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    fast._cached_prompt_path.cache_clear()
+    assert fast.prompt_compute_dtype() == torch.float32
+    (kept,) = folder.glob("prompt-path-*.json")
+    fast._cached_prompt_path.cache_clear()
+    monkeypatch.setattr(fast, "measure_prompt_path", lambda: pytest.fail("measured again"))
+    assert fast.prompt_compute_dtype() == torch.float32
+    kept.write_text(kept.read_text().replace("float32", "float64"))  # damaged: measured again
+    fast._cached_prompt_path.cache_clear()
+    monkeypatch.setattr(fast, "measure_prompt_path", lambda: "bf16")
+    assert fast.prompt_compute_dtype() is None
+    monkeypatch.setenv("LLAMA_PROMPT_PATH", "float32")
+    assert fast.prompt_compute_dtype() == torch.float32
+    monkeypatch.setenv("LLAMA_PROMPT_PATH", "bf16")
+    assert fast.prompt_compute_dtype() is None
+    monkeypatch.setenv("LLAMA_PROMPT_PATH", "fp32")
+    with pytest.raises(ValueError, match=r"^LLAMA_PROMPT_PATH='fp32': use bf16 .* or float32 [^\n]*$"):
+        fast.prompt_compute_dtype()
+    fast._cached_prompt_path.cache_clear()
+
+
+@pytest.mark.parametrize("measured,busy", [(None, False), (torch.float32, True)])
+def test_speed_up_takes_the_measured_prompt_path(monkeypatch, measured, busy):
+    """bf16 weights on the CPU: the probe's verdict, whatever the CPU's bf16 flag says; the kernel's
+    rows are measured against that path, both with the threads generation would use now (one
+    while other processes hold every core), and torch's count is back afterwards. fp16 weights
+    keep the flag rule and run no probe."""
+    from llama import devices, fast
+
+    monkeypatch.setattr(devices, "runnable_elsewhere", lambda: 64 if busy else 0)
+    threads = []
+    monkeypatch.setattr(fast, "prompt_compute_dtype", lambda: threads.append(torch.get_num_threads()) or measured)
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: measured is not None)  # the flag says the opposite
+    asked = []
+    monkeypatch.setattr(fast, "matvec_rows", lambda matvec, dtype: asked.append((dtype, torch.get_num_threads())) or 3)
+    torch.set_num_threads(2)  # the module runs on one thread (one_thread)
+    try:
+        model = fast.speed_up(decisive_model(torch.bfloat16))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    expected_threads = 1 if busy else min(2, os.cpu_count() or 1)
+    assert threads == [expected_threads]
+    assert all(m.compute_dtype == measured for m in model.modules() if isinstance(m, (FastLinear, DecodeAttention)))
+    if fast.native.kernels() is not None:
+        assert asked == [(measured, expected_threads)] and model.output.matvec_rows == 3
+    monkeypatch.setattr(fast, "prompt_compute_dtype", lambda: pytest.fail("probed for fp16 weights"))
+    model = fast.speed_up(decisive_model(torch.float16))
+    expected = None if measured is not None else torch.float32  # the flag's rule
+    assert all(m.compute_dtype == expected for m in model.modules() if isinstance(m, FastLinear))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,11 +12,13 @@ import pytest
 import torch
 
 from llama import native
+from llama.devices import cpu_flags
 from llama.fast import FastLinear, apply_fast_paths
 
 from test_fast_paths import ARGS, decisive_model, generate, prompts  # noqa: F401  (shared model builders)
 
 EXPECTED = native.cpu_supported() and shutil.which("cc") is not None
+VARIANTS = ["avx2"] + (["avx512"] if {"avx512f", "avx512bw"} <= cpu_flags() else [])  # AVX2 forced on AVX-512 CPUs
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +40,25 @@ def attention(kernels):
     return kernels.attention
 
 
+@pytest.fixture(params=VARIANTS)
+def each_matvec(request, kernels, monkeypatch):
+    """The bf16 kernel in each variant this CPU runs (``matvec.variant``)."""
+    monkeypatch.setattr(kernels.matvec, "variant", request.param)
+    return kernels.matvec
+
+
 def bf16_exact(*shape: int, seed: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).bfloat16()
 
 
-# Tails on both sides: N not a multiple of the 4-row block, K not a multiple of 16, K < 16.
-@pytest.mark.parametrize("n,k", [(1, 16), (5, 7), (37, 45), (64, 64), (130, 2048), (4099, 160), (8, 8208)])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
-def test_matches_float64(matvec, n, k, rows):
+# Tails on both sides: N odd or not a multiple of the 2- and 4-row blocks, K not a multiple of 16
+# or 32 (the AVX-512 step), K < 16 and K < 32.
+@pytest.mark.parametrize("n,k", [(1, 16), (5, 7), (3, 31), (37, 45), (64, 64), (33, 95), (130, 2048), (4099, 160), (8, 8208)])
+@pytest.mark.parametrize("rows", range(1, 9))
+def test_matches_float64(each_matvec, n, k, rows):
     w = bf16_exact(n, k, seed=n * k)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
-    y = matvec(x, w)
+    y = each_matvec(x, w)
     assert y.dtype == torch.float32 and y.shape == (rows, n)
     exact = x.double() @ w.double().T
     # float32 accumulation of k products: error <~ k * eps * sum|terms|, far below it in practice.
@@ -57,8 +67,9 @@ def test_matches_float64(matvec, n, k, rows):
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8])
-def test_bf16_rows_give_the_float32_sums_rounded_like_torch(matvec, rows):
+def test_bf16_rows_give_the_float32_sums_rounded_like_torch(each_matvec, rows):
     """bf16 in, bf16 out: the float32 result rounded to nearest even, bit for bit as torch rounds."""
+    matvec = each_matvec
     w, x = bf16_exact(300, 80, seed=rows), bf16_exact(rows, 80, seed=rows + 1)
     x[0, 5] = float("nan")  # every output of row 0 is NaN
     y = matvec(x, w)
@@ -68,8 +79,9 @@ def test_bf16_rows_give_the_float32_sums_rounded_like_torch(matvec, rows):
     assert torch.equal(y[1:].view(torch.int16), expected[1:].view(torch.int16))
 
 
-def test_bf16_rounding_edge_cases(matvec):
+def test_bf16_rounding_edge_cases(each_matvec):
     """a + b summed in float32 and rounded: ties to even, overflow to inf, infinities, NaN."""
+    matvec = each_matvec
     big = torch.finfo(torch.bfloat16).max  # 0x7F7F: an odd last mantissa bit
     half_ulp = 2.0 ** (127 - 8)  # half a bf16 step at the top binade
     cases = [(1.0, 2.0**-8), (1.0 + 2.0**-7, 2.0**-8), (1.0, 2.0**-8 + 2.0**-15), (big, half_ulp),
@@ -96,8 +108,9 @@ def test_matches_torch_bf16_kernel(matvec):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_threads_do_not_change_results(matvec, threads):
+def test_threads_do_not_change_results(each_matvec, threads):
     """Rows are split between threads, never a sum: every thread count gives identical bits."""
+    matvec = each_matvec
     w, x = bf16_exact(515, 304, seed=3), torch.randn(2, 304)
     before = torch.get_num_threads()
     try:
@@ -107,6 +120,45 @@ def test_threads_do_not_change_results(matvec, threads):
         assert torch.equal(matvec(x, w), one)
     finally:
         torch.set_num_threads(before)
+
+
+def test_variant_setting_reaches_the_loop(kernels, monkeypatch):
+    """The variant set on ``kernels()``'s functions is the one the loaded functions pass to C. Where
+    the CPU has both, the bf16 loops add in different orders, so their float32 sums differ in the
+    last bits (the int8 loops add in the same order, bit for bit)."""
+    w, x = bf16_exact(64, 2048, seed=12), torch.randn(3, 2048)
+    q, scale = torch.randint(-127, 128, (64, 2048), dtype=torch.int8), torch.rand(64) + 0.5
+    for fn, args in ((kernels.matvec, (x, w)), (kernels.int8_matvec, (x, q, scale))):
+        monkeypatch.setattr(fn, "variant", "no-such-loop")
+        with pytest.raises(KeyError, match="no-such-loop"):
+            fn(*args)
+    results = {}
+    for variant in VARIANTS:
+        monkeypatch.setattr(kernels.matvec, "variant", variant)
+        results[variant] = kernels.matvec(x, w)
+    if len(VARIANTS) == 2:
+        assert not torch.equal(results["avx2"], results["avx512"])
+
+
+def test_variant_from_environment(monkeypatch):
+    """LLAMA_BF16_KERNEL / LLAMA_INT8_KERNEL pick a loop; unknown names, and avx512 on a CPU without
+    it, are refused in one line. Unset: avx2 for bf16 (measured no faster, benchmarks/README.md),
+    avx512 for int8 where the CPU has it."""
+    for env in ("LLAMA_BF16_KERNEL", "LLAMA_INT8_KERNEL"):
+        monkeypatch.delenv(env, raising=False)
+    assert native.bf16_variant(True) == native.bf16_variant(False) == "avx2"
+    assert (native.int8_variant(True), native.int8_variant(False)) == ("avx512", "avx2")
+    for env, choose in (("LLAMA_BF16_KERNEL", native.bf16_variant), ("LLAMA_INT8_KERNEL", native.int8_variant)):
+        monkeypatch.setenv(env, "avx512")
+        assert choose(True) == "avx512"
+        with pytest.raises(ValueError, match=f"^{env}='avx512': use one of .*avx512 needs an AVX-512 CPU.$"):
+            choose(False)
+        monkeypatch.setenv(env, "avx2")
+        assert choose(True) == choose(False) == "avx2"
+        monkeypatch.setenv(env, "sse")
+        with pytest.raises(ValueError, match=f"^{env}='sse': use one of \\['avx2', 'avx512'\\]"):
+            choose(True)
+        monkeypatch.delenv(env)
 
 
 def test_bad_arguments_are_refused(matvec):
@@ -297,7 +349,8 @@ def test_generation_with_kernels_equals_torch_kernels(tokenizer, matvec, attenti
 
 @pytest.mark.slow
 def test_build_uses_them_for_bf16_on_cpus_without_bf16(monkeypatch, tmp_path, meta_tokenizer_path, kernels):
-    """Llama.build wires the kernels in exactly when it computes bf16 weights in float32 on the CPU."""
+    """Llama.build wires the kernels in for bf16 weights on the CPU, whatever its bf16 flag says
+    (speed_up measures), and not for fp32 or fp16 weights."""
     from llama.checkpoint import write_random_checkpoint
     from llama.devices import DTYPES
     from llama.generation import Llama

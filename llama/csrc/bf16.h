@@ -1,4 +1,4 @@
-/* bf16 <-> float32 and an AVX horizontal sum, shared by the kernels in this folder (llama/native.py). */
+/* bf16 <-> float32, an AVX horizontal sum and the AVX-512 check, shared by the kernels in this folder (llama/native.py). */
 #ifndef LLAMA_BF16_H
 #define LLAMA_BF16_H
 
@@ -26,6 +26,12 @@ static inline uint16_t narrow(float f) {
     union { float f; uint32_t u; } v = {f};
     if (f != f) return 0x7FC0;
     return (uint16_t)((v.u + 0x7FFF + ((v.u >> 16) & 1)) >> 16);
+}
+
+/* 1 when this CPU can run the AVX-512 loops (F and BW); llama/native.py asks before choosing them. */
+static inline int has_avx512(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
 }
 
 #endif

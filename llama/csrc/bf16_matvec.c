@@ -1,6 +1,6 @@
 /*
  * y = x @ w.T for bf16 weights w [N, K] and a few rows x [B, K] (B <= 8, float32 or bf16), on x86
- * CPUs with AVX2 + FMA but no native bf16. Compiled on first use by llama/native.py; see its docstring.
+ * CPUs with AVX2 + FMA (an AVX-512 loop too). Compiled on first use by llama/native.py; see its docstring.
  *
  * Why: decoding one token reads every weight once, so it runs at the speed the weights stream from
  * memory. torch's bf16 matrix-vector kernel widens bf16 to float32 at ~55% of the machine's read
@@ -11,6 +11,12 @@
  * gives two vectors of 8 float32: elements 0-3,8-11 and 4-7,12-15 (AVX2 unpacks within 128-bit
  * lanes). x is permuted once per call into the same order, so each pair of FMAs lines up.
  * Accumulation is float32, as in torch's kernel; only the summation order differs.
+ *
+ * AVX-512 (`variant` 2, llama/native.py's LLAMA_BF16_KERNEL): one 512-bit load holds 32 weights; as
+ * 16 32-bit lanes, lane i holds weight 2i in its low half and 2i+1 in its high half, so a left
+ * shift by 16 gives the even weights as float32 and clearing the low halves the odd ones: two
+ * instructions per 32 weights and no shuffle. x is split once per call into its even and odd
+ * elements per 32-block to match. With 32 registers, up to 8 input rows run in one pass.
  *
  * Threads: OpenMP over blocks of weight rows, with the thread count the caller passes (torch's);
  * each output is summed by one thread, so the result does not depend on the thread count.
@@ -114,19 +120,67 @@ static inline __attribute__((always_inline)) void rows(
     }
 
 /*
- * w: bf16 bits [N, K] row-major; x: [B, K] and y: [B, N], both float32 (bf16_io = 0) or both bf16
- * (bf16_io = 1: x widened on entry, each float32 sum rounded like torch's .to(bfloat16)).
- * Returns 0, or -1 for an unsupported B or a failed allocation (y is then untouched).
+ * The AVX-512 form of `block`: 32 weights per step, B <= 8 input rows in one pass. xp holds x split
+ * per 32-element block into its 16 even then 16 odd elements ([B][K32]), x the plain rows for the
+ * tail K32..K-1. With B <= 2, two accumulators per (row, input) pair (even and odd products:
+ * independent FMA chains); with more, one per pair (R * B <= 16 of the 32 registers).
  */
-int llama_bf16_matvec(const uint16_t *w, const void *x, void *y, int64_t N, int64_t K, int B, int bf16_io, int threads) {
-    if (B < 1 || B > MAX_ROWS || threads < 1) return -1;
+__attribute__((target("avx512f,avx512bw")))
+static inline __attribute__((always_inline)) void block512(
+    const uint16_t *w, int64_t K, int64_t K32, const float *xp, const float *x, void *y, int64_t ldy,
+    int bf16_out, const int R, const int B) {
+    const int split = B <= 2;
+    __m512 ev[4][MAX_ROWS], od[4][MAX_ROWS];
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < B; b++) ev[r][b] = od[r][b] = _mm512_setzero_ps();
+    const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
+    for (int64_t k = 0; k < K32; k += 32) {
+        for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w + (R + r) * K + k + PREFETCH_AHEAD), _MM_HINT_T0);
+        __m512 we[4], wo[4];
+        for (int r = 0; r < R; r++) {
+            const __m512i v = _mm512_loadu_si512((const void *)(w + r * K + k));
+            we[r] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));  /* weights k, k+2, ..., k+30 */
+            wo[r] = _mm512_castsi512_ps(_mm512_and_si512(v, high)); /* weights k+1, k+3, ..., k+31 */
+        }
+        for (int b = 0; b < B; b++) {
+            const __m512 xe = _mm512_loadu_ps(xp + b * K32 + k), xo = _mm512_loadu_ps(xp + b * K32 + k + 16);
+            for (int r = 0; r < R; r++) {
+                if (split) {
+                    ev[r][b] = _mm512_fmadd_ps(we[r], xe, ev[r][b]);
+                    od[r][b] = _mm512_fmadd_ps(wo[r], xo, od[r][b]);
+                } else {
+                    ev[r][b] = _mm512_fmadd_ps(wo[r], xo, _mm512_fmadd_ps(we[r], xe, ev[r][b]));
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < B; b++) {
+            float s = _mm512_reduce_add_ps(split ? _mm512_add_ps(ev[r][b], od[r][b]) : ev[r][b]);
+            for (int64_t k = K32; k < K; k++) s += widen(w[r * K + k]) * x[b * K + k];
+            if (bf16_out)
+                ((uint16_t *)y)[b * ldy + r] = narrow(s);
+            else
+                ((float *)y)[b * ldy + r] = s;
+        }
+}
+
+#define DISPATCH512(B)                                                                           \
+    case B: {                                                                                    \
+        const int64_t R = ROWS_FOR(B), blocks = N / R;                                           \
+        _Pragma("omp parallel for num_threads(threads) schedule(static)")                        \
+        for (int64_t i = 0; i < blocks; i++)                                                     \
+            block512(w + i * R * K, K, K32, xp, xf, (char *)y + i * R * ysize, N, bf16_io, ROWS_FOR(B), B); \
+        for (int64_t n = blocks * R; n < N; n++)                                                 \
+            block512(w + n * K, K, K32, xp, xf, (char *)y + n * ysize, N, bf16_io, 1, B);       \
+        break;                                                                                   \
+    }
+
+/* x permuted per 16-block for `block` (elements 0-3, 8-11, 4-7, 12-15), and all rows run. */
+static void run_avx2(const uint16_t *w, const float *xf, float *xp, void *y, int64_t N, int64_t K, int B,
+                     int bf16_io, int threads) {
     const int64_t K16 = K - K % 16;
     const size_t ysize = bf16_io ? sizeof(uint16_t) : sizeof(float);
-    /* xf: x as float32 [B, K] (the tails read it); xp: x permuted per 16-block [B, K16]. */
-    float *xf = malloc(sizeof(float) * (size_t)(B * (K + K16)));
-    if (!xf) return -1;
-    float *xp = xf + B * K;
-    for (int64_t i = 0; i < B * K; i++) xf[i] = bf16_io ? widen(((const uint16_t *)x)[i]) : ((const float *)x)[i];
     for (int b = 0; b < B; b++)
         for (int64_t k = 0; k < K16; k += 16) {
             const float *src = xf + b * K + k;
@@ -139,6 +193,50 @@ int llama_bf16_matvec(const uint16_t *w, const void *x, void *y, int64_t N, int6
     switch (B) {
         DISPATCH(1) DISPATCH(2) DISPATCH(3) DISPATCH(4) DISPATCH(5) DISPATCH(6) DISPATCH(7) DISPATCH(8)
     }
+}
+
+/* x split per 32-block into even then odd elements for `block512`, and all rows run. */
+__attribute__((target("avx512f,avx512bw")))
+static void run_avx512(const uint16_t *w, const float *xf, float *xp, void *y, int64_t N, int64_t K, int B,
+                       int bf16_io, int threads) {
+    const int64_t K32 = K - K % 32;
+    const size_t ysize = bf16_io ? sizeof(uint16_t) : sizeof(float);
+    for (int b = 0; b < B; b++)
+        for (int64_t k = 0; k < K32; k += 32)
+            for (int j = 0; j < 16; j++) {
+                xp[b * K32 + k + j] = xf[b * K + k + 2 * j];
+                xp[b * K32 + k + 16 + j] = xf[b * K + k + 2 * j + 1];
+            }
+    switch (B) {
+        DISPATCH512(1) DISPATCH512(2) DISPATCH512(3) DISPATCH512(4)
+        DISPATCH512(5) DISPATCH512(6) DISPATCH512(7) DISPATCH512(8)
+    }
+}
+
+/*
+ * w: bf16 bits [N, K] row-major; x: [B, K] and y: [B, N], both float32 (bf16_io = 0) or both bf16
+ * (bf16_io = 1: x widened on entry, each float32 sum rounded like torch's .to(bfloat16)).
+ * variant: 1 = AVX2, 2 = AVX-512 (refused where the CPU lacks it).
+ * Returns 0, or -1 for bad arguments or a failed allocation (y is then untouched).
+ */
+int llama_bf16_matvec_variant(const uint16_t *w, const void *x, void *y, int64_t N, int64_t K, int B, int bf16_io,
+                              int variant, int threads) {
+    if (B < 1 || B > MAX_ROWS || threads < 1 || (variant != 1 && variant != 2)) return -1;
+    if (variant == 2 && !has_avx512()) return -1;
+    /* xf: x as float32 [B, K] (the tails read it); xp: x permuted per block, [B, K16] at most. */
+    float *xf = malloc(sizeof(float) * (size_t)(B * (2 * K)));
+    if (!xf) return -1;
+    float *xp = xf + B * K;
+    for (int64_t i = 0; i < B * K; i++) xf[i] = bf16_io ? widen(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+    if (variant == 2)
+        run_avx512(w, xf, xp, y, N, K, B, bf16_io, threads);
+    else
+        run_avx2(w, xf, xp, y, N, K, B, bf16_io, threads);
     free(xf);
     return 0;
+}
+
+/* The AVX2 loop (the C entry point other kernels may call). */
+int llama_bf16_matvec(const uint16_t *w, const void *x, void *y, int64_t N, int64_t K, int B, int bf16_io, int threads) {
+    return llama_bf16_matvec_variant(w, x, y, N, K, B, bf16_io, 1, threads);
 }

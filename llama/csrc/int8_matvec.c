@@ -121,10 +121,7 @@ DEFINE_RUN(run_avx2, block_avx2, )
 DEFINE_RUN(run_avx512, block_avx512, __attribute__((target("avx512f,avx512bw"))))
 
 /* 1 when this CPU can run the AVX-512 version (llama/native.py asks before choosing it). */
-int llama_int8_has_avx512(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-}
+int llama_int8_has_avx512(void) { return has_avx512(); }
 
 /*
  * q: int8 [N, K] row-major; scale: float32 [N]; x: [B, K] and y: [B, N], both float32
@@ -135,7 +132,7 @@ int llama_int8_has_avx512(void) {
 int llama_int8_matvec(const int8_t *q, const float *scale, const void *x, void *y, int64_t N, int64_t K, int B,
                       int bf16_io, int variant, int threads) {
     if (B < 1 || B > MAX_ROWS || threads < 1 || (variant != 1 && variant != 2)) return -1;
-    if (variant == 2 && !llama_int8_has_avx512()) return -1;
+    if (variant == 2 && !has_avx512()) return -1;
     float *xf = NULL, *yf = (float *)y;
     if (bf16_io) {
         xf = malloc(sizeof(float) * (size_t)(B * K + B * N));
