@@ -154,6 +154,8 @@ def test_fast_paths_use_the_int8_kernel_for_decode(tmp_path):
     wq.matvec = lambda *a: calls.append(1) or original(*a)
     fast = [model(tokens[:, :10], 0)[:, -1], model(tokens[:, 10:11], 10)[:, -1]]
     assert calls == [1]  # the one-token step only: the 10-token prompt (> 8 rows) takes torch's path
+    attention = model.layers[0].attention  # int8 projections, bf16 cache: the attention kernel reads it
+    assert attention.kernel is native.kernels().attention and attention.cache.k.dtype == torch.bfloat16
     for a, b in zip(plain, fast):
         assert (a - b).abs().max() / a.abs().max() < 2e-2  # bf16 activations, summed in another order
 
