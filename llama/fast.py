@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama import native
+from llama import fused, native
 from llama.devices import cache_root, cpu_flags, default_compute_dtype
 from llama.model import Attention, Transformer, causal_mask
 from llama.quantize import Int8Linear, Int8MatVec
@@ -292,4 +292,7 @@ def speed_up(model: Transformer, world_size: int = 1) -> Transformer:
     if kernels is None:
         return apply_fast_paths(model, compute_dtype)
     rows = matvec_rows(kernels.matvec, compute_dtype) if weight.dtype == torch.bfloat16 else 0
-    return apply_fast_paths(model, compute_dtype, kernels.matvec, rows, kernels.attention, kernels.int8_matvec)
+    apply_fast_paths(model, compute_dtype, kernels.matvec, rows, kernels.attention, kernels.int8_matvec)
+    if weight.dtype == torch.bfloat16 and not int8 and fused.enabled():  # whole blocks of a decode step in C
+        fused.apply_fused(model, (nn.Linear, FastLinear))
+    return model
