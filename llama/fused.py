@@ -53,26 +53,29 @@ class Workspace:
         self.lib = lib
         self.linear_types = linear_types  # the layer classes whose forward is F.linear of their weight
         self.buffer = torch.empty(0)
-        self.threads = 0
+        self.sized_for = (0, 0)  # (threads, max_seq): the scratch depends on both
 
     def get(self, layer: LayerStruct, threads: int) -> torch.Tensor:
-        if threads > self.threads:
+        """The scratch for ``layer``'s sizes and ``threads`` threads."""
+        if self.sized_for != (threads, layer.max_seq):
             floats = self.lib.llama_decode_scratch_floats(ctypes.byref(layer), threads)
-            self.buffer, self.threads = torch.empty(floats, dtype=torch.float32), threads
+            if floats > self.buffer.numel():
+                self.buffer = torch.empty(floats, dtype=torch.float32)
+            self.sized_for = (threads, layer.max_seq)
         return self.buffer
 
 
 class Plan:
-    """One block's C call: its ``LayerStruct``, and the tensors it points into (kept alive here, so
-    the pointers stay valid whatever happens to the module)."""
+    """One block's part of the C call: its ``LayerStruct``, and the tensors it points into (views
+    kept here, so the memory stays valid whatever later happens to the module's parameters)."""
 
-    def __init__(self, block: TransformerBlock, workspace: Workspace):
+    def __init__(self, block: TransformerBlock):
         attn, ffn = block.attention, block.feed_forward
         cache = attn.cache
         linears = [getattr(attn, n) for n in WEIGHTS[:4]] + [getattr(ffn, n) for n in WEIGHTS[4:]]
         weights = [m.weight for m in linears] + [block.attention_norm.weight, block.ffn_norm.weight]
         self.cache = cache
-        self.tensors = weights + [cache.k, cache.v]
+        self.tensors = [t.detach() for t in weights + [cache.k, cache.v]]
         # Where the weights live now: a module given another weight (or a .to()) shows a new pointer.
         self.sources = [m._parameters for m in linears] + [block.attention_norm._parameters, block.ffn_norm._parameters]
         self.pointers = tuple(w.data_ptr() for w in weights)
@@ -82,8 +85,7 @@ class Plan:
             dim=attn.wq.weight.shape[1], n_heads=attn.wq.weight.shape[0] // hd, n_kv_heads=n_kv, head_dim=hd,
             hidden=ffn.w1.weight.shape[0], max_batch=max_batch, max_seq=max_seq, eps=block.attention_norm.eps,
         )  # fmt: skip
-        self.workspace = workspace
-        self.call = workspace.lib.llama_decode_layers
+        self.alone = (LayerStruct * 1)(self.layer)  # the argument of a call for this block alone
 
     def current(self, block: TransformerBlock) -> bool:
         """Whether the block still has the weights and cache this plan points at."""
@@ -91,16 +93,6 @@ class Plan:
             block.attention._modules.get("cache") is self.cache
             and tuple(p["weight"].data_ptr() for p in self.sources) == self.pointers
         )
-
-    def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """The block's output for x [B, 1, dim] bf16 at ``start_pos``; writes the cache at start_pos."""
-        threads = torch.get_num_threads()
-        scratch = self.workspace.get(self.layer, threads)
-        out = torch.empty_like(x)
-        args = (x.data_ptr(), out.data_ptr(), cos.data_ptr(), sin.data_ptr(), start_pos, x.shape[0])
-        if self.call(ctypes.byref(self.layer), 1, *args, scratch.data_ptr(), scratch.numel(), threads):
-            raise ValueError(f"llama_decode_layers refused x of {list(x.shape)} at position {start_pos}")
-        return out
 
 
 def usable(block: TransformerBlock, linear_types: tuple[type, ...]) -> bool:
@@ -124,6 +116,37 @@ def usable(block: TransformerBlock, linear_types: tuple[type, ...]) -> bool:
     ) % cache.k.shape[1] == 0 and w1.shape == ffn.w3.weight.shape
 
 
+def step_input(x: torch.Tensor, cos: torch.Tensor, start_pos) -> bool:
+    """Whether a step's input is one the C call takes: x [B <= 8, 1, dim] contiguous bf16 on the CPU,
+    float32 angles, an int position; eager and without autograd (the C call records no graph)."""
+    return (
+        type(start_pos) is int
+        and x.shape[1] == 1
+        and 1 <= x.shape[0] <= MAX_ROWS
+        and x.dtype == torch.bfloat16
+        and x.device.type == "cpu"
+        and x.is_contiguous()
+        and cos.dtype == torch.float32
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+    )
+
+
+def run(workspace: Workspace, layers: ctypes.Array, x: torch.Tensor, cos: int, sin: int, start_pos: int) -> torch.Tensor:
+    """``layers`` (one block's ``LayerStruct`` or an array of them, in order) on x [B, 1, dim] bf16 at
+    ``start_pos`` in one C call; ``cos``, ``sin``: addresses of the position's float32 angles. Writes
+    each layer's cache at start_pos; returns the last layer's output."""
+    threads = torch.get_num_threads()
+    scratch = workspace.get(layers[0], threads)
+    out = torch.empty_like(x)
+    args = (x.data_ptr(), out.data_ptr(), cos, sin, start_pos, x.shape[0], scratch.data_ptr(), scratch.numel(), threads)
+    profiled = torch.autograd.profiler._is_profiler_enabled
+    with torch.profiler.record_function("llama::decode_layers") if profiled else _NO_RECORD:  # a row in profiles
+        if workspace.lib.llama_decode_layers(layers, len(layers), *args):
+            raise ValueError(f"llama_decode_layers refused x of {list(x.shape)} at position {start_pos}")
+    return out
+
+
 class FusedBlock(TransformerBlock):
     """``TransformerBlock`` whose eager one-token steps run ``csrc/decode_layer.c`` (see the module
     docstring for when); ``workspace`` None is the plain block."""
@@ -131,33 +154,72 @@ class FusedBlock(TransformerBlock):
     workspace: Optional[Workspace] = None
     plan: Optional[Plan] = None
 
+    def current_plan(self) -> Optional[Plan]:
+        """The block's plan, made again after a change of cache or weights; None (from then on) where
+        the block has become one the C step cannot run (int8 layers swapped in, another dtype)."""
+        plan = self.plan
+        if plan is None or not plan.current(self):  # first step, or a new cache or weight
+            if self.workspace is None or not usable(self, self.workspace.linear_types):
+                self.workspace = self.plan = None  # the plain block from now on (until apply_fused again)
+                return None
+            plan = self.plan = Plan(self)
+        return plan
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos, mask=None) -> torch.Tensor:
-        if (
-            self.workspace is not None
-            and type(start_pos) is int
-            and x.shape[1] == 1
-            and 1 <= x.shape[0] <= MAX_ROWS
-            and x.dtype == torch.bfloat16
-            and x.device.type == "cpu"
-            and x.is_contiguous()
-            and cos.dtype == torch.float32
-            and cos.is_contiguous()
-            and sin.is_contiguous()
-            and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()
-        ):
-            plan = self.plan
-            if plan is None or not plan.current(self):  # first step, or a new cache or weight
-                if not usable(self, self.workspace.linear_types):
-                    self.workspace = self.plan = None  # the plain block from now on (until apply_fused again)
-                    return super().forward(x, cos, sin, start_pos, mask)
-                plan = self.plan = Plan(self, self.workspace)
-            if x.shape[0] <= plan.layer.max_batch and x.shape[2] == plan.layer.dim:
-                if torch.autograd.profiler._is_profiler_enabled:  # one named row per block in a profile
-                    with torch.profiler.record_function("llama::decode_layer"):
-                        return plan.run(x, cos, sin, start_pos)
-                return plan.run(x, cos, sin, start_pos)
+        if self.workspace is not None and step_input(x, cos, start_pos) and cos.is_contiguous() and sin.is_contiguous():
+            plan = self.current_plan()
+            if plan is not None and x.shape[0] <= plan.layer.max_batch and x.shape[2] == plan.layer.dim:
+                return run(self.workspace, plan.alone, x, cos.data_ptr(), sin.data_ptr(), start_pos)
         return super().forward(x, cos, sin, start_pos, mask)
+
+
+class FusedTransformer(Transformer):
+    """``Transformer`` whose eager one-token steps run every block in one C call, when all are
+    ``FusedBlock``s that can (one call instead of one per block: ~10 us of Python and ctypes a
+    block saved, benchmarks/README.md); otherwise the plain forward, whose blocks decide each."""
+
+    _fused_layers: Optional[tuple[tuple[Plan, ...], ctypes.Array]] = None
+
+    def forward(self, tokens: torch.Tensor, start_pos=0, last_only: bool = False) -> torch.Tensor:
+        if type(start_pos) is int and tokens.shape[1] == 1 and self._rope_cos is not None:
+            bsz = tokens.shape[0]
+            if 0 <= start_pos < self.max_seq_len and bsz <= self.max_batch_size:
+                h = self.tok_embeddings(tokens)  # [B, 1, dim]
+                cos, sin = self._rope_cos, self._rope_sin  # [max_seq_len, head_dim / 2] float32
+                layers = self._layers() if step_input(h, cos, start_pos) and cos.is_contiguous() else None
+                if layers is not None and bsz <= layers[0].max_batch:
+                    row = cos.stride(0) * cos.element_size()
+                    start = start_pos * row
+                    h = run(self.layers[0].workspace, layers, h, cos.data_ptr() + start, sin.data_ptr() + start, start_pos)
+                    return self.output(self.norm(h)).float()  # [B, 1, vocab]
+        return super().forward(tokens, start_pos, last_only)
+
+    def _layers(self) -> Optional[ctypes.Array]:
+        """Every block's ``LayerStruct`` in one array (made again when a plan changes), or None when
+        a block is not a ``FusedBlock`` that can run."""
+        plans = []
+        for block in self.layers:
+            plan = block.current_plan() if type(block) is FusedBlock else None
+            if plan is None:
+                return None
+            plans.append(plan)
+        cached = self._fused_layers
+        if cached is None or len(cached[0]) != len(plans) or any(a is not b for a, b in zip(cached[0], plans)):
+            cached = self._fused_layers = (tuple(plans), (LayerStruct * len(plans))(*(p.layer for p in plans)))
+        return cached[1]
+
+
+class _NoRecord:
+    """A context manager that does nothing (``run`` outside the profiler)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+_NO_RECORD = _NoRecord()
 
 
 def apply_fused(model: Transformer, linear_types: tuple[type, ...] = (nn.Linear,)) -> Transformer:
@@ -180,6 +242,8 @@ def apply_fused(model: Transformer, linear_types: tuple[type, ...] = (nn.Linear,
             block.__class__ = FusedBlock
         block.workspace, block.plan = workspace, None
         model.layers[i] = block
+    if type(model) is Transformer:  # in place: Llama.build keeps its model object
+        model.__class__ = FusedTransformer
     return model
 
 

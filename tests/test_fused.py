@@ -58,16 +58,24 @@ def fused_model(args: ModelArgs, **kw) -> Transformer:
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Counts the fused step's C calls (``Plan.run``)."""
-    counted = []
-    run = fused.Plan.run
+    """The C calls of the fused step (``fused.run``): one entry per block run, its position; and
+    ``calls.sizes``, the number of blocks in each call."""
+    counted = Calls()
+    real = fused.run
 
-    def counting(self, *args):
-        counted.append(args[-1])  # start_pos
-        return run(self, *args)
+    def counting(workspace, layers, x, cos, sin, start_pos):
+        counted.extend([start_pos] * len(layers))
+        counted.sizes.append(len(layers))
+        return real(workspace, layers, x, cos, sin, start_pos)
 
-    monkeypatch.setattr(fused.Plan, "run", counting)
+    monkeypatch.setattr(fused, "run", counting)
     return counted
+
+
+class Calls(list):
+    def __init__(self):
+        super().__init__()
+        self.sizes: list[int] = []
 
 
 def decode(model: Transformer, tokens: torch.Tensor, prompt_len: int) -> torch.Tensor:
@@ -100,6 +108,7 @@ def test_steps_match_the_unfused_model(lib, calls, shape, bsz):
     plain = model_for(args, max_seq_len=max_seq)
     got, want, base = decode(ours, tokens, 15), decode(unfused, tokens, 15), decode(plain, tokens, 15)
     assert len(calls) == args.n_layers * (max_seq - 15)  # every block of every step took the C path
+    assert calls.sizes == [args.n_layers] * (max_seq - 15)  # one call a step
     assert calls[-1] == max_seq - 1  # the last position of the cache
     # Bit-equal but for values whose float32 sums straddle a bf16 rounding boundary.
     assert (got == want).float().mean() > 0.99 and rel_err(got, want) < 1e-2
@@ -159,7 +168,7 @@ def test_block_is_as_close_to_float64_as_the_plain_block(lib, calls, shape):
         ref = block_float64(block, x, cos, sin, pos, cache.k[:bsz, :, :pos], cache.v[:bsz, :, :pos])
         got = block(x, cos, sin, pos)
         base = plain_block(x, cos, sin, pos)
-    assert calls == [pos] and got.dtype == torch.bfloat16 and got.shape == x.shape
+    assert calls == [pos] and got.dtype == torch.bfloat16 and got.shape == x.shape  # the block alone
     err, base_err = rel_err(got, ref), rel_err(base, ref)
     # bf16 rounding of ~10 chained values: a few times bf16's 2^-8; no worse than the plain block.
     assert err < 0.03 and err <= 1.5 * base_err + 1e-3, (err, base_err)
@@ -210,9 +219,11 @@ def test_demo_sized_greedy_tokens_equal_the_unfused_path(lib, calls, tokenizer):
 
 def test_switch_and_where_speed_up_applies_it(lib, monkeypatch):
     monkeypatch.setenv("LLAMA_FUSED", "0")
-    assert not isinstance(speed_up(model_for(ARGS["gqa"])).layers[0], fused.FusedBlock)
+    off = speed_up(model_for(ARGS["gqa"]))
+    assert type(off) is Transformer and not isinstance(off.layers[0], fused.FusedBlock)
     monkeypatch.delenv("LLAMA_FUSED")
-    assert all(isinstance(b, fused.FusedBlock) for b in speed_up(model_for(ARGS["gqa"])).layers)
+    on = speed_up(model_for(ARGS["gqa"]))
+    assert type(on) is fused.FusedTransformer and all(isinstance(b, fused.FusedBlock) for b in on.layers)
     assert not isinstance(speed_up(model_for(ARGS["gqa"]), world_size=2).layers[0], fused.FusedBlock)  # ranks
     float32 = Transformer(ARGS["gqa"])
     float32.setup_cache(1, 8)
@@ -285,3 +296,17 @@ def test_position_past_the_cache_is_refused(lib):
     cos = torch.zeros(1, args.head_dim // 2)
     with torch.inference_mode(), pytest.raises(ValueError, match="position 8"):
         block(x, cos, cos, 8)
+
+
+def test_a_block_that_cannot_run_leaves_the_others_fused(lib, calls):
+    """One block the C step cannot take (here a plain one): the step runs block by block, the
+    others still in C, with the same logits as the unfused model."""
+    args = ARGS["odd"]
+    args = ModelArgs(**{**args.__dict__, "n_layers": 3})
+    model, reference = fused_model(args, max_seq_len=16), model_for(args, max_seq_len=16)
+    plain = TransformerBlock.__new__(TransformerBlock)
+    plain.__dict__ = dict(model.layers[1].__dict__)
+    model.layers[1] = plain
+    tokens = torch.randint(0, args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(12))
+    got, want = decode(model, tokens, 12), decode(reference, tokens, 12)
+    assert calls.sizes == [1, 1] * 4 and rel_err(got, want) < 3e-2
