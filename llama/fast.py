@@ -294,5 +294,5 @@ def speed_up(model: Transformer, world_size: int = 1) -> Transformer:
     rows = matvec_rows(kernels.matvec, compute_dtype) if weight.dtype == torch.bfloat16 else 0
     apply_fast_paths(model, compute_dtype, kernels.matvec, rows, kernels.attention, kernels.int8_matvec)
     if weight.dtype == torch.bfloat16 and not int8 and fused.enabled():  # whole blocks of a decode step in C
-        fused.apply_fused(model, (nn.Linear, FastLinear))
+        fused.apply_fused(model, (nn.Linear, FastLinear), rows)
     return model

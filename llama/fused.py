@@ -30,6 +30,10 @@ from llama.model import Transformer, TransformerBlock
 
 MAX_ROWS = 8  # rows per call: decode_layer.c's MAX_ROWS
 WEIGHTS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+# A block this small is overhead-bound at every batch: the demo model's (7 MB) decodes 8 rows 1.75x
+# faster fused, though torch's products beat our loop at 8 rows here; a Llama 3.2 1B block (121 MB)
+# 5% slower (benchmarks/README.md), so there only the rows where our loop wins take the C call.
+SMALL_BLOCK_BYTES = 32 << 20
 
 
 class LayerStruct(ctypes.Structure):
@@ -49,9 +53,10 @@ class Workspace:
     """The float32 scratch of ``llama_decode_layers``, shared by a model's blocks (they run one after
     another), grown only when a call asks for more threads than it was sized for."""
 
-    def __init__(self, lib: ctypes.CDLL, linear_types: tuple[type, ...]):
+    def __init__(self, lib: ctypes.CDLL, linear_types: tuple[type, ...], max_rows: int):
         self.lib = lib
         self.linear_types = linear_types  # the layer classes whose forward is F.linear of their weight
+        self.max_rows = max_rows  # rows (batch) per step that take the C call
         self.buffer = torch.empty(0)
         self.sized_for = (0, 0)  # (threads, max_seq): the scratch depends on both
 
@@ -69,7 +74,7 @@ class Plan:
     """One block's part of the C call: its ``LayerStruct``, and the tensors it points into (views
     kept here, so the memory stays valid whatever later happens to the module's parameters)."""
 
-    def __init__(self, block: TransformerBlock):
+    def __init__(self, block: TransformerBlock, max_rows: int):
         attn, ffn = block.attention, block.feed_forward
         cache = attn.cache
         linears = [getattr(attn, n) for n in WEIGHTS[:4]] + [getattr(ffn, n) for n in WEIGHTS[4:]]
@@ -86,6 +91,7 @@ class Plan:
             hidden=ffn.w1.weight.shape[0], max_batch=max_batch, max_seq=max_seq, eps=block.attention_norm.eps,
         )  # fmt: skip
         self.alone = (LayerStruct * 1)(self.layer)  # the argument of a call for this block alone
+        self.dim, self.max_rows = self.layer.dim, min(max_rows, max_batch)
 
     def current(self, block: TransformerBlock) -> bool:
         """Whether the block still has the weights and cache this plan points at."""
@@ -162,13 +168,13 @@ class FusedBlock(TransformerBlock):
             if self.workspace is None or not usable(self, self.workspace.linear_types):
                 self.workspace = self.plan = None  # the plain block from now on (until apply_fused again)
                 return None
-            plan = self.plan = Plan(self)
+            plan = self.plan = Plan(self, self.workspace.max_rows)
         return plan
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos, mask=None) -> torch.Tensor:
         if self.workspace is not None and step_input(x, cos, start_pos) and cos.is_contiguous() and sin.is_contiguous():
             plan = self.current_plan()
-            if plan is not None and x.shape[0] <= plan.layer.max_batch and x.shape[2] == plan.layer.dim:
+            if plan is not None and x.shape[0] <= plan.max_rows and x.shape[2] == plan.dim:
                 return run(self.workspace, plan.alone, x, cos.data_ptr(), sin.data_ptr(), start_pos)
         return super().forward(x, cos, sin, start_pos, mask)
 
@@ -186,17 +192,16 @@ class FusedTransformer(Transformer):
             if 0 <= start_pos < self.max_seq_len and bsz <= self.max_batch_size:
                 h = self.tok_embeddings(tokens)  # [B, 1, dim]
                 cos, sin = self._rope_cos, self._rope_sin  # [max_seq_len, head_dim / 2] float32
-                layers = self._layers() if step_input(h, cos, start_pos) and cos.is_contiguous() else None
-                if layers is not None and bsz <= layers[0].max_batch:
-                    row = cos.stride(0) * cos.element_size()
-                    start = start_pos * row
-                    h = run(self.layers[0].workspace, layers, h, cos.data_ptr() + start, sin.data_ptr() + start, start_pos)
+                fused = self._layers() if step_input(h, cos, start_pos) and cos.is_contiguous() else None
+                if fused is not None and bsz <= fused[0][0].max_rows:
+                    start = start_pos * cos.stride(0) * cos.element_size()  # the position's row of angles
+                    h = run(self.layers[0].workspace, fused[1], h, cos.data_ptr() + start, sin.data_ptr() + start, start_pos)
                     return self.output(self.norm(h)).float()  # [B, 1, vocab]
         return super().forward(tokens, start_pos, last_only)
 
-    def _layers(self) -> Optional[ctypes.Array]:
-        """Every block's ``LayerStruct`` in one array (made again when a plan changes), or None when
-        a block is not a ``FusedBlock`` that can run."""
+    def _layers(self) -> Optional[tuple[tuple[Plan, ...], ctypes.Array]]:
+        """Every block's plan, and their ``LayerStruct``s in one array (made again when a plan
+        changes); None when a block is not a ``FusedBlock`` that can run."""
         plans = []
         for block in self.layers:
             plan = block.current_plan() if type(block) is FusedBlock else None
@@ -206,7 +211,7 @@ class FusedTransformer(Transformer):
         cached = self._fused_layers
         if cached is None or len(cached[0]) != len(plans) or any(a is not b for a, b in zip(cached[0], plans)):
             cached = self._fused_layers = (tuple(plans), (LayerStruct * len(plans))(*(p.layer for p in plans)))
-        return cached[1]
+        return cached
 
 
 class _NoRecord:
@@ -222,7 +227,9 @@ class _NoRecord:
 _NO_RECORD = _NoRecord()
 
 
-def apply_fused(model: Transformer, linear_types: tuple[type, ...] = (nn.Linear,)) -> Transformer:
+def apply_fused(
+    model: Transformer, linear_types: tuple[type, ...] = (nn.Linear,), matvec_rows: int = MAX_ROWS
+) -> Transformer:
     """Swap ``model``'s blocks for ``FusedBlock``s, in place (returns ``model``), where the compiled
     library is available (``llama.native``); without it the model is left unchanged.
 
@@ -230,12 +237,18 @@ def apply_fused(model: Transformer, linear_types: tuple[type, ...] = (nn.Linear,
     is ``F.linear(x, weight)`` (``llama.fast`` adds its ``FastLinear``). Each block checks at each
     step that its weights and cache are still the ones it points at (a new cache from
     ``setup_cache``, a weight replaced) and otherwise re-plans, or runs the plain block.
+
+    ``matvec_rows``: the rows for which our matvec loop beats torch's products on this CPU
+    (``llama.fast.matvec_rows``). Steps of that many rows take the C call; more rows (up to 8) only
+    where a block's weights are small (``SMALL_BLOCK_BYTES``), so that the overhead the call saves
+    outweighs torch's faster kernel for many rows.
     """
     lib = native.library()
     if lib is None:
         return model
     declare(lib)
-    workspace = Workspace(lib, linear_types)
+    block_bytes = sum(p.numel() * p.element_size() for p in model.layers[0].parameters())
+    workspace = Workspace(lib, linear_types, MAX_ROWS if block_bytes <= SMALL_BLOCK_BYTES else matvec_rows)
     for i, block in enumerate(model.layers):
         if not isinstance(block, FusedBlock):
             block = copy.copy(block)  # a shallow copy: the same parameters, buffers and children

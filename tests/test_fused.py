@@ -310,3 +310,18 @@ def test_a_block_that_cannot_run_leaves_the_others_fused(lib, calls):
     tokens = torch.randint(0, args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(12))
     got, want = decode(model, tokens, 12), decode(reference, tokens, 12)
     assert calls.sizes == [1, 1] * 4 and rel_err(got, want) < 3e-2
+
+
+def test_large_blocks_take_only_the_rows_our_products_win(lib, calls, monkeypatch):
+    """Small blocks take every batch up to 8; a block over SMALL_BLOCK_BYTES only ``matvec_rows`` rows."""
+    args = ARGS["gqa"]
+    tokens = torch.randint(0, args.vocab_size, (3, 10), generator=torch.Generator().manual_seed(13))
+    small = fused.apply_fused(model_for(args, max_seq_len=10), (torch.nn.Linear,), matvec_rows=2)
+    decode(small, tokens, 9)
+    assert calls.sizes == [args.n_layers]
+    monkeypatch.setattr(fused, "SMALL_BLOCK_BYTES", 0)
+    large = fused.apply_fused(model_for(args, max_seq_len=10), (torch.nn.Linear,), matvec_rows=2)
+    decode(large, tokens, 9)  # 3 rows: the plain blocks
+    assert calls.sizes == [args.n_layers]
+    decode(large, tokens[:2], 9)
+    assert calls.sizes == [args.n_layers] * 2
