@@ -44,6 +44,12 @@ class LayerStruct(ctypes.Structure):
     _fields_ += [("eps", ctypes.c_float)]
 
 
+class HeadStruct(ctypes.Structure):
+    """decode_layer.c's ``llama_head``: the final norm and output product, for a call that returns logits."""
+
+    _fields_ = [("norm", ctypes.c_void_p), ("output", ctypes.c_void_p), ("vocab", ctypes.c_int64), ("eps", ctypes.c_float)]
+
+
 def enabled() -> bool:
     """False when ``LLAMA_FUSED=0`` is in the environment (the per-operator fast paths then run)."""
     return os.environ.get("LLAMA_FUSED", "1") != "0"
@@ -138,19 +144,28 @@ def step_input(x: torch.Tensor, cos: torch.Tensor, start_pos) -> bool:
     )
 
 
-def run(workspace: Workspace, layers: ctypes.Array, x: torch.Tensor, cos: int, sin: int, start_pos: int) -> torch.Tensor:
+def run(
+    workspace: Workspace, layers: ctypes.Array, x: torch.Tensor, cos: int, sin: int, start_pos: int,
+    head: Optional[HeadStruct] = None,
+) -> torch.Tensor:  # fmt: skip
     """``layers`` (one block's ``LayerStruct`` or an array of them, in order) on x [B, 1, dim] bf16 at
     ``start_pos`` in one C call; ``cos``, ``sin``: addresses of the position's float32 angles. Writes
-    each layer's cache at start_pos; returns the last layer's output."""
+    each layer's cache at start_pos; returns the last layer's output [B, 1, dim], or with ``head``
+    the logits [B, 1, vocab] float32 (the model's ``output(norm(h)).float()``)."""
     threads = torch.get_num_threads()
     scratch = workspace.get(layers[0], threads)
-    out = torch.empty_like(x)
-    args = (x.data_ptr(), out.data_ptr(), cos, sin, start_pos, x.shape[0], scratch.data_ptr(), scratch.numel(), threads)
+    bsz = x.shape[0]
+    if head is None:
+        out, logits = torch.empty_like(x), None
+    else:
+        out, logits = None, torch.empty(bsz, 1, head.vocab, dtype=torch.float32)
+    args = (x.data_ptr(), out.data_ptr() if out is not None else None, cos, sin, start_pos, bsz)
+    args += (scratch.data_ptr(), scratch.numel(), threads, head, logits.data_ptr() if logits is not None else None)
     profiled = torch.autograd.profiler._is_profiler_enabled
     with torch.profiler.record_function("llama::decode_layers") if profiled else _NO_RECORD:  # a row in profiles
         if workspace.lib.llama_decode_layers(layers, len(layers), *args):
             raise ValueError(f"llama_decode_layers refused x of {list(x.shape)} at position {start_pos}")
-    return out
+    return out if logits is None else logits
 
 
 class FusedBlock(TransformerBlock):
@@ -185,6 +200,7 @@ class FusedTransformer(Transformer):
     block saved, benchmarks/README.md); otherwise the plain forward, whose blocks decide each."""
 
     _fused_layers: Optional[tuple[tuple[Plan, ...], ctypes.Array]] = None
+    _fused_head: Optional[tuple] = None  # (norm weight, output weight, their pointers, HeadStruct or None, views)
 
     def forward(self, tokens: torch.Tensor, start_pos=0, last_only: bool = False) -> torch.Tensor:
         if type(start_pos) is int and tokens.shape[1] == 1 and self._rope_cos is not None:
@@ -195,8 +211,10 @@ class FusedTransformer(Transformer):
                 fused = self._layers() if step_input(h, cos, start_pos) and cos.is_contiguous() else None
                 if fused is not None and bsz <= fused[0][0].max_rows:
                     start = start_pos * cos.stride(0) * cos.element_size()  # the position's row of angles
-                    h = run(self.layers[0].workspace, fused[1], h, cos.data_ptr() + start, sin.data_ptr() + start, start_pos)
-                    return self.output(self.norm(h)).float()  # [B, 1, vocab]
+                    angles = (cos.data_ptr() + start, sin.data_ptr() + start)
+                    head = self._head()
+                    out = run(self.layers[0].workspace, fused[1], h, *angles, start_pos, head)
+                    return out if head is not None else self.output(self.norm(out)).float()  # [B, 1, vocab]
         return super().forward(tokens, start_pos, last_only)
 
     def _layers(self) -> Optional[tuple[tuple[Plan, ...], ctypes.Array]]:
@@ -212,6 +230,23 @@ class FusedTransformer(Transformer):
         if cached is None or len(cached[0]) != len(plans) or any(a is not b for a, b in zip(cached[0], plans)):
             cached = self._fused_layers = (tuple(plans), (LayerStruct * len(plans))(*(p.layer for p in plans)))
         return cached
+
+
+    def _head(self) -> Optional[HeadStruct]:
+        """The final norm and output product for the C call, or None where the output layer is not
+        one it can run (another class, int8, not bf16): then torch computes them."""
+        linear_types = self.layers[0].workspace.linear_types
+        norm, output = self.norm.weight, self.output.weight
+        cached = self._fused_head
+        if cached is not None and cached[0] is norm and cached[1] is output and cached[2] == (norm.data_ptr(), output.data_ptr()):
+            return cached[3]
+        usable = type(self.output) in linear_types and self.output.bias is None and all(
+            t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() for t in (norm, output)
+        )
+        head = HeadStruct(norm.data_ptr(), output.data_ptr(), output.shape[0], self.norm.eps) if usable else None
+        # The parameters, where their data was, the struct, and views that keep that data alive.
+        self._fused_head = (norm, output, (norm.data_ptr(), output.data_ptr()), head, norm.detach(), output.detach())
+        return head
 
 
 class _NoRecord:
@@ -267,4 +302,5 @@ def declare(lib: ctypes.CDLL) -> None:
     lib.llama_decode_layers.restype = ctypes.c_int
     lib.llama_decode_layers.argtypes = [ctypes.POINTER(LayerStruct), ctypes.c_int] + [ctypes.c_void_p] * 4 + [
         ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+        ctypes.POINTER(HeadStruct), ctypes.c_void_p,
     ]  # fmt: skip

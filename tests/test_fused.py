@@ -63,10 +63,11 @@ def calls(monkeypatch):
     counted = Calls()
     real = fused.run
 
-    def counting(workspace, layers, x, cos, sin, start_pos):
+    def counting(workspace, layers, x, cos, sin, start_pos, head=None):
         counted.extend([start_pos] * len(layers))
         counted.sizes.append(len(layers))
-        return real(workspace, layers, x, cos, sin, start_pos)
+        counted.heads.append(head is not None)
+        return real(workspace, layers, x, cos, sin, start_pos, head)
 
     monkeypatch.setattr(fused, "run", counting)
     return counted
@@ -75,7 +76,8 @@ def calls(monkeypatch):
 class Calls(list):
     def __init__(self):
         super().__init__()
-        self.sizes: list[int] = []
+        self.sizes: list[int] = []  # blocks per call
+        self.heads: list[bool] = []  # whether the call computed the logits too
 
 
 def decode(model: Transformer, tokens: torch.Tensor, prompt_len: int) -> torch.Tensor:
@@ -108,7 +110,7 @@ def test_steps_match_the_unfused_model(lib, calls, shape, bsz):
     plain = model_for(args, max_seq_len=max_seq)
     got, want, base = decode(ours, tokens, 15), decode(unfused, tokens, 15), decode(plain, tokens, 15)
     assert len(calls) == args.n_layers * (max_seq - 15)  # every block of every step took the C path
-    assert calls.sizes == [args.n_layers] * (max_seq - 15)  # one call a step
+    assert calls.sizes == [args.n_layers] * (max_seq - 15) and all(calls.heads)  # one call a step, logits included
     assert calls[-1] == max_seq - 1  # the last position of the cache
     # Bit-equal but for values whose float32 sums straddle a bf16 rounding boundary.
     assert (got == want).float().mean() > 0.99 and rel_err(got, want) < 1e-2
@@ -325,3 +327,16 @@ def test_large_blocks_take_only_the_rows_our_products_win(lib, calls, monkeypatc
     assert calls.sizes == [args.n_layers]
     decode(large, tokens[:2], 9)
     assert calls.sizes == [args.n_layers] * 2
+
+
+def test_an_output_layer_it_cannot_run_is_left_to_torch(lib, calls):
+    """A non-contiguous output weight (as a stand-in for any layer the C call cannot take): the
+    blocks still run in one call, the final norm and output product in torch, the same logits."""
+    args = ARGS["gqa"]
+    model, reference = fused_model(args, max_seq_len=12), fused_model(args, max_seq_len=12)
+    weight = model.output.weight
+    model.output.weight = torch.nn.Parameter(weight.detach().t().contiguous().t(), requires_grad=False)
+    tokens = torch.randint(0, args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(14))
+    got = decode(model, tokens, 9)
+    assert calls.heads == [False] * 3
+    assert torch.equal(got, decode(reference, tokens, 9)) and calls.heads == [False] * 3 + [True] * 3

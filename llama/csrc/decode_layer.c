@@ -42,6 +42,13 @@ typedef struct {
     float eps;
 } llama_layer;
 
+/* The model's final norm and output product, for a call that returns logits (llama/fused.py). */
+typedef struct {
+    const uint16_t *norm, *output; /* bf16 [dim] and [vocab, dim] */
+    int64_t vocab;
+    float eps;
+} llama_head;
+
 /* Where each buffer lives in the caller's float32 scratch. Shared by the team: the residual stream
  * (float32 holding bf16 values), q/k/v, the attention output, the FFN's two hidden rows and a
  * product's output; private to each thread: a normalized or gathered input row block, its permuted
@@ -196,12 +203,26 @@ static void store(const llama_layer *L, uint16_t *cache, const float *y, int64_t
         }
 }
 
+/* Thread t's private input block and its permuted copy. */
+static float *private_input(const spaces *s, int t) { return s->priv + t * s->priv_floats; }
+static float *private_permuted(const spaces *s, int t) { return s->priv + t * s->priv_floats + MAX_ROWS * s->widest; }
+
+/* logits [B, vocab] = bf16(output(norm(resid))) as float32: Transformer's output(norm(h)).float(). */
+static void head_step(const llama_head *H, const spaces *s, int64_t dim, int B, float *logits, int t, int T) {
+    float *xn = private_input(s, t), *xp = private_permuted(s, t);
+    int64_t n0, n1;
+    rms_norm(s->resid, H->norm, dim, B, H->eps, xn);
+    llama_bf16_permute(xn, xp, B, dim);
+    split(H->vocab, t, T, &n0, &n1);
+    product(H->output, dim, xn, xp, logits, H->vocab, n0, n1, B);
+}
+
 /* One layer, run by every thread of the team (thread t of T); resid holds its input and gets its output. */
 static void layer(const llama_layer *L, const spaces *s, int B, int64_t pos, const float *cos, const float *sin,
                   uint16_t *out, int t, int T) {
     const int64_t dim = L->dim, hd = L->head_dim, qd = L->n_heads * hd, kvd = L->n_kv_heads * hd;
-    float *xn = s->priv + t * s->priv_floats; /* this thread's [B, K] input, K <= widest */
-    float *xp = xn + MAX_ROWS * s->widest;    /* its permuted copy */
+    float *xn = private_input(s, t);           /* this thread's [B, K] input, K <= widest */
+    float *xp = private_permuted(s, t);        /* its permuted copy */
     float *scores = xp + MAX_ROWS * s->widest; /* [heads_per_task, pos + 1] */
     int64_t n0, n1;
 
@@ -276,20 +297,23 @@ static int sizes_ok(const llama_layer *L, const llama_layer *first) {
 }
 
 /*
- * x, out: bf16 [B, dim] (the residual stream before the first layer and after the last); cos, sin:
- * float32 [head_dim / 2], RoPE's angles at `pos`; scratch: llama_decode_scratch_floats(layers,
- * threads) floats. The n_layers layers run in order (all of one model's sizes); each writes its
- * keys and values at `pos` of its cache for rows 0 ... B - 1 and attends over positions 0 ... pos.
+ * x, out: bf16 [B, dim] (the residual stream before the first layer and after the last; out may be
+ * NULL); cos, sin: float32 [head_dim / 2], RoPE's angles at `pos`; scratch:
+ * llama_decode_scratch_floats(layers, threads) floats. The n_layers layers run in order (all of one
+ * model's sizes); each writes its keys and values at `pos` of its cache for rows 0 ... B - 1 and
+ * attends over positions 0 ... pos. With `head` (else NULL), also the logits: float32 [B, vocab].
  * Returns 0, or -1 (nothing written) for bad sizes, a position outside the cache or too little scratch.
  */
 int llama_decode_layers(const llama_layer *layers, int n_layers, const uint16_t *x, uint16_t *out, const float *cos,
-                        const float *sin, int64_t pos, int B, float *scratch, int64_t scratch_floats, int threads) {
+                        const float *sin, int64_t pos, int B, float *scratch, int64_t scratch_floats, int threads,
+                        const llama_head *head, float *logits) {
     if (n_layers < 1 || B < 1 || B > MAX_ROWS || threads < 1) return -1;
     for (int l = 0; l < n_layers; l++)
         if (!sizes_ok(&layers[l], &layers[0])) return -1;
     const llama_layer *L = &layers[0];
     if (B > L->max_batch || pos < 0 || pos >= L->max_seq || scratch_floats < llama_decode_scratch_floats(L, threads))
         return -1;
+    if (head && (head->vocab < 1 || !logits)) return -1;
     const spaces s = carve(L, scratch, B, threads);
     for (int64_t i = 0; i < B * L->dim; i++) s.resid[i] = widen(x[i]);
 #pragma omp parallel num_threads(threads)
@@ -297,6 +321,7 @@ int llama_decode_layers(const llama_layer *layers, int n_layers, const uint16_t 
         const int t = omp_get_thread_num(), T = omp_get_num_threads();
         for (int l = 0; l < n_layers; l++)
             layer(&layers[l], &s, B, pos, cos, sin, l == n_layers - 1 ? out : 0, t, T);
+        if (head) head_step(head, &s, L->dim, B, logits, t, T); /* after the last layer's barrier */
     }
     return 0;
 }
