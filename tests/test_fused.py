@@ -330,13 +330,16 @@ def test_large_blocks_take_only_the_rows_our_products_win(lib, calls, monkeypatc
 
 
 def test_an_output_layer_it_cannot_run_is_left_to_torch(lib, calls):
-    """A non-contiguous output weight (as a stand-in for any layer the C call cannot take): the
-    blocks still run in one call, the final norm and output product in torch, the same logits."""
+    """An output layer of another class (a stand-in for int8, FP8...): the blocks still run in one
+    call, the final norm and output product in torch, with the same logits."""
+
+    class OtherLinear(torch.nn.Linear):
+        pass
+
     args = ARGS["gqa"]
     model, reference = fused_model(args, max_seq_len=12), fused_model(args, max_seq_len=12)
-    weight = model.output.weight
-    model.output.weight = torch.nn.Parameter(weight.detach().t().contiguous().t(), requires_grad=False)
+    model.output.__class__ = OtherLinear
     tokens = torch.randint(0, args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(14))
     got = decode(model, tokens, 9)
     assert calls.heads == [False] * 3
-    assert torch.equal(got, decode(reference, tokens, 9)) and calls.heads == [False] * 3 + [True] * 3
+    assert rel_err(got, decode(reference, tokens, 9)) < 1e-2 and calls.heads == [False] * 3 + [True] * 3
