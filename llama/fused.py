@@ -1,20 +1,22 @@
-"""The fused decode step: each transformer block of an eager one-token step in one C call.
+"""The fused decode step: an eager one-token step of every transformer block in one C call.
 
 A small model's decode step is overhead-bound: the demo model (30 layers of dim 576) runs ~40 torch
 operators a layer, each a few microseconds of Python and dispatch, while its weights stream from
-memory in a fraction of that time (benchmarks/README.md has the profile). ``FusedBlock`` runs such a
-step of a ``TransformerBlock`` in one call of ``csrc/decode_layer.c`` (ours, compiled with the other
-native kernels, ``llama.native``): norm, q/k/v products, RoPE, the cache write, attention, wo, the
-residual add and the SwiGLU feed-forward in one OpenMP team, with its scratch allocated once per model.
-It rounds to bf16 wherever the plain bf16 model rounds, so it differs from the model only by the
-order of float32 additions (tests/test_fused.py).
+memory in a fraction of that time (benchmarks/README.md has the profile). ``csrc/decode_layer.c``
+(ours, compiled with the other native kernels, ``llama.native``) runs a block's norm, q/k/v
+products, RoPE, cache write, attention, wo, residual add and SwiGLU feed-forward in one OpenMP
+team, with scratch allocated once per model. ``FusedTransformer`` calls it once per step for all
+blocks and the final norm and output product; ``FusedBlock`` once per block where the model's
+step cannot (a block it cannot run, a block called on its own). It rounds to bf16 wherever the
+plain bf16 model rounds and sums the norms' squares in torch's order, so its logits equal the
+per-operator path's bit for bit on the CPUs tested (tests/test_fused.py).
 
-It takes only what it was written for, and hands everything else to the plain block: one token per
-row (up to 8 rows) at an int position, not under ``torch.compile`` or autograd, bf16 contiguous CPU
-weights in plain (or ``llama.fast``) linear layers (not int8, not fairscale's), a bf16 KV cache.
-``llama.fast.speed_up`` applies it (one process, bf16 on CPU, native kernels available) unless
-``LLAMA_FUSED=0`` is in the environment. The model file stays plain torch: this module swaps the
-blocks' class, as ``llama.fast`` swaps layers.
+It takes only what it was written for, and hands everything else to the plain model: one token per
+row (up to 8 rows, ``apply_fused``) at an int position, not under ``torch.compile`` or autograd,
+bf16 contiguous CPU weights in plain (or ``llama.fast``) linear layers (not int8, FP8 or
+fairscale's), a bf16 KV cache. ``llama.fast.speed_up`` applies it (one process, bf16 on the CPU,
+native kernels available) unless ``LLAMA_FUSED=0`` is in the environment. The model file stays
+plain torch: this module swaps classes, as ``llama.fast`` swaps layers.
 """
 
 import copy

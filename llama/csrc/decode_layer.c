@@ -6,7 +6,8 @@
  * Why: a small model's decode step is overhead-bound. The demo model (30 layers of dim 576) runs
  * ~40 torch operators a layer, each a few microseconds of Python and dispatch, and each matrix
  * product its own parallel region; its weights stream from memory in a fraction of that time.
- * Here a layer is 5 barriers of one parallel region, with no allocation (the caller's scratch).
+ * Here a layer is 5 barriers of one parallel region, with no allocation (the caller's scratch); a
+ * call runs any number of layers in order, and optionally the final norm and output product.
  *
  * What, per layer, as the plain model computes it (llama/model.py, with llama/fast.py's kernels):
  *     a = RMSNorm(x) -> q, k, v = a wq^T, a wk^T, a wv^T -> RoPE(q), RoPE(k) -> k, v into the
