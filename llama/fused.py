@@ -89,7 +89,10 @@ class Plan:
         weights = [m.weight for m in linears] + [block.attention_norm.weight, block.ffn_norm.weight]
         self.cache = cache
         self.tensors = [t.detach() for t in weights + [cache.k, cache.v]]
-        # Where the weights live now: a module given another weight (or a .to()) shows a new pointer.
+        # What the block is made of now: a module swapped in (int8 layers, a new attention) shows
+        # as another child, a weight replaced (or moved by .to()) as another pointer.
+        self.owners = (block._modules, attn._modules, ffn._modules)
+        self.children = self.modules_of(block)
         self.sources = [m._parameters for m in linears] + [block.attention_norm._parameters, block.ffn_norm._parameters]
         self.pointers = tuple(w.data_ptr() for w in weights)
         max_batch, n_kv, max_seq, hd = cache.k.shape
@@ -101,10 +104,21 @@ class Plan:
         self.alone = (LayerStruct * 1)(self.layer)  # the argument of a call for this block alone
         self.dim, self.max_rows = self.layer.dim, min(max_rows, max_batch)
 
+    @staticmethod
+    def modules_of(block: TransformerBlock) -> tuple[nn.Module, ...]:
+        """The block's attention, feed-forward, norms, projections and cache, in a fixed order."""
+        own, attn, ffn = block._modules, block._modules["attention"]._modules, block._modules["feed_forward"]._modules
+        top = tuple(own[n] for n in ("attention", "feed_forward", "attention_norm", "ffn_norm"))
+        return top + tuple(attn[n] for n in WEIGHTS[:4]) + tuple(ffn[n] for n in WEIGHTS[4:]) + (attn["cache"],)
+
     def current(self, block: TransformerBlock) -> bool:
-        """Whether the block still has the weights and cache this plan points at."""
+        """Whether the block is still made of the modules, cache and weights this plan points at."""
+        own, attn, ffn = self.owners
         return (
-            block.attention._modules.get("cache") is self.cache
+            own is block._modules
+            and own["attention"]._modules is attn
+            and own["feed_forward"]._modules is ffn
+            and self.modules_of(block) == self.children
             and tuple(p["weight"].data_ptr() for p in self.sources) == self.pointers
         )
 

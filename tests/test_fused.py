@@ -343,3 +343,19 @@ def test_an_output_layer_it_cannot_run_is_left_to_torch(lib, calls):
     got = decode(model, tokens, 9)
     assert calls.heads == [False] * 3
     assert rel_err(got, decode(reference, tokens, 9)) < 1e-2 and calls.heads == [False] * 3 + [True] * 3
+
+
+def test_a_module_swapped_in_after_apply_is_followed(lib, calls):
+    """int8 layers swapped into one block after apply_fused: that block steps aside, the others stay fused."""
+    from llama.quantize import quantize_model
+
+    args = ARGS["gqa"]
+    model, reference = fused_model(args, max_seq_len=14), fused_model(args, max_seq_len=14)
+    tokens = torch.randint(0, args.vocab_size, (1, 14), generator=torch.Generator().manual_seed(15))
+    decode(model, tokens[:, :10], 9)
+    assert calls.sizes == [args.n_layers]
+    quantize_model(model.layers[1])
+    quantize_model(reference.layers[1])
+    got, want = decode(model, tokens, 10), decode(reference, tokens, 10)
+    assert calls.sizes == [args.n_layers] + [1] * 8 and rel_err(got, want) < 1e-2  # layer 0 of each model alone
+    assert model.layers[1].workspace is None and model.layers[0].workspace is not None
