@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama import native
+from llama import fused, native
 from llama.devices import CpuThreads, cache_root, cpu_flags, default_compute_dtype
 from llama.model import Attention, Transformer, causal_mask
 from llama.quantize import Int8Linear, Int8MatVec
@@ -395,4 +395,7 @@ def speed_up(model: Transformer, world_size: int = 1) -> Transformer:
             threads.restore()
     if kernels is None:
         return apply_fast_paths(model, compute_dtype)
-    return apply_fast_paths(model, compute_dtype, kernels.matvec, rows, kernels.attention, kernels.int8_matvec)
+    apply_fast_paths(model, compute_dtype, kernels.matvec, rows, kernels.attention, kernels.int8_matvec)
+    if bf16 and not int8 and fused.enabled():  # whole blocks of a decode step in C
+        fused.apply_fused(model, (nn.Linear, FastLinear), rows)
+    return model

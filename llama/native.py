@@ -35,8 +35,8 @@ import torch
 from llama.devices import cache_root, cpu_flags
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "bf16_matvec.c", CSRC / "bf16_attention.c", CSRC / "int8_matvec.c")  # one shared library
-HEADERS = (CSRC / "bf16.h",)
+SOURCES = (CSRC / "bf16_matvec.c", CSRC / "bf16_attention.c", CSRC / "int8_matvec.c", CSRC / "decode_layer.c")  # one shared library
+HEADERS = (CSRC / "bf16.h", CSRC / "kernels.h")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 LIBS = ("-lm",)
 MAX_ROWS = 8  # rows of x per matvec call; bf16_matvec.c's MAX_ROWS
@@ -265,3 +265,10 @@ def kernels() -> Optional[Kernels]:
     matvec.__dict__ = raw.matvec.__dict__
     int8_matvec.__dict__ = raw.int8_matvec.__dict__
     return Kernels(matvec, attention, int8_matvec)
+
+
+@functools.cache
+def library() -> Optional[ctypes.CDLL]:
+    """The compiled library itself, for the fused decode step of ``csrc/decode_layer.c`` (``llama.fused``
+    calls it through ctypes), or None where ``kernels()`` is None."""
+    return ctypes.CDLL(str(build())) if kernels() is not None else None

@@ -20,6 +20,7 @@
 #include <stdlib.h>
 
 #include "bf16.h"
+#include "kernels.h"
 
 /* 8 bf16 values at p, widened to float32 in order. */
 static inline __m256 load8(const uint16_t *p) {
@@ -88,8 +89,9 @@ static inline __attribute__((always_inline)) void weighted_sum(
     for (int j = 0; j < n; j++) _mm256_storeu_ps(o + 8 * j, acc[j]);
 }
 
-/* The queries q [R, D] of one KV head against its keys and values (positions `stride` apart). */
-static void attend_group(const float *q, const uint16_t *k, const uint16_t *v, int64_t stride, int64_t T,
+/* The queries q [R, D] of one KV head against its keys and values (positions `stride` apart).
+ * Also called by decode_layer.c (declared in kernels.h). */
+void llama_attend_group(const float *q, const uint16_t *k, const uint16_t *v, int64_t stride, int64_t T,
                          int64_t D, int64_t R, float *scores /* [R, T] */, float *out /* [R, D] */) {
     const int64_t D8 = D - D % 8, T8 = T - T % 8;
     const float scale = (float)sqrt((double)D);
@@ -159,7 +161,7 @@ int llama_bf16_attention(const void *q, const uint16_t *k, const uint16_t *v, vo
         for (int64_t i = 0; i < R * D; i++)
             qf[i] = bf16_io ? widen(((const uint16_t *)q)[first + i]) : ((const float *)q)[first + i];
         const int64_t offset = b * batch_stride + g * head_stride;
-        attend_group(qf, k + offset, v + offset, pos_stride, T, D, R, scores, o);
+        llama_attend_group(qf, k + offset, v + offset, pos_stride, T, D, R, scores, o);
         for (int64_t i = 0; i < R * D; i++) {
             if (bf16_io) ((uint16_t *)out)[first + i] = narrow(o[i]);
             else ((float *)out)[first + i] = o[i];

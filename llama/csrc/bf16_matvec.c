@@ -27,6 +27,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "kernels.h"
 
 #define MAX_ROWS 8 /* rows of x per call */
 #define PREFETCH_AHEAD 64 /* elements past the matching position in the next block: two cache lines */
@@ -239,4 +240,38 @@ int llama_bf16_matvec_variant(const uint16_t *w, const void *x, void *y, int64_t
 /* The AVX2 loop (the C entry point other kernels may call). */
 int llama_bf16_matvec(const uint16_t *w, const void *x, void *y, int64_t N, int64_t K, int B, int bf16_io, int threads) {
     return llama_bf16_matvec_variant(w, x, y, N, K, B, bf16_io, 1, threads);
+}
+
+/* ---- For decode_layer.c (kernels.h): the same loops, called by each thread of its region. ---- */
+
+void llama_bf16_permute(const float *x, float *xp, int B, int64_t K) {
+    const int64_t K16 = K - K % 16;
+    for (int b = 0; b < B; b++)
+        for (int64_t k = 0; k < K16; k += 16) {
+            const float *src = x + b * K + k;
+            float *dst = xp + b * K16 + k;
+            memcpy(dst, src, 4 * sizeof(float));           /* 0-3   */
+            memcpy(dst + 4, src + 8, 4 * sizeof(float));   /* 8-11  */
+            memcpy(dst + 8, src + 4, 4 * sizeof(float));   /* 4-7   */
+            memcpy(dst + 12, src + 12, 4 * sizeof(float)); /* 12-15 */
+        }
+}
+
+/* Blocks of ROWS_FOR(B) rows from n0, then single rows up to n1; float32 output. */
+#define RANGE(B)                                                                                  \
+    case B: {                                                                                     \
+        const int64_t R = ROWS_FOR(B), end = n0 + (n1 - n0) / R * R;                              \
+        int64_t n = n0;                                                                           \
+        for (; n < end; n += R)                                                                   \
+            rows(w + n * K, K, K16, xp, x, (char *)(y + n), ldy, sizeof(float), 0, ROWS_FOR(B), B); \
+        for (; n < n1; n++) rows(w + n * K, K, K16, xp, x, (char *)(y + n), ldy, sizeof(float), 0, 1, B); \
+        break;                                                                                    \
+    }
+
+void llama_bf16_matvec_range(const uint16_t *w, int64_t K, const float *xp, const float *x, float *y, int64_t ldy,
+                             int64_t n0, int64_t n1, int B) {
+    const int64_t K16 = K - K % 16;
+    switch (B) {
+        RANGE(1) RANGE(2) RANGE(3) RANGE(4) RANGE(5) RANGE(6) RANGE(7) RANGE(8)
+    }
 }

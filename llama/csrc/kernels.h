@@ -1,0 +1,23 @@
+/* Internal functions shared between the kernels of this folder (one shared library, llama/native.py):
+ * decode_layer.c runs a whole transformer block with the matvec and attention loops of the others. */
+#ifndef LLAMA_KERNELS_H
+#define LLAMA_KERNELS_H
+
+#include <stdint.h>
+
+/* x [B, K] float32 -> xp [B, K16] (K16 = K - K % 16) in the per-16-block order that the matvec
+ * loop reads (bf16_matvec.c). */
+void llama_bf16_permute(const float *x, float *xp, int B, int64_t K);
+
+/* Weight rows n0 <= n < n1 of y = x @ w.T, in float32, by the calling thread alone (inside the
+ * caller's parallel region): y[b * ldy + n] for b < B <= 8. w: bf16 [N, K]; x: float32 [B, K];
+ * xp: llama_bf16_permute of x. Results equal llama_bf16_matvec's bit for bit. */
+void llama_bf16_matvec_range(const uint16_t *w, int64_t K, const float *xp, const float *x, float *y, int64_t ldy,
+                             int64_t n0, int64_t n1, int B);
+
+/* softmax(q k^T / sqrt(D)) v for R queries q [R, D] (float32) of one KV head over T bf16 keys and
+ * values `stride` elements apart; scores: scratch [R, T]; out: float32 [R, D] (bf16_attention.c). */
+void llama_attend_group(const float *q, const uint16_t *k, const uint16_t *v, int64_t stride, int64_t T,
+                        int64_t D, int64_t R, float *scores, float *out);
+
+#endif
