@@ -185,9 +185,10 @@ def apply_fast_paths(
         elif isinstance(module, Attention):
             new = _as(module, DecodeAttention)
             new.compute_dtype = compute_dtype
-            # The kernel reads a bf16 cache; ``attend`` checks the cache's dtype at each step (the
-            # cache has the model's dtype, not the projections': int8 weights keep a bf16 cache).
-            new.kernel = attend if new.wk.weight.device.type == "cpu" else None
+            # The kernel reads a bf16 cache. The cache has the embedding's dtype (setup_cache), not
+            # the projections': int8 weights keep a bf16 cache. ``attend`` checks it at each step.
+            bf16_cache = model.tok_embeddings.weight.dtype == torch.bfloat16
+            new.kernel = attend if bf16_cache and new.wk.weight.device.type == "cpu" else None
         else:
             continue
         if new is not module:
