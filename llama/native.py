@@ -44,7 +44,7 @@ MAX_ROWS = 8  # rows of x per matvec call; bf16_matvec.c's MAX_ROWS
 MatVec = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Int8MatVec = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, q, scale) -> y
-VARIANTS = {"avx2": 1, "avx512": 2}  # the `variant` of bf16_matvec.c and int8_matvec.c
+VARIANTS = {"avx2": 1, "avx512": 2, "avx512bf16": 3}  # the `variant` of bf16_matvec.c and int8_matvec.c (1, 2)
 _LIBRARY: Optional[torch.library.Library] = None  # keeps the llama:: operator registrations alive
 
 
@@ -120,6 +120,9 @@ def load(path: Path) -> Kernels:
     c_int8.restype = ctypes.c_int
     c_int8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int] * 4
     has_avx512 = bool(lib.llama_int8_has_avx512())
+    has_avx512_bf16 = bool(lib.llama_bf16_has_avx512_bf16())
+    set_range = lib.llama_bf16_set_range_variant
+    set_range.restype, set_range.argtypes = ctypes.c_int, [ctypes.c_int]
 
     def check_io(x: torch.Tensor, name: str) -> None:
         if x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu":
@@ -180,7 +183,18 @@ def load(path: Path) -> Kernels:
             raise MemoryError("int8_matvec could not allocate its scratch rows")
         return y
 
-    matvec.variant = bf16_variant(has_avx512)
+    def use_bf16_variant(name: str) -> None:
+        """Run the bf16 products with loop ``name`` (one of ``matvec.variants``): this function's
+        calls, and the fused decode step's (``csrc/decode_layer.c``: the AVX512-BF16 loop or else
+        the AVX2 one, so that both paths give the same bits for "avx2" and "avx512bf16")."""
+        if name not in matvec.variants:
+            raise ValueError(f"bf16 loop {name!r} is not available on this CPU; available: {matvec.variants}")
+        set_range(VARIANTS[name] if name == "avx512bf16" else VARIANTS["avx2"])
+        matvec.variant = name
+
+    matvec.variants = ["avx2"] + ["avx512"] * has_avx512 + ["avx512bf16"] * has_avx512_bf16
+    matvec.use_variant = use_bf16_variant
+    use_bf16_variant(bf16_variant(has_avx512, has_avx512_bf16))
     int8_matvec.variant = int8_variant(has_avx512)
     return Kernels(matvec, attention, int8_matvec)
 
@@ -195,14 +209,25 @@ def int8_variant(has_avx512: bool) -> str:
     return _variant("LLAMA_INT8_KERNEL", has_avx512, "avx512" if has_avx512 else "avx2")
 
 
-def bf16_variant(has_avx512: bool) -> str:
-    """"avx2" on every CPU; ``LLAMA_BF16_KERNEL=avx512`` picks the 16-lane loop where the CPU has AVX-512.
+def bf16_variant(has_avx512: bool, has_avx512_bf16: bool = False) -> str:
+    """The bf16 loop: ``LLAMA_BF16_KERNEL`` (avx2, avx512, or avx512bf16 where the CPU has
+    AVX512-BF16), else "avx2" on every CPU (``matvec.use_variant`` switches a loaded kernel).
+
+    "avx512bf16" multiplies with the CPU's bf16 dot product (vdpbf16ps: 32 weights in one
+    instruction, against a shift, a mask and two FMAs): the activations are rounded to bf16 (a no-op
+    for a bf16 model, whose activations are bf16 already) and the sums run in another order, so
+    results differ from the other loops within float32 rounding. One row of the 1B shape's
+    matrices, 2 threads, Zen 4, best of 5 (192 MiB, interleaved): 26.3 / 25.8 / 27.6 GB/s for
+    avx2 / avx512 / avx512bf16, and 28.5 / 28.0 / 29.8 with huge pages; differences of the size of
+    the noise between runs (+-10%), so the default stays the loop every x86-64 CPU runs.
 
     The AVX-512 loop widens 32 weights in two instructions (AVX2: 16 in two), but one row streams
     at memory speed either way. On the one AVX-512 CPU measured (AMD Zen 4, benchmarks/README.md,
     one thread) it was not reliably faster: one row within 2%, 3-4 rows 3-6% slower, 5-8 rows
     0-12% faster (rows that torch's native bf16 path takes on that CPU). So it is not the default.
     """
+    if os.environ.get("LLAMA_BF16_KERNEL") == "avx512bf16" and not has_avx512_bf16:
+        raise ValueError("LLAMA_BF16_KERNEL='avx512bf16' needs a CPU with AVX512-BF16")
     return _variant("LLAMA_BF16_KERNEL", has_avx512, "avx2")
 
 
@@ -211,8 +236,9 @@ def _variant(env: str, has_avx512: bool, default: str) -> str:
     forced = os.environ.get(env)
     if forced is None:
         return default
-    if forced not in VARIANTS or (forced == "avx512" and not has_avx512):
-        raise ValueError(f"{env}={forced!r}: use one of {sorted(VARIANTS)} (avx512 needs an AVX-512 CPU)")
+    names = ("avx2", "avx512") + (("avx512bf16",) if env == "LLAMA_BF16_KERNEL" else ())
+    if forced not in names or (forced == "avx512" and not has_avx512):
+        raise ValueError(f"{env}={forced!r}: use one of {list(names)} (avx512 needs an AVX-512 CPU)")
     return forced
 
 

@@ -18,7 +18,9 @@ from llama.fast import FastLinear, apply_fast_paths
 from test_fast_paths import ARGS, decisive_model, generate, prompts  # noqa: F401  (shared model builders)
 
 EXPECTED = native.cpu_supported() and shutil.which("cc") is not None
-VARIANTS = ["avx2"] + (["avx512"] if {"avx512f", "avx512bw"} <= cpu_flags() else [])  # AVX2 forced on AVX-512 CPUs
+AVX512 = {"avx512f", "avx512bw"} <= cpu_flags()
+# Every loop this CPU runs: AVX2 forced on AVX-512 CPUs, AVX512-BF16 where the CPU has it.
+VARIANTS = ["avx2"] + ["avx512"] * AVX512 + ["avx512bf16"] * (AVX512 and "avx512_bf16" in cpu_flags())
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +62,8 @@ def test_matches_float64(each_matvec, n, k, rows):
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
     y = each_matvec(x, w)
     assert y.dtype == torch.float32 and y.shape == (rows, n)
+    if each_matvec.variant == "avx512bf16":  # its products take x rounded to bf16 (all but a K % 32 tail)
+        x = torch.cat([x[:, : k - k % 32].bfloat16().float(), x[:, k - k % 32 :]], dim=1)
     exact = x.double() @ w.double().T
     # float32 accumulation of k products: error <~ k * eps * sum|terms|, far below it in practice.
     bound = 4 * torch.finfo(torch.float32).eps * (x.double().abs() @ w.double().abs().T) + 1e-30
@@ -136,8 +140,8 @@ def test_variant_setting_reaches_the_loop(kernels, monkeypatch):
     for variant in VARIANTS:
         monkeypatch.setattr(kernels.matvec, "variant", variant)
         results[variant] = kernels.matvec(x, w)
-    if len(VARIANTS) == 2:
-        assert not torch.equal(results["avx2"], results["avx512"])
+    for other in VARIANTS[1:]:
+        assert not torch.equal(results["avx2"], results[other]), other
 
 
 def test_variant_from_environment(monkeypatch):
@@ -156,8 +160,15 @@ def test_variant_from_environment(monkeypatch):
         monkeypatch.setenv(env, "avx2")
         assert choose(True) == choose(False) == "avx2"
         monkeypatch.setenv(env, "sse")
-        with pytest.raises(ValueError, match=f"^{env}='sse': use one of \\['avx2', 'avx512'\\]"):
+        with pytest.raises(ValueError, match=f"^{env}='sse': use one of \\['avx2', 'avx512'"):
             choose(True)
+    monkeypatch.setenv("LLAMA_BF16_KERNEL", "avx512bf16")
+    assert native.bf16_variant(True, True) == "avx512bf16"
+    with pytest.raises(ValueError, match="^LLAMA_BF16_KERNEL='avx512bf16' needs a CPU with AVX512-BF16$"):
+        native.bf16_variant(True, False)
+    monkeypatch.setenv("LLAMA_INT8_KERNEL", "avx512bf16")  # no such int8 loop
+    with pytest.raises(ValueError, match="^LLAMA_INT8_KERNEL='avx512bf16': use one of"):
+        native.int8_variant(True)
         monkeypatch.delenv(env)
 
 

@@ -34,4 +34,10 @@ static inline int has_avx512(void) {
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
 }
 
+/* 1 when this CPU also has AVX512-BF16 (vdpbf16ps: bf16 pairs multiplied and summed into float32). */
+static inline int has_avx512_bf16(void) {
+    __builtin_cpu_init();
+    return has_avx512() && __builtin_cpu_supports("avx512bf16");
+}
+
 #endif

@@ -177,6 +177,65 @@ static inline __attribute__((always_inline)) void block512(
         break;                                                                                   \
     }
 
+/*
+ * The AVX512-BF16 form: the CPU's bf16 dot product (vdpbf16ps) multiplies 32 weights by 32 bf16
+ * inputs and adds each adjacent pair's products into one of 16 float32 sums, in one instruction
+ * where `block512` needs a shift, a mask and two FMAs. The inputs must be bf16: xb holds x rounded
+ * to bf16 ([B][K], exact for a bf16 model, whose activations are bf16 already), x the float32 rows
+ * for the tail K32..K-1. The products of two bf16 numbers are exact in float32; the instruction
+ * treats bf16 denormals (below 1.2e-38) as zero, which changes nothing a model computes.
+ */
+__attribute__((target("avx512f,avx512bw,avx512bf16")))
+static inline __attribute__((always_inline)) void block512bf(
+    const uint16_t *w, int64_t K, int64_t K32, const uint16_t *xb, const float *x, void *y, int64_t ldy,
+    int bf16_out, const int R, const int B) {
+    __m512 acc[4][MAX_ROWS];
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < B; b++) acc[r][b] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K32; k += 32) {
+        for (int r = 0; r < R; r++) _mm_prefetch((const char *)(w + (R + r) * K + k + PREFETCH_AHEAD), _MM_HINT_T0);
+        __m512bh wv[4];
+        for (int r = 0; r < R; r++) wv[r] = (__m512bh)_mm512_loadu_si512((const void *)(w + r * K + k));
+        for (int b = 0; b < B; b++) {
+            const __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(xb + b * K + k));
+            for (int r = 0; r < R; r++) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], wv[r], xv);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < B; b++) {
+            float s = _mm512_reduce_add_ps(acc[r][b]);
+            for (int64_t k = K32; k < K; k++) s += widen(w[r * K + k]) * x[b * K + k];
+            if (bf16_out)
+                ((uint16_t *)y)[b * ldy + r] = narrow(s);
+            else
+                ((float *)y)[b * ldy + r] = s;
+        }
+}
+
+#define DISPATCH512BF(B)                                                                         \
+    case B: {                                                                                    \
+        const int64_t R = ROWS_FOR(B), blocks = N / R;                                           \
+        _Pragma("omp parallel for num_threads(threads) schedule(static)")                        \
+        for (int64_t i = 0; i < blocks; i++)                                                     \
+            block512bf(w + i * R * K, K, K32, xb, xf, (char *)y + i * R * ysize, N, bf16_io, ROWS_FOR(B), B); \
+        for (int64_t n = blocks * R; n < N; n++)                                                 \
+            block512bf(w + n * K, K, K32, xb, xf, (char *)y + n * ysize, N, bf16_io, 1, B);     \
+        break;                                                                                   \
+    }
+
+/* x rounded to bf16 ([B][K]) for `block512bf`, and all rows run. */
+__attribute__((target("avx512f,avx512bw,avx512bf16")))
+static void run_avx512bf(const uint16_t *w, const float *xf, uint16_t *xb, void *y, int64_t N, int64_t K, int B,
+                         int bf16_io, int threads) {
+    const int64_t K32 = K - K % 32;
+    const size_t ysize = bf16_io ? sizeof(uint16_t) : sizeof(float);
+    for (int64_t i = 0; i < B * K; i++) xb[i] = narrow(xf[i]);
+    switch (B) {
+        DISPATCH512BF(1) DISPATCH512BF(2) DISPATCH512BF(3) DISPATCH512BF(4)
+        DISPATCH512BF(5) DISPATCH512BF(6) DISPATCH512BF(7) DISPATCH512BF(8)
+    }
+}
+
 /* x permuted per 16-block for `block` (elements 0-3, 8-11, 4-7, 12-15), and all rows run. */
 static void run_avx2(const uint16_t *w, const float *xf, float *xp, void *y, int64_t N, int64_t K, int B,
                      int bf16_io, int threads) {
@@ -217,25 +276,30 @@ static void run_avx512(const uint16_t *w, const float *xf, float *xp, void *y, i
 /*
  * w: bf16 bits [N, K] row-major; x: [B, K] and y: [B, N], both float32 (bf16_io = 0) or both bf16
  * (bf16_io = 1: x widened on entry, each float32 sum rounded like torch's .to(bfloat16)).
- * variant: 1 = AVX2, 2 = AVX-512 (refused where the CPU lacks it).
+ * variant: 1 = AVX2, 2 = AVX-512, 3 = AVX512-BF16 (x rounded to bf16; refused where the CPU lacks it).
  * Returns 0, or -1 for bad arguments or a failed allocation (y is then untouched).
  */
 int llama_bf16_matvec_variant(const uint16_t *w, const void *x, void *y, int64_t N, int64_t K, int B, int bf16_io,
                               int variant, int threads) {
-    if (B < 1 || B > MAX_ROWS || threads < 1 || (variant != 1 && variant != 2)) return -1;
-    if (variant == 2 && !has_avx512()) return -1;
+    if (B < 1 || B > MAX_ROWS || threads < 1 || variant < 1 || variant > 3) return -1;
+    if ((variant == 2 && !has_avx512()) || (variant == 3 && !has_avx512_bf16())) return -1;
     /* xf: x as float32 [B, K] (the tails read it); xp: x permuted per block, [B, K16] at most. */
     float *xf = malloc(sizeof(float) * (size_t)(B * (2 * K)));
     if (!xf) return -1;
     float *xp = xf + B * K;
     for (int64_t i = 0; i < B * K; i++) xf[i] = bf16_io ? widen(((const uint16_t *)x)[i]) : ((const float *)x)[i];
-    if (variant == 2)
+    if (variant == 3)
+        run_avx512bf(w, xf, (uint16_t *)xp, y, N, K, B, bf16_io, threads);
+    else if (variant == 2)
         run_avx512(w, xf, xp, y, N, K, B, bf16_io, threads);
     else
         run_avx2(w, xf, xp, y, N, K, B, bf16_io, threads);
     free(xf);
     return 0;
 }
+
+/* 1 when this CPU has the instructions of variant 3 (llama/native.py asks before offering it). */
+int llama_bf16_has_avx512_bf16(void) { return has_avx512_bf16(); }
 
 /* The AVX2 loop (the C entry point other kernels may call). */
 int llama_bf16_matvec(const uint16_t *w, const void *x, void *y, int64_t N, int64_t K, int B, int bf16_io, int threads) {
@@ -244,7 +308,21 @@ int llama_bf16_matvec(const uint16_t *w, const void *x, void *y, int64_t N, int6
 
 /* ---- For decode_layer.c (kernels.h): the same loops, called by each thread of its region. ---- */
 
+/* The loop llama_bf16_permute / llama_bf16_matvec_range use: 1 (AVX2) or 3 (AVX512-BF16), set by
+ * llama/native.py to the variant chosen for the unfused products, so both paths give the same bits. */
+static int range_variant = 1;
+
+int llama_bf16_set_range_variant(int variant) {
+    if (variant == 3 ? !has_avx512_bf16() : variant != 1) return -1;
+    range_variant = variant;
+    return 0;
+}
+
 void llama_bf16_permute(const float *x, float *xp, int B, int64_t K) {
+    if (range_variant == 3) { /* x rounded to bf16, [B][K] (exact for the bf16 values the model passes) */
+        for (int64_t i = 0; i < B * K; i++) ((uint16_t *)xp)[i] = narrow(x[i]);
+        return;
+    }
     const int64_t K16 = K - K % 16;
     for (int b = 0; b < B; b++)
         for (int64_t k = 0; k < K16; k += 16) {
@@ -268,8 +346,31 @@ void llama_bf16_permute(const float *x, float *xp, int B, int64_t K) {
         break;                                                                                    \
     }
 
+#define RANGE512BF(B)                                                                             \
+    case B: {                                                                                     \
+        const int64_t R = ROWS_FOR(B), end = n0 + (n1 - n0) / R * R;                              \
+        int64_t n = n0;                                                                           \
+        for (; n < end; n += R) block512bf(w + n * K, K, K32, xb, x, y + n, ldy, 0, ROWS_FOR(B), B); \
+        for (; n < n1; n++) block512bf(w + n * K, K, K32, xb, x, y + n, ldy, 0, 1, B);            \
+        break;                                                                                    \
+    }
+
+__attribute__((target("avx512f,avx512bw,avx512bf16")))
+static void range512bf(const uint16_t *w, int64_t K, const uint16_t *xb, const float *x, float *y, int64_t ldy,
+                       int64_t n0, int64_t n1, int B) {
+    const int64_t K32 = K - K % 32;
+    switch (B) {
+        RANGE512BF(1) RANGE512BF(2) RANGE512BF(3) RANGE512BF(4)
+        RANGE512BF(5) RANGE512BF(6) RANGE512BF(7) RANGE512BF(8)
+    }
+}
+
 void llama_bf16_matvec_range(const uint16_t *w, int64_t K, const float *xp, const float *x, float *y, int64_t ldy,
                              int64_t n0, int64_t n1, int B) {
+    if (range_variant == 3) {
+        range512bf(w, K, (const uint16_t *)xp, x, y, ldy, n0, n1, B);
+        return;
+    }
     const int64_t K16 = K - K % 16;
     switch (B) {
         RANGE(1) RANGE(2) RANGE(3) RANGE(4) RANGE(5) RANGE(6) RANGE(7) RANGE(8)

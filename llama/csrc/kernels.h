@@ -6,7 +6,8 @@
 #include <stdint.h>
 
 /* x [B, K] float32 -> xp [B, K16] (K16 = K - K % 16) in the per-16-block order that the matvec
- * loop reads (bf16_matvec.c). */
+ * loop reads (bf16_matvec.c); with the AVX512-BF16 loop (llama_bf16_set_range_variant), x rounded
+ * to bf16, [B, K] (xp must then hold B * K / 2 floats). */
 void llama_bf16_permute(const float *x, float *xp, int B, int64_t K);
 
 /* Weight rows n0 <= n < n1 of y = x @ w.T, in float32, by the calling thread alone (inside the
