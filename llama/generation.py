@@ -14,7 +14,7 @@ from typing import Iterator, Optional, Sequence, TypedDict, Union
 
 import torch
 
-from llama import fp8, sampling
+from llama import fp8, hugepages, sampling
 from llama.chat_format import ChatFormat
 from llama.chat_format_llama2 import Llama2ChatFormat
 from llama.checkpoint import int8_folder, load_params, load_transformer, verify_checkpoint
@@ -164,10 +164,12 @@ class Llama:
             log(f"note: {note}")
         verify_checkpoint(ckpt_dir, verify, log, rank, world_size)
 
+        transform = int8_transform if quantize == "int8" and not int8 else None
+        if device.type == "cpu" and hugepages.available():  # decoding streams them: llama/hugepages.py
+            transform = hugepages.after(transform)
         model = load_transformer(
             ckpt_dir, device, dtype, rank, world_size, parallelize if world_size > 1 else None, args=args,
-            progress=rank == 0, keep_fp8=keep_fp8,
-            transform=int8_transform if quantize == "int8" and not int8 else None,
+            progress=rank == 0, keep_fp8=keep_fp8, transform=transform,
         )
         if quantize == "fp8":  # a bf16 folder (or an FP8 one on another rank count): FFN to FP8 now
             fp8.quantize_feed_forward(model)

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "llama"
 # Lowest first; a module may import modules of lower layers only (never its own layer or above).
 LAYERS = [
     # the math, the machine, the vocabularies, types, progress lines, OpenMP settings, NaN hunting
-    {"model", "devices", "tokenizer", "datatypes", "sampling", "progress", "openmp", "diagnose", "fp8", "quantize"},
+    {"model", "devices", "tokenizer", "datatypes", "sampling", "progress", "openmp", "diagnose", "fp8", "quantize", "hugepages"},
     # one command-line style for every entry point; params.json <-> ModelArgs; the Llama 2 tokenizer
     {"cli", "params", "sp_tokenizer"},
     # which tokenizer a file is, tool syntax, HF tokenizer files, C kernels

@@ -1,0 +1,89 @@
+"""llama/hugepages.py: weights copied into 2 MiB-aligned mappings advised to use huge pages.
+
+What is checked is what the module promises and can be seen from Python: the copy holds the same
+bits at a 2 MiB-aligned address in a mapping advised MADV_HUGEPAGE (the kernel's ``hg`` flag in
+/proc/self/smaps), only the tensors it names are copied, and a model built with it computes the same
+logits as one built without it. Whether the kernel then backs the mapping with huge pages, and
+what that buys, is the machine's (benchmarks/README.md).
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama import hugepages
+from llama.checkpoint import write_random_checkpoint
+from llama.generation import Llama
+from llama.model import ModelArgs
+from llama.quantize import int8_transform
+
+needs_thp = pytest.mark.skipif(not hugepages.available(), reason="transparent huge pages are off or not Linux")
+
+
+def advised_huge(t: torch.Tensor) -> bool:
+    """Whether the mapping holding ``t`` carries the kernel's MADV_HUGEPAGE flag (``hg``)."""
+    address, mapping = t.data_ptr(), None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(a, 16) for a in head.split("-"))
+            mapping = lo <= address < hi
+        elif line.startswith("VmFlags:") and mapping:
+            return "hg" in line.split()[1:]
+    return False
+
+
+@needs_thp
+def test_empty_is_aligned_advised_and_usable():
+    t = hugepages.empty((3, 1 << 20), torch.bfloat16)  # 6 MiB
+    assert t.shape == (3, 1 << 20) and t.dtype == torch.bfloat16 and t.is_contiguous()
+    assert t.data_ptr() % hugepages.HUGE_PAGE == 0 and advised_huge(t)
+    t.fill_(2.0)
+    assert t.float().sum().item() == 6 * (1 << 20)
+    assert not advised_huge(torch.empty(3, 1 << 20, dtype=torch.bfloat16))  # torch's own memory is not
+
+
+@needs_thp
+def test_transform_copies_big_weights_only():
+    big, small = torch.randn(1024, 1024), torch.randn(16, 16)  # 4 MiB and 1 KiB
+    out = hugepages.transform("layers.0.attention.wq.weight", big)["layers.0.attention.wq.weight"]
+    assert torch.equal(out, big) and out.data_ptr() != big.data_ptr() and advised_huge(out)
+    assert hugepages.transform("norm.weight", small)["norm.weight"] is small
+    assert hugepages.transform("tok_embeddings.weight", big)["tok_embeddings.weight"] is big  # a lookup table
+    wide = torch.randn(2048, 1024)  # int8: 2 MiB
+    both = hugepages.after(int8_transform)("layers.0.feed_forward.w1.weight", wide)
+    assert set(both) == {"layers.0.feed_forward.w1.weight", "layers.0.feed_forward.w1.scale"}
+    q = both["layers.0.feed_forward.w1.weight"]
+    assert q.dtype == torch.int8 and advised_huge(q) and torch.equal(q, int8_transform("layers.0.feed_forward.w1.weight", wide)["layers.0.feed_forward.w1.weight"])
+
+
+def test_switched_off(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLAMA_HUGE_PAGES", "0")
+    assert not hugepages.available()
+    monkeypatch.delenv("LLAMA_HUGE_PAGES")
+    never = tmp_path / "enabled"
+    never.write_text("always madvise [never]\n")
+    monkeypatch.setattr(hugepages, "THP_SETTING", never)
+    assert not hugepages.available()
+    never.write_text("always [madvise] never\n")
+    assert hugepages.available() == hasattr(__import__("mmap"), "MADV_HUGEPAGE")
+
+
+@pytest.mark.slow
+@needs_thp
+@torch.no_grad()
+def test_build_puts_streamed_weights_in_huge_pages_with_the_same_logits(tmp_path, monkeypatch, meta_tokenizer_path):
+    args = ModelArgs(dim=1024, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=128256, multiple_of=256)
+    write_random_checkpoint(tmp_path, args, seed=5, dtype=torch.bfloat16, tokenizer_path=meta_tokenizer_path)
+    tokens = torch.tensor([[1, 5, 9, 200, 7]])
+    logits = {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv("LLAMA_HUGE_PAGES", setting)
+        llm = Llama.build(str(tmp_path), max_seq_len=16, max_batch_size=1, device="cpu", verify=False)
+        model = llm.model
+        wq, w1 = model.layers[0].attention.wq.weight, model.layers[1].feed_forward.w1.weight  # 2 and 5 MiB
+        assert advised_huge(wq) == advised_huge(w1) == (setting == "1")
+        assert not advised_huge(model.tok_embeddings.weight)
+        logits[setting] = model(tokens, 0)
+    assert torch.equal(logits["1"], logits["0"])
