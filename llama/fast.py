@@ -214,18 +214,24 @@ def _best_time(fn: Callable[[], object], reps: int = 5) -> float:
     return best
 
 
+def _probe_layers(weights: list[torch.Tensor], compute_dtype: Optional[torch.dtype]) -> list[FastLinear]:
+    """A ``FastLinear`` (torch's path, no kernel) over each of the probe's bf16 matrices."""
+    layers = []
+    for w in weights:
+        layer = FastLinear(w.shape[1], w.shape[0], bias=False, device="meta")
+        layer.weight = nn.Parameter(w, requires_grad=False)
+        layer.compute_dtype = compute_dtype
+        layers.append(layer)
+    return layers
+
+
 def measure_matvec_rows(matvec: MatVec, compute_dtype: Optional[torch.dtype]) -> int:
     """The largest row count r <= ``native.MAX_ROWS`` such that ``matvec`` beats torch's path
     (``FastLinear`` without it) for every row count up to r, on a bf16 matrix of ``PROBE_SHAPE``
     with torch's thread count; 0 if it never does. Takes about half a second."""
     rng = torch.Generator().manual_seed(0)  # the probe's own numbers: no global seed touched
     weights = [torch.randn(PROBE_SHAPE, generator=rng).to(torch.bfloat16) for _ in range(2)]
-    plain = []
-    for w in weights:
-        layer = FastLinear(PROBE_SHAPE[1], PROBE_SHAPE[0], bias=False, device="meta")
-        layer.weight = nn.Parameter(w, requires_grad=False)
-        layer.compute_dtype = compute_dtype
-        plain.append(layer)
+    plain = _probe_layers(weights, compute_dtype)
     rows = 0
     for r in range(1, native.MAX_ROWS + 1):
         x = torch.randn(r, PROBE_SHAPE[1], generator=rng).to(torch.bfloat16)
@@ -289,15 +295,7 @@ def measure_prompt_path(rounds: int = 3, clear: float = 1.5) -> str:
     rng = torch.Generator().manual_seed(0)  # the probe's own numbers: no global seed touched
     weights = [torch.randn(PROBE_SHAPE, generator=rng).to(torch.bfloat16) for _ in range(2)]
     x = torch.randn(PROMPT_ROWS, PROBE_SHAPE[1], generator=rng).to(torch.bfloat16)
-    paths = {}
-    for name, dtype in PROMPT_PATHS.items():
-        layers = []
-        for w in weights:
-            layer = FastLinear(PROBE_SHAPE[1], PROBE_SHAPE[0], bias=False, device="meta")
-            layer.weight = nn.Parameter(w, requires_grad=False)
-            layer.compute_dtype = dtype
-            layers.append(layer)
-        paths[name] = layers
+    paths = {name: _probe_layers(weights, dtype) for name, dtype in PROMPT_PATHS.items()}
     with torch.no_grad():
         for layers in paths.values():
             _product_seconds(layers[:1], x[:8])  # warm up: threads, the widening buffer, GEMM set-up

@@ -120,6 +120,17 @@ static inline __attribute__((always_inline)) void rows(
         break;                                                                                   \
     }
 
+/* A 512-bit loop's sum s of weights w[0..K32) (one row) by x, plus the scalar tail K32..K-1, stored
+ * as y[i] in float32 or rounded to bf16. */
+static inline __attribute__((always_inline)) void finish(float s, const uint16_t *w, int64_t K32, int64_t K,
+                                                          const float *x, void *y, int64_t i, int bf16_out) {
+    for (int64_t k = K32; k < K; k++) s += widen(w[k]) * x[k];
+    if (bf16_out)
+        ((uint16_t *)y)[i] = narrow(s);
+    else
+        ((float *)y)[i] = s;
+}
+
 /*
  * The AVX-512 form of `block`: 32 weights per step, B <= 8 input rows in one pass. xp holds x split
  * per 32-element block into its 16 even then 16 odd elements ([B][K32]), x the plain rows for the
@@ -157,25 +168,24 @@ static inline __attribute__((always_inline)) void block512(
     }
     for (int r = 0; r < R; r++)
         for (int b = 0; b < B; b++) {
-            float s = _mm512_reduce_add_ps(split ? _mm512_add_ps(ev[r][b], od[r][b]) : ev[r][b]);
-            for (int64_t k = K32; k < K; k++) s += widen(w[r * K + k]) * x[b * K + k];
-            if (bf16_out)
-                ((uint16_t *)y)[b * ldy + r] = narrow(s);
-            else
-                ((float *)y)[b * ldy + r] = s;
+            const float s = _mm512_reduce_add_ps(split ? _mm512_add_ps(ev[r][b], od[r][b]) : ev[r][b]);
+            finish(s, w + r * K, K32, K, x + b * K, y, b * ldy + r, bf16_out);
         }
 }
 
-#define DISPATCH512(B)                                                                           \
+/* All N rows by a 512-bit loop BLOCK (block512 or block512bf) reading the prepared inputs XS. */
+#define DISPATCH_512(BLOCK, XS, B)                                                               \
     case B: {                                                                                    \
         const int64_t R = ROWS_FOR(B), blocks = N / R;                                           \
         _Pragma("omp parallel for num_threads(threads) schedule(static)")                        \
         for (int64_t i = 0; i < blocks; i++)                                                     \
-            block512(w + i * R * K, K, K32, xp, xf, (char *)y + i * R * ysize, N, bf16_io, ROWS_FOR(B), B); \
+            BLOCK(w + i * R * K, K, K32, XS, xf, (char *)y + i * R * ysize, N, bf16_io, ROWS_FOR(B), B); \
         for (int64_t n = blocks * R; n < N; n++)                                                 \
-            block512(w + n * K, K, K32, xp, xf, (char *)y + n * ysize, N, bf16_io, 1, B);       \
+            BLOCK(w + n * K, K, K32, XS, xf, (char *)y + n * ysize, N, bf16_io, 1, B);          \
         break;                                                                                   \
     }
+#define DISPATCH512(B) DISPATCH_512(block512, xp, B)
+#define DISPATCH512BF(B) DISPATCH_512(block512bf, xb, B)
 
 /*
  * The AVX512-BF16 form: the CPU's bf16 dot product (vdpbf16ps) multiplies 32 weights by 32 bf16
@@ -202,26 +212,8 @@ static inline __attribute__((always_inline)) void block512bf(
         }
     }
     for (int r = 0; r < R; r++)
-        for (int b = 0; b < B; b++) {
-            float s = _mm512_reduce_add_ps(acc[r][b]);
-            for (int64_t k = K32; k < K; k++) s += widen(w[r * K + k]) * x[b * K + k];
-            if (bf16_out)
-                ((uint16_t *)y)[b * ldy + r] = narrow(s);
-            else
-                ((float *)y)[b * ldy + r] = s;
-        }
+        for (int b = 0; b < B; b++) finish(_mm512_reduce_add_ps(acc[r][b]), w + r * K, K32, K, x + b * K, y, b * ldy + r, bf16_out);
 }
-
-#define DISPATCH512BF(B)                                                                         \
-    case B: {                                                                                    \
-        const int64_t R = ROWS_FOR(B), blocks = N / R;                                           \
-        _Pragma("omp parallel for num_threads(threads) schedule(static)")                        \
-        for (int64_t i = 0; i < blocks; i++)                                                     \
-            block512bf(w + i * R * K, K, K32, xb, xf, (char *)y + i * R * ysize, N, bf16_io, ROWS_FOR(B), B); \
-        for (int64_t n = blocks * R; n < N; n++)                                                 \
-            block512bf(w + n * K, K, K32, xb, xf, (char *)y + n * ysize, N, bf16_io, 1, B);     \
-        break;                                                                                   \
-    }
 
 /* x rounded to bf16 ([B][K]) for `block512bf`, and all rows run. */
 __attribute__((target("avx512f,avx512bw,avx512bf16")))
