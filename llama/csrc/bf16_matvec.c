@@ -228,20 +228,26 @@ static void run_avx512bf(const uint16_t *w, const float *xf, uint16_t *xb, void 
     }
 }
 
-/* x permuted per 16-block for `block` (elements 0-3, 8-11, 4-7, 12-15), and all rows run. */
-static void run_avx2(const uint16_t *w, const float *xf, float *xp, void *y, int64_t N, int64_t K, int B,
-                     int bf16_io, int threads) {
+/* x [B, K] -> xp [B, K16], permuted per 16-block for `block` (elements 0-3, 8-11, 4-7, 12-15). */
+static void permute16(const float *x, float *xp, int B, int64_t K) {
     const int64_t K16 = K - K % 16;
-    const size_t ysize = bf16_io ? sizeof(uint16_t) : sizeof(float);
     for (int b = 0; b < B; b++)
         for (int64_t k = 0; k < K16; k += 16) {
-            const float *src = xf + b * K + k;
+            const float *src = x + b * K + k;
             float *dst = xp + b * K16 + k;
             memcpy(dst, src, 4 * sizeof(float));           /* 0-3   */
             memcpy(dst + 4, src + 8, 4 * sizeof(float));   /* 8-11  */
             memcpy(dst + 8, src + 4, 4 * sizeof(float));   /* 4-7   */
             memcpy(dst + 12, src + 12, 4 * sizeof(float)); /* 12-15 */
         }
+}
+
+/* x permuted for `block`, and all rows run. */
+static void run_avx2(const uint16_t *w, const float *xf, float *xp, void *y, int64_t N, int64_t K, int B,
+                     int bf16_io, int threads) {
+    const int64_t K16 = K - K % 16;
+    const size_t ysize = bf16_io ? sizeof(uint16_t) : sizeof(float);
+    permute16(xf, xp, B, K);
     switch (B) {
         DISPATCH(1) DISPATCH(2) DISPATCH(3) DISPATCH(4) DISPATCH(5) DISPATCH(6) DISPATCH(7) DISPATCH(8)
     }
@@ -315,16 +321,7 @@ void llama_bf16_permute(const float *x, float *xp, int B, int64_t K) {
         for (int64_t i = 0; i < B * K; i++) ((uint16_t *)xp)[i] = narrow(x[i]);
         return;
     }
-    const int64_t K16 = K - K % 16;
-    for (int b = 0; b < B; b++)
-        for (int64_t k = 0; k < K16; k += 16) {
-            const float *src = x + b * K + k;
-            float *dst = xp + b * K16 + k;
-            memcpy(dst, src, 4 * sizeof(float));           /* 0-3   */
-            memcpy(dst + 4, src + 8, 4 * sizeof(float));   /* 8-11  */
-            memcpy(dst + 8, src + 4, 4 * sizeof(float));   /* 4-7   */
-            memcpy(dst + 12, src + 12, 4 * sizeof(float)); /* 12-15 */
-        }
+    permute16(x, xp, B, K);
 }
 
 /* Blocks of ROWS_FOR(B) rows from n0, then single rows up to n1; float32 output. */
