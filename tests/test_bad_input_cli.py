@@ -349,6 +349,9 @@ def test_19_ctrl_c_prints_one_line(script, ckpt):
         [PY, script, "--ckpt_dir", str(ckpt), "--max_seq_len", "1100", "--max_gen_len", "1000", "--device", "cpu",
          "--dtype", "fp32"],
         cwd=REPO, env=child_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # Ctrl-C's default action in the child even where this test runs with SIGINT ignored (a shell
+        # ignores it for commands started with `&`, and Python then installs no KeyboardInterrupt).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     before = []
     for line in proc.stderr:  # until "Loaded ... in N s"
