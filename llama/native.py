@@ -128,15 +128,18 @@ def load(path: Path) -> Kernels:
         if x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu":
             raise ValueError(f"{name} must be a float32 or bf16 CPU tensor, got {x.dtype} on {x.device}")
 
+    def rows_in_out(x: torch.Tensor, n: int, k: int, name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """A matrix-vector kernel's checked input x [1..8, k] (contiguous), its output [rows, n] in
+        x's dtype, and the C kernels' bf16_io flag."""
+        if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_ROWS or x.shape[1] != k:
+            raise ValueError(f"{name} needs x of [1..{MAX_ROWS}, {k}], got {list(x.shape)}")
+        check_io(x, f"{name}'s x")
+        return x.contiguous(), torch.empty(x.shape[0], n, dtype=x.dtype), int(x.dtype == torch.bfloat16)
+
     def matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if w.dtype != torch.bfloat16 or w.device.type != "cpu" or not w.is_contiguous():
             raise ValueError(f"bf16_matvec needs a contiguous bf16 CPU weight, got {w.dtype} on {w.device}")
-        if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_ROWS or x.shape[1] != w.shape[1]:
-            raise ValueError(f"bf16_matvec needs x of [1..{MAX_ROWS}, {w.shape[1]}], got {list(x.shape)}")
-        check_io(x, "bf16_matvec's x")
-        x = x.contiguous()
-        y = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype)
-        bf16_io = int(x.dtype == torch.bfloat16)
+        x, y, bf16_io = rows_in_out(x, w.shape[0], w.shape[1], "bf16_matvec")
         threads, variant = torch.get_num_threads(), VARIANTS[matvec.variant]
         if c_matvec(w.data_ptr(), x.data_ptr(), y.data_ptr(), w.shape[0], w.shape[1], x.shape[0], bf16_io, variant, threads):
             raise MemoryError("bf16_matvec could not allocate its scratch rows")
@@ -171,12 +174,7 @@ def load(path: Path) -> Kernels:
             raise ValueError(f"int8_matvec needs a contiguous int8 CPU weight, got {q.dtype} on {q.device}")
         if scale.dtype != torch.float32 or scale.shape != (q.shape[0],) or not scale.is_contiguous():
             raise ValueError(f"int8_matvec needs float32 scales of [{q.shape[0]}], got {scale.dtype} {list(scale.shape)}")
-        if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_ROWS or x.shape[1] != q.shape[1]:
-            raise ValueError(f"int8_matvec needs x of [1..{MAX_ROWS}, {q.shape[1]}], got {list(x.shape)}")
-        check_io(x, "int8_matvec's x")
-        x = x.contiguous()
-        y = torch.empty(x.shape[0], q.shape[0], dtype=x.dtype)
-        bf16_io = int(x.dtype == torch.bfloat16)
+        x, y, bf16_io = rows_in_out(x, q.shape[0], q.shape[1], "int8_matvec")
         variant = VARIANTS[int8_matvec.variant]
         args = (q.data_ptr(), scale.data_ptr(), x.data_ptr(), y.data_ptr(), q.shape[0], q.shape[1], x.shape[0])
         if c_int8(*args, bf16_io, variant, torch.get_num_threads()):
