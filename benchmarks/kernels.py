@@ -1,14 +1,15 @@
 """Which product is fastest on this CPU, for the rule in llama/fast.py (``speed_up``).
 
 For the projection shapes of a Llama 3.2 1B layer (K = 2048; N = 2048, 512, 8192 and back),
-prints GB/s of weights streamed for: torch's bf16 ``F.linear`` (the CPU's own bf16 path), torch's
+held in enough copies to fill ``--gib`` GiB (default 1: the weights come from memory, as in a model,
+not from the CPU's caches), prints GB/s of weights streamed for: torch's bf16 ``F.linear`` (the CPU's own bf16 path), torch's
 float32 product on widened weights (``FastLinear`` with compute_dtype float32), and our bf16 and
-int8 kernels in each variant the CPU has (AVX2, AVX-512), for 1 to 8 rows (decode) and for 128
+int8 kernels in each variant the CPU has (AVX2, AVX-512, AVX512-BF16 for bf16), for 1 to 8 rows (decode) and for 128
 rows (a prompt). Each cell is the best of several repetitions, the engines of a row count taken in
 turn within each repetition, timed by wall clock (all threads) and by this thread's CPU time with
 one thread (the second is steadier on a busy machine).
 
-    python benchmarks/kernels.py [--threads 2] [--reps 5] [--rows 1,2,4,8,128]
+    python benchmarks/kernels.py [--threads 2] [--reps 5] [--rows 1,2,4,8,128] [--gib 1]
 """
 
 import argparse
@@ -57,12 +58,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--rows", default="1,2,4,8,128", help="comma-separated row counts")
+    parser.add_argument("--gib", type=float, default=1.0, help="GiB of bf16 weights (copies of the layer)")
     a = parser.parse_args()
     kernels = native.kernels()
     if kernels is None:
         raise SystemExit("the native kernels are unavailable on this machine")
     torch.manual_seed(0)
-    weights = [torch.randn(n, k).to(torch.bfloat16) for n, k in SHAPES]
+    layer_bytes = sum(n * k * 2 for n, k in SHAPES)
+    copies = max(1, round(a.gib * 2**30 / layer_bytes))
+    weights = [torch.randn(n, k).to(torch.bfloat16) for _ in range(copies) for n, k in SHAPES]
     int8 = [quantize_int8(w) for w in weights]
     fast = []
     for w in weights:
@@ -73,15 +77,16 @@ def main() -> None:
     bf16_bytes = sum(w.numel() * 2 for w in weights)
     int8_bytes = sum(q.numel() for q, _ in int8)
     variants = ["avx2"] + (["avx512"] if _has_avx512() else [])
+    bf16_variants = kernels.matvec.variants
 
     def engines(x: dict[int, torch.Tensor], rows: int):
         """(name, bytes read, function) for inputs x[K] of ``rows`` rows."""
         yield "torch bf16 F.linear", bf16_bytes, lambda: [F.linear(x[w.shape[1]], w) for w in weights]
         yield "torch fp32 (widened)", bf16_bytes, lambda: [f(x[f.in_features]) for f in fast]
         if rows <= native.MAX_ROWS:
-            for v in variants:
+            for v in bf16_variants:
                 def run_bf16(v=v):
-                    kernels.matvec.variant = v
+                    kernels.matvec.use_variant(v)
                     return [kernels.matvec(x[w.shape[1]], w) for w in weights]
                 yield f"ours bf16 {v}", bf16_bytes, run_bf16
             for v in variants:
@@ -105,9 +110,10 @@ def main() -> None:
             table.setdefault(name, ["-"] * len(rows_list))[rows_list.index(rows)] = (
                 f"{nbytes / wall / 1e9:.1f} / {nbytes / cpu / 1e9:.1f}"
             )
-    kernels.matvec.variant = native.bf16_variant(_has_avx512())  # back to the default
+    kernels.matvec.use_variant(native.bf16_variant(_has_avx512()))  # back to the default
     kernels.int8_matvec.variant = native.int8_variant(_has_avx512())
     print(machine, f"(at the start); at the end {os.getloadavg()[0]:.1f}")
+    print(f"{copies} copies of the layer ({copies * layer_bytes / 2**30:.2f} GiB of bf16 weights)")
     print(f"GB/s of weights read; wall clock with {a.threads} threads | CPU time with 1 thread")
     print("| engine | " + " | ".join(f"rows {r}" for r in rows_list) + " |")
     print("|---" * (len(rows_list) + 1) + "|")
