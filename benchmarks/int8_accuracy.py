@@ -3,7 +3,9 @@
 
 Prints the perplexity of a fixed English text of at least 2,000 tokens (this repository's own
 docs, written by us: docs/download.md, docs/models.md, docs/parallel.md, docs/tokenizer.md, in
-that order, cut at 2,048 tokens) and the greedy answers to the example dialogs.
+that order, cut at 2,048 tokens), computed two ways: 512-token windows at once (the prompt path:
+torch's matmuls) and the same windows one token a step (the decode path: our kernels on x86-64),
+and the greedy answers to the example dialogs.
 
     python benchmarks/int8_accuracy.py
 """
@@ -40,6 +42,21 @@ def perplexity(llama: Llama, ids: list[int], window: int = 512) -> float:
     return math.exp(nll / count)
 
 
+@torch.no_grad()
+def decode_perplexity(llama: Llama, ids: list[int], window: int = 512) -> float:
+    """``perplexity`` with the tokens fed one at a time through the KV cache, as decoding runs: on
+    x86-64 CPUs each step's products go through our kernels (int8: x rounded to int16 per block of
+    32, llama/csrc/int8_matvec.c), where a whole window at once goes through torch's matmuls."""
+    nll, count = 0.0, 0
+    for start in range(0, len(ids) - 1, window):
+        chunk = ids[start : start + window + 1]
+        for pos in range(len(chunk) - 1):
+            logits = llama.model(torch.tensor([[chunk[pos]]]), pos).float()
+            nll -= torch.log_softmax(logits[0, -1], -1)[chunk[pos + 1]].item()
+            count += 1
+    return math.exp(nll / count)
+
+
 def main() -> None:
     ckpt = default_checkpoint()
     text = "\n\n".join((ROOT / d).read_text() for d in DOCS)
@@ -55,16 +72,18 @@ def main() -> None:
             speed_up(llama.model)
         ids = llama.tokenizer.encode(text, bos=True, eos=False)[:TOKENS]
         assert len(ids) == TOKENS, f"the docs hold only {len(ids)} tokens"
-        rows.append((name, perplexity(llama, ids)))
+        rows.append((name, perplexity(llama, ids), decode_perplexity(llama, ids)))
         answers[name] = [
             r["generation"]["content"].replace("\n", " ")[:90]
             for r in (llama.chat_completion([d], temperature=0.0, max_gen_len=48)[0] for d in DIALOGS)
         ]
     base = rows[0][1]
     print(f"perplexity of {TOKENS} tokens of docs/*.md, SmolLM2-135M-Instruct")
-    print("| weights | perplexity | vs bf16 |\n|---|---|---|")
-    for name, ppl in rows:
-        print(f"| {name} | {ppl:.3f} | {100 * (ppl / base - 1):+.2f}% |")
+    dbase = rows[0][2]
+    print("| weights | perplexity, 512-token windows | vs bf16 | the same one token a step (decode kernels) | vs bf16 |")
+    print("|---|---|---|---|---|")
+    for name, ppl, dppl in rows:
+        print(f"| {name} | {ppl:.3f} | {100 * (ppl / base - 1):+.2f}% | {dppl:.3f} | {100 * (dppl / dbase - 1):+.2f}% |")
     print("\ngreedy answers (first 90 characters)")
     for i, d in enumerate(DIALOGS):
         print(f"- {d[-1]['content']}")

@@ -198,13 +198,15 @@ def load(path: Path) -> Kernels:
 
 
 def int8_variant(has_avx512: bool) -> str:
-    """"avx512" where the CPU has AVX-512 (F and BW), else "avx2"; ``LLAMA_INT8_KERNEL`` forces one.
+    """"avx2" on every CPU; ``LLAMA_INT8_KERNEL`` forces one ("avx512" where the CPU has AVX-512 F and BW).
 
-    The 16-lane loop widens int8 in half the instructions; on the one AVX-512 CPU measured (AMD
-    Zen 4, benchmarks/README.md) it ran 1.06-1.07x the AVX2 loop's speed at 1-3 rows and 1.2-1.3x
-    at 4-8. Both add in the same order: identical results.
+    Both multiply int8 weights by x rounded to int16 (vpmaddwd, llama/csrc/int8_matvec.c), AVX2
+    16 pairs of weights an instruction, AVX-512 32. On the one AVX-512 CPU measured (AMD Zen 4, 2
+    threads, 1 GiB of 1B-shape matrices, benchmarks/README.md) they ran at the same speed within
+    5% at 1-8 rows, one row at the speed of memory, so the default is the loop every x86-64 CPU
+    runs. Their float32 sums run in different orders (8 or 16 lanes): results differ in the last bits.
     """
-    return _variant("LLAMA_INT8_KERNEL", has_avx512, "avx512" if has_avx512 else "avx2")
+    return _variant("LLAMA_INT8_KERNEL", has_avx512, "avx2")
 
 
 def bf16_variant(has_avx512: bool, has_avx512_bf16: bool = False) -> str:

@@ -78,24 +78,79 @@ def test_int8_linear_compiled_path_matches_float64():
     assert (out.double() - ref).abs().max() / ref.abs().max() < 1e-6
 
 
+def reference_int16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's rounding of x [B, K] (float32) per 32-element block, in the same float32 steps:
+    m = max |block|, xi = round-half-even(x * (32767 / m)), step = m / 32767 (0 for a zero block).
+    Returns xi [B, K32] and step [B, K32 / 32], both float64."""
+    b, k = x.shape
+    blocks = x[:, : k - k % 32].reshape(b, -1, 32)
+    m = blocks.abs().amax(-1)
+    inv = torch.where(m > 0, torch.tensor(32767.0) / m, torch.zeros_like(m))
+    xi = torch.round(blocks * inv[..., None])
+    assert xi.abs().max() <= 32767
+    return xi.reshape(b, -1).double(), (m / 32767.0).double()
+
+
+def reference_kernel(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """float64 of the kernel's formula: blocks of 32 through int16 x, the K % 32 tail in float."""
+    k32 = x.shape[1] - x.shape[1] % 32
+    xi, step = reference_int16(x.float())
+    x_used = torch.cat([(xi.reshape(x.shape[0], -1, 32) * step[..., None]).reshape(x.shape[0], -1), x[:, k32:].double()], 1)
+    return (x_used @ q.double().T) * s.double()
+
+
 @needs_kernels
 @torch.no_grad()
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("rows", range(1, 9))
 def test_int8_kernel_matches_float64(variant, rows, monkeypatch):
     """Every row count and both variants present on this CPU (AVX2 forced on AVX-512 machines), with
-    N and K that leave tails (not multiples of the blocks), float32 and bf16 in/out."""
+    N and K that leave tails (not multiples of the blocks), float32 and bf16 in/out: equal to the
+    float64 formula of the documented scheme up to float32 summation, and within the stated bound
+    of the exact product with x unrounded: half a step of each x's own 32-element block. One large
+    activation in the first block (Llama's residual stream has some) must not coarsen the others."""
     g = torch.Generator().manual_seed(rows)
-    n, k = 37, 2 * 16 * 5 + 7
+    n, k = 37, 32 * 5 + 7
     q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     s = torch.rand(n, generator=g) * 0.01
     monkeypatch.setattr(KERNELS.int8_matvec, "variant", variant)
     for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 8e-3)):
-        x = torch.randn(rows, k, generator=g).to(dtype)
-        ref = (x.double() @ q.double().T) * s.double()
+        x = torch.randn(rows, k, generator=g)
+        x[0, 3] = 300.0  # an outlier in block 0 of row 0
+        x[-1, 32:64] = 0  # a zero block
+        x = x.to(dtype)
         y = KERNELS.int8_matvec(x, q, s)
         assert y.dtype == dtype and y.shape == (rows, n)
+        ref = reference_kernel(x, q, s)
         assert ((y.double() - ref).abs() / ref.abs().max()).max() < tol, (dtype, variant, rows)
+        if dtype == torch.float32:
+            exact = (x.double() @ q.double().T) * s.double()
+            _, step = reference_int16(x)
+            half_steps = torch.cat([step.repeat_interleave(32, 1) / 2, torch.zeros(rows, k % 32, dtype=torch.float64)], 1)
+            bound = (half_steps @ q.double().abs().T) * s.double()
+            assert torch.all((y.double() - exact).abs() <= bound * (1 + 1e-5) + 1e-6 * exact.abs().max())
+            # The bound is per block: with one step for the whole row (the outlier's), row 0's bound
+            # would be the outlier's half step times all of |q|; only block 0 (32 of 167) has it.
+            assert bound[0].max() < ((300.0 / 32767 / 2) * q.double().abs().sum(1) * s.double()).max() / 3
+
+
+@needs_kernels
+@torch.no_grad()
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_int8_kernel_non_finite_and_zero_inputs(variant, monkeypatch):
+    """A NaN or an infinity in a row of x makes that row's outputs NaN (never a finite number that
+    hides it); a zero row gives zeros; other rows are untouched."""
+    monkeypatch.setattr(KERNELS.int8_matvec, "variant", variant)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randint(-127, 128, (9, 70), generator=g, dtype=torch.int8)
+    s = torch.rand(9, generator=g)
+    x = torch.randn(4, 70, generator=g)
+    clean = KERNELS.int8_matvec(x, q, s)
+    x[1, 40], x[2, 5], x[3] = float("nan"), float("inf"), 0.0
+    y = KERNELS.int8_matvec(x, q, s)
+    assert torch.equal(y[0], clean[0])
+    assert torch.isnan(y[1]).all() and torch.isnan(y[2]).all()
+    assert torch.equal(y[3], torch.zeros(9))
 
 
 @needs_kernels

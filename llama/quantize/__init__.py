@@ -1,5 +1,8 @@
 """int8 weight-only quantization: each projection weight stored as int8 with one float32 scale per
-output row (symmetric), activations left in their own dtype.
+output row (symmetric). Activations are not quantized to int8: torch's paths (prompts, GPUs)
+multiply them in their own dtype, and the CPU decode kernel (llama/csrc/int8_matvec.c) rounds each
+block of 32 to int16 with its own step, at most 1/65534 of the block's largest |x| off (256 times
+finer than the weights' int8 rounding), so that integer products keep up with memory.
 
 Decoding reads every weight once per token, so halving the bytes read halves the time a
 memory-bound step takes. Per-row symmetric scales are the simplest scheme that keeps the error of
