@@ -57,6 +57,37 @@ def test_transform_copies_big_weights_only():
     assert q.dtype == torch.int8 and advised_huge(q) and torch.equal(q, int8_transform("layers.0.feed_forward.w1.weight", wide)["layers.0.feed_forward.w1.weight"])
 
 
+@needs_thp
+def test_after_packs_small_tensors_into_shared_huge_pages():
+    """One load's small tensors (a small model's matrices, norms, int8 scales) are copied one after
+    another into shared huge-page chunks, 64-byte aligned, equal to their sources; big ones get
+    their own mappings; the token embedding is never copied; a new load starts a new arena."""
+    place = hugepages.after(None)
+    small = {f"layers.{i}.attention.wq.weight": torch.randn(300, 7).to(torch.bfloat16) for i in range(3)}
+    out = {k: place(k, t)[k] for k, t in small.items()}
+    ptrs = [t.data_ptr() for t in out.values()]
+    assert all(torch.equal(out[k], small[k]) and out[k].data_ptr() != small[k].data_ptr() for k in small)
+    assert all(advised_huge(t) for t in out.values()) and all(p % 64 == 0 for p in ptrs)
+    assert ptrs[1] - ptrs[0] == ptrs[2] - ptrs[1] == -(-300 * 7 * 2 // 64) * 64  # packed, in order
+    assert len({t.untyped_storage().data_ptr() for t in out.values()}) == 1  # one chunk
+    emb = torch.randn(10, 10)
+    assert place("tok_embeddings.weight", emb)["tok_embeddings.weight"] is emb
+    big = torch.randn(1024, 1024)
+    copied = place("output.weight", big)["output.weight"]
+    assert copied.data_ptr() % hugepages.HUGE_PAGE == 0 and torch.equal(copied, big)
+    other = hugepages.after(None)("norm.weight", torch.ones(4))["norm.weight"]
+    assert other.untyped_storage().data_ptr() != out["layers.0.attention.wq.weight"].untyped_storage().data_ptr()
+    # int8 first: the scale (float32 [300], 1.2 KB) and the int8 matrix both packed.
+    both = hugepages.after(int8_transform)("layers.0.feed_forward.w1.weight", torch.randn(300, 64))
+    assert set(both) == {"layers.0.feed_forward.w1.weight", "layers.0.feed_forward.w1.scale"}
+    assert all(advised_huge(t) for t in both.values())
+    # A chunk fills, then the next starts.
+    arena = hugepages.Arena()
+    arena.CHUNK = 4096
+    a, b = arena.copy(torch.zeros(1000, dtype=torch.uint8)), arena.copy(torch.zeros(4000, dtype=torch.uint8))
+    assert a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr() and b.data_ptr() % hugepages.HUGE_PAGE == 0
+
+
 def test_switched_off(monkeypatch, tmp_path):
     monkeypatch.setenv("LLAMA_HUGE_PAGES", "0")
     assert not hugepages.available()
@@ -84,5 +115,6 @@ def test_build_puts_streamed_weights_in_huge_pages_with_the_same_logits(tmp_path
         wq, w1 = model.layers[0].attention.wq.weight, model.layers[1].feed_forward.w1.weight  # 2 and 5 MiB
         assert advised_huge(wq) == advised_huge(w1) == (setting == "1")
         assert not advised_huge(model.tok_embeddings.weight)
+        assert advised_huge(model.layers[0].attention_norm.weight) == (setting == "1")  # 2 KiB: packed
         logits[setting] = model(tokens, 0)
     assert torch.equal(logits["1"], logits["0"])
