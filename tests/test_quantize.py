@@ -64,6 +64,19 @@ def test_int8_linear_torch_path_matches_float64(dtype):
     assert (out.double() - ref).abs().max() / ref.abs().max() < tol
 
 
+def test_int8_linear_torch_path_gradients_survive_the_shared_buffer():
+    """Blocks widened into the shared buffer are overwritten by the next block and the next layer;
+    with autograd recording, each block is a fresh copy, so x's gradient is the float64 formula's."""
+    g = torch.Generator().manual_seed(4)
+    a, b = Int8Linear.from_float(torch.randn(300, 70, generator=g)), Int8Linear.from_float(torch.randn(50, 300, generator=g))
+    a.BLOCK = b.BLOCK = 1000
+    x = torch.randn(3, 70, generator=g, requires_grad=True)
+    b(a(x)).sum().backward()
+    wa, wb = (dequantize_int8(m.weight, m.scale, torch.float64) for m in (a, b))
+    expected = (torch.ones(3, 50, dtype=torch.float64) @ wb) @ wa
+    assert (x.grad.double() - expected).abs().max() / expected.abs().max() < 1e-5
+
+
 @pytest.mark.slow
 @torch.no_grad()
 def test_int8_linear_compiled_path_matches_float64():
