@@ -370,20 +370,23 @@ def apply_fused(
     library is available (``llama.native``); without it the model is left unchanged.
 
     ``linear_types``: the classes of projection layer the C step may replace, those whose forward
-    is ``F.linear(x, weight)`` (``llama.fast`` adds its ``FastLinear``). Each block checks at each
+    is ``F.linear(x, weight)`` (``llama.fast`` adds its ``FastLinear``); blocks of ``Int8Linear``
+    layers with the native int8 kernel are taken too, whatever this says. Each block checks at each
     step that its weights and cache are still the ones it points at (a new cache from
     ``setup_cache``, a weight replaced) and otherwise re-plans, or runs the plain block.
 
-    ``matvec_rows``: the rows for which our matvec loop beats torch's products on this CPU
+    ``matvec_rows``: the rows for which our bf16 matvec loop beats torch's products on this CPU
     (``llama.fast.matvec_rows``). Steps of that many rows take the C call; more rows (up to 8) only
     where a block's weights are small (``SMALL_BLOCK_BYTES``), so that the overhead the call saves
-    outweighs torch's faster kernel for many rows.
+    outweighs torch's faster kernel for many rows. The same rule decides where a bf16 output layer
+    beside int8 blocks (``keep_output=True``) is computed; int8 blocks and an int8 output layer
+    take the rows their layers give the int8 kernel (8), which is what the per-operator path runs.
     """
     lib = native.library()
     if lib is None:
         return model
     declare(lib)
-    block_bytes = sum(p.numel() * p.element_size() for p in model.layers[0].parameters())
+    block_bytes = weight_bytes(model.layers[0])
     workspace = Workspace(lib, linear_types, MAX_ROWS if block_bytes <= SMALL_BLOCK_BYTES else matvec_rows)
     for i, block in enumerate(model.layers):
         if not isinstance(block, FusedBlock):
@@ -394,6 +397,14 @@ def apply_fused(
     if type(model) is Transformer:  # in place: Llama.build keeps its model object
         model.__class__ = FusedTransformer
     return model
+
+
+def weight_bytes(block: nn.Module) -> int:
+    """Bytes of a block's weights: its parameters, and its ``Int8Linear`` layers' int8 weights and
+    scales (buffers, not parameters)."""
+    tensors = list(block.parameters())
+    tensors += [t for m in block.modules() if isinstance(m, Int8Linear) for t in m.buffers(recurse=False)]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def declare(lib: ctypes.CDLL) -> None:

@@ -519,3 +519,24 @@ def test_int8_folder_loads_into_the_fused_step(lib, calls, tmp_path, meta_tokeni
         model.layers[i] = plain
     model.__class__ = Transformer
     assert torch.equal(got, decode(model, tokens, 12)) and len(calls) == 8
+
+
+def test_a_large_int8_model_keeps_its_bf16_output_for_torch_beyond_matvec_rows(lib, calls, monkeypatch):
+    """int8 blocks take every batch up to 8 whatever their size (the per-operator path runs the same
+    int8 loop); a kept bf16 output layer beside large blocks only ``matvec_rows`` rows, as bf16
+    blocks would: the logits stay those of the per-operator path."""
+    args = ARGS["gqa"]
+    monkeypatch.setattr(fused, "SMALL_BLOCK_BYTES", fused.weight_bytes(int8_model(args).layers[0]) - 1)
+    tokens = torch.randint(0, args.vocab_size, (3, 12), generator=torch.Generator().manual_seed(26))
+    kernels = native.kernels()
+    models = []
+    for fuse in (True, False):
+        model = model_for(args, max_seq_len=12)
+        quantize_model(model, keep_output=True)
+        apply_fast_paths(model, torch.float32, kernels.matvec, 2, kernels.attention, kernels.int8_matvec)
+        models.append(fused.apply_fused(model, (torch.nn.Linear, FastLinear), matvec_rows=2) if fuse else model)
+    got, want = decode(models[0], tokens, 10), decode(models[1], tokens, 10)
+    assert calls.sizes == [args.n_layers] * 2 and calls.heads == [False] * 2  # 3 rows: the output in torch
+    assert torch.equal(got, want)
+    got, want = decode(models[0], tokens[:2], 10), decode(models[1], tokens[:2], 10)
+    assert calls.heads == [False] * 2 + [True] * 2 and torch.equal(got, want)
