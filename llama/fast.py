@@ -370,7 +370,9 @@ def speed_up(model: Transformer, world_size: int = 1) -> Transformer:
       ``LLAMA_NATIVE=0``) it computes in the prompt path's dtype, as do one-row products when the
       kernel takes none;
     - int8 weights (``llama.quantize``) run our int8 kernel for up to 8 rows, and longer inputs in
-      the prompt path's dtype.
+      the prompt path's dtype;
+    - eager one-token steps of a bf16 (or bf16 and int8) model run every block in one C call
+      (``llama.fused``) unless ``LLAMA_FUSED=0``.
     float16 weights, GPUs, and several ranks keep the rule of ``default_compute_dtype`` (no probe).
     With several ranks fairscale's layers replace every ``nn.Linear``, and torch's kernels run
     throughout.
@@ -395,6 +397,6 @@ def speed_up(model: Transformer, world_size: int = 1) -> Transformer:
     if kernels is None:
         return apply_fast_paths(model, compute_dtype)
     apply_fast_paths(model, compute_dtype, kernels.matvec, rows, kernels.attention, kernels.int8_matvec)
-    if bf16 and not int8 and fused.enabled():  # whole blocks of a decode step in C
+    if bf16 and fused.enabled():  # whole blocks of a decode step in C, bf16 or int8 (llama.fused)
         fused.apply_fused(model, (nn.Linear, FastLinear), rows)
     return model

@@ -13,12 +13,18 @@ per-operator path's bit for bit on the CPUs tested (tests/test_fused.py).
 
 It takes only what it was written for, and hands everything else to the plain model: one token per
 row (up to 8 rows, ``apply_fused``) at an int position, not under ``torch.compile`` or autograd,
-bf16 contiguous CPU weights in plain (or ``llama.fast``) linear layers (not int8, FP8 or
-fairscale's), a bf16 KV cache. ``llama.fast.speed_up`` applies it (one process, bf16 on the CPU,
-native kernels available) unless ``LLAMA_FUSED=0`` is in the environment. Its products run the AVX2
+blocks whose seven projections are all bf16 contiguous CPU weights in plain (or ``llama.fast``)
+linear layers, or all int8 ``llama.quantize.Int8Linear`` layers of one rank (``quantize="int8"``,
+an int8 folder, ``quantize_model``; not a mix of the two, FP8 or fairscale's), a bf16 KV cache;
+the output layer may be either (``keep_output=True`` leaves it bf16 beside int8 blocks).
+``llama.fast.speed_up`` applies it (one process, a bf16 model on the CPU, int8 or not, native
+kernels available) unless ``LLAMA_FUSED=0`` is in the environment. Its bf16 products run the AVX2
 loop of ``csrc/bf16_matvec.c`` (the default, ``native.bf16_variant``) whatever ``LLAMA_BF16_KERNEL``
-says: that loop was as fast as the AVX-512 one for 1-4 rows on the CPU measured. The model file stays
-plain torch: this module swaps classes, as ``llama.fast`` swaps layers.
+says: that loop was as fast as the AVX-512 one for 1-4 rows on the CPU measured; its int8 products
+the loop of ``csrc/int8_matvec.c`` that ``Int8Linear``'s kernel runs (``native.int8_variant``,
+``int8_matvec.use_variant``), with its scheme (each 32-element block of the input rounded to
+int16), so an int8 model's fused logits too equal its per-operator path's bit for bit. The model
+file stays plain torch: this module swaps classes, as ``llama.fast`` swaps layers.
 """
 
 import copy
@@ -31,9 +37,11 @@ from torch import nn
 
 from llama import native
 from llama.model import Transformer, TransformerBlock
+from llama.quantize import Int8Linear
 
 MAX_ROWS = 8  # rows per call: decode_layer.c's MAX_ROWS
 WEIGHTS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+SCALES = tuple(f"{name}_scale" for name in WEIGHTS)  # llama_layer's int8 row scales
 # A block this small is overhead-bound at every batch: the demo model's (7 MB) decodes 8 rows 1.75x
 # faster fused, though torch's products beat our loop at 8 rows here; a Llama 3.2 1B block (121 MB)
 # 5% slower (benchmarks/README.md), so there only the rows where our loop wins take the C call.
@@ -43,15 +51,16 @@ SMALL_BLOCK_BYTES = 32 << 20
 class LayerStruct(ctypes.Structure):
     """decode_layer.c's ``llama_layer``: one block's weights and cache, and the model's sizes."""
 
-    _fields_ = [(name, ctypes.c_void_p) for name in (*WEIGHTS, "attention_norm", "ffn_norm", "cache_k", "cache_v")]
+    _fields_ = [(name, ctypes.c_void_p) for name in (*WEIGHTS, *SCALES, "attention_norm", "ffn_norm", "cache_k", "cache_v")]
     _fields_ += [(name, ctypes.c_int64) for name in ("dim", "n_heads", "n_kv_heads", "head_dim", "hidden", "max_batch", "max_seq")]
-    _fields_ += [("eps", ctypes.c_float)]
+    _fields_ += [("int8", ctypes.c_int64), ("eps", ctypes.c_float)]
 
 
 class HeadStruct(ctypes.Structure):
     """decode_layer.c's ``llama_head``: the final norm and output product, for a call that returns logits."""
 
-    _fields_ = [("norm", ctypes.c_void_p), ("output", ctypes.c_void_p), ("vocab", ctypes.c_int64), ("eps", ctypes.c_float)]
+    _fields_ = [("norm", ctypes.c_void_p), ("output", ctypes.c_void_p), ("output_scale", ctypes.c_void_p)]
+    _fields_ += [("vocab", ctypes.c_int64), ("eps", ctypes.c_float)]
 
 
 def enabled() -> bool:
@@ -87,24 +96,37 @@ class Plan:
     def __init__(self, block: TransformerBlock, max_rows: int):
         attn, ffn = block.attention, block.feed_forward
         cache = attn.cache
-        linears = [getattr(attn, n) for n in WEIGHTS[:4]] + [getattr(ffn, n) for n in WEIGHTS[4:]]
-        weights = [m.weight for m in linears] + [block.attention_norm.weight, block.ffn_norm.weight]
+        linears = projections(block)
+        self.int8 = type(linears[0]) is Int8Linear  # all seven are, or none (``usable``)
+        norms = [block.attention_norm, block.ffn_norm]
+        # Where each tensor the C step reads lives: (the module's dict of parameters or buffers, key).
+        kind = "_buffers" if self.int8 else "_parameters"  # Int8Linear's weight and scale are buffers
+        weights = [(getattr(m, kind), "weight") for m in linears]
+        scales = [(m._buffers, "scale") for m in linears] if self.int8 else []
+        self.sources = weights + scales + [(m._parameters, "weight") for m in norms]
         self.cache = cache
-        self.tensors = [t.detach() for t in weights + [cache.k, cache.v]]
+        self.tensors = [d[k].detach() for d, k in self.sources] + [cache.k.detach(), cache.v.detach()]
         # What the block is made of now: a module swapped in (int8 layers, a new attention) shows
-        # as another child, a weight replaced (or moved by .to()) as another pointer.
+        # as another child, a weight or scale replaced (or moved by .to()) as another pointer.
         self.owners = (block._modules, attn._modules, ffn._modules)
         self.children = self.modules_of(block)
-        self.sources = [m._parameters for m in linears] + [block.attention_norm._parameters, block.ffn_norm._parameters]
-        self.pointers = tuple(w.data_ptr() for w in weights)
+        self.pointers = tuple(t.data_ptr() for t in self.tensors[: len(self.sources)])
+        pointers = dict(zip(WEIGHTS + (SCALES if self.int8 else ()), self.pointers))
+        pointers.update(zip(("attention_norm", "ffn_norm", "cache_k", "cache_v"), (t.data_ptr() for t in self.tensors[-4:])))
         max_batch, n_kv, max_seq, hd = cache.k.shape
         self.layer = LayerStruct(
-            *(t.data_ptr() for t in self.tensors),
+            **pointers,
             dim=attn.wq.weight.shape[1], n_heads=attn.wq.weight.shape[0] // hd, n_kv_heads=n_kv, head_dim=hd,
-            hidden=ffn.w1.weight.shape[0], max_batch=max_batch, max_seq=max_seq, eps=block.attention_norm.eps,
+            hidden=ffn.w1.weight.shape[0], max_batch=max_batch, max_seq=max_seq, int8=int(self.int8),
+            eps=block.attention_norm.eps,
         )  # fmt: skip
         self.alone = (LayerStruct * 1)(self.layer)  # the argument of a call for this block alone
-        self.dim, self.max_rows = self.layer.dim, min(max_rows, max_batch)
+        # int8 blocks take every batch their layers give the kernel (``llama.fast``: 8): the
+        # per-operator path runs the same int8 loop for those rows, so the C call is never the
+        # slower product. Their kernel is part of what the plan assumes (``current``).
+        self.products = tuple(m.__dict__.get("matvec") for m in linears) if self.int8 else ()
+        int8_rows = min(m.matvec_rows for m in linears) if self.int8 else 0
+        self.dim, self.max_rows = self.layer.dim, min(int8_rows if self.int8 else max_rows, max_batch)
 
     @staticmethod
     def modules_of(block: TransformerBlock) -> tuple[nn.Module, ...]:
@@ -121,23 +143,69 @@ class Plan:
             and own["attention"]._modules is attn
             and own["feed_forward"]._modules is ffn
             and self.modules_of(block) == self.children
-            and tuple(p["weight"].data_ptr() for p in self.sources) == self.pointers
+            and tuple(_pointer(d.get(k)) for d, k in self.sources) == self.pointers
+            and (not self.int8 or tuple(m.__dict__.get("matvec") for m in self.children[4:11]) == self.products)  # [4:11]: the projections
         )
 
 
+def _pointer(t: object) -> Optional[int]:
+    """A tensor's data pointer; None for anything else (a weight or scale set to None)."""
+    return t.data_ptr() if isinstance(t, torch.Tensor) else None
+
+
+def projections(block: TransformerBlock) -> list[Optional[nn.Module]]:
+    """The block's seven projection layers, in ``WEIGHTS`` order (None where one is missing)."""
+    attn, ffn = block.attention, block.feed_forward
+    return [getattr(attn, n, None) for n in WEIGHTS[:4]] + [getattr(ffn, n, None) for n in WEIGHTS[4:]]
+
+
+def int8_usable(m: nn.Module) -> bool:
+    """Whether the C step can run ``m`` as an int8 product: an ``Int8Linear`` of one rank (no
+    reduce or gather) whose product is the native int8 kernel (``llama.fast`` sets it: the loop and
+    scheme the C step runs; without it the layer computes in torch, which the C step would not
+    equal), int8 [out, in] contiguous CPU weight, float32 [out] contiguous scales."""
+    w, scale = getattr(m, "weight", None), getattr(m, "scale", None)
+    kernels = native.kernels()
+    return (
+        type(m) is Int8Linear
+        and m.parallel is None
+        and kernels is not None
+        and m.matvec is kernels.int8_matvec
+        and m.matvec_rows >= 1
+        and isinstance(w, torch.Tensor)
+        and isinstance(scale, torch.Tensor)
+        and w.dtype == torch.int8
+        and w.dim() == 2
+        and scale.dtype == torch.float32
+        and tuple(scale.shape) == (w.shape[0],)
+        and all(t.device.type == "cpu" and t.is_contiguous() for t in (w, scale))
+    )
+
+
 def usable(block: TransformerBlock, linear_types: tuple[type, ...]) -> bool:
-    """Whether the C step can run ``block``: bf16 contiguous CPU weights without bias in layers of
-    exactly ``linear_types`` (not int8, FP8 or fairscale's), a contiguous bf16 cache, one norm eps."""
+    """Whether the C step can run ``block``: its seven projections either all bf16 contiguous CPU
+    weights without bias in layers of exactly ``linear_types`` (not FP8 or fairscale's), or all
+    ``Int8Linear``s it can run (``int8_usable``; a block mixing the two is left to torch); bf16
+    norms, a contiguous bf16 cache, one norm eps."""
     attn, ffn = block.attention, block.feed_forward
     cache = getattr(attn, "cache", None)
-    linears = [getattr(attn, n, None) for n in WEIGHTS[:4]] + [getattr(ffn, n, None) for n in WEIGHTS[4:]]
-    if cache is None or not all(type(m) in linear_types for m in linears):
+    linears = projections(block)
+    if cache is None:
         return False
-    weights = [m.weight for m in linears] + [block.attention_norm.weight, block.ffn_norm.weight]
-    tensors = weights + [cache.k, cache.v]
+    norms = [block.attention_norm.weight, block.ffn_norm.weight]
+    if all(type(m) is Int8Linear for m in linears):
+        if not all(int8_usable(m) for m in linears):
+            return False
+        tensors = norms + [cache.k, cache.v]
+    elif all(type(m) in linear_types for m in linears):
+        if any(m.bias is not None for m in linears):
+            return False
+        tensors = [m.weight for m in linears] + norms + [cache.k, cache.v]
+    else:
+        return False
     if not all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() for t in tensors):
         return False
-    if any(m.bias is not None for m in linears) or block.attention_norm.eps != block.ffn_norm.eps:
+    if block.attention_norm.eps != block.ffn_norm.eps:
         return False
     hd = cache.k.shape[-1]
     wq, wk, w1 = attn.wq.weight, attn.wk.weight, ffn.w1.weight
@@ -217,8 +285,8 @@ class FusedTransformer(Transformer):
     ``FusedBlock``s that can (one call instead of one per block: ~10 us of Python and ctypes a
     block saved, benchmarks/README.md); otherwise the plain forward, whose blocks decide each."""
 
-    _fused_layers: Optional[tuple[tuple[Plan, ...], ctypes.Array]] = None
-    _fused_head: Optional[tuple] = None  # (norm weight, output weight, their pointers, HeadStruct or None, views)
+    _fused_layers: Optional[tuple[tuple[Plan, ...], ctypes.Array, int]] = None
+    _fused_head: Optional[tuple] = None  # (norm, output weight, scale, their pointers, HeadStruct or None, rows, views)
 
     def forward(self, tokens: torch.Tensor, start_pos=0, last_only: bool = False) -> torch.Tensor:
         if type(start_pos) is int and tokens.shape[1] == 1 and self._rope_cos is not None:
@@ -227,17 +295,18 @@ class FusedTransformer(Transformer):
                 h = self.tok_embeddings(tokens)  # [B, 1, dim]
                 cos, sin = self._rope_cos, self._rope_sin  # [max_seq_len, head_dim / 2] float32
                 fused = self._layers() if step_input(h, cos, start_pos) and cos.is_contiguous() else None
-                if fused is not None and bsz <= fused[0][0].max_rows:
+                if fused is not None and bsz <= fused[2]:
                     start = start_pos * cos.stride(0) * cos.element_size()  # the position's row of angles
                     angles = (cos.data_ptr() + start, sin.data_ptr() + start)
-                    head = self._head()
+                    head, head_rows = self._head()
+                    head = head if bsz <= head_rows else None
                     out = run(self.layers[0].workspace, fused[1], h, *angles, start_pos, head)
                     return out if head is not None else self.output(self.norm(out)).float()  # [B, 1, vocab]
         return super().forward(tokens, start_pos, last_only)
 
-    def _layers(self) -> Optional[tuple[tuple[Plan, ...], ctypes.Array]]:
-        """Every block's plan, and their ``LayerStruct``s in one array (made again when a plan
-        changes); None when a block is not a ``FusedBlock`` that can run."""
+    def _layers(self) -> Optional[tuple[tuple[Plan, ...], ctypes.Array, int]]:
+        """Every block's plan, their ``LayerStruct``s in one array (made again when a plan changes)
+        and the rows all of them take; None when a block is not a ``FusedBlock`` that can run."""
         plans = []
         for block in self.layers:
             plan = block.current_plan() if type(block) is FusedBlock else None
@@ -246,25 +315,39 @@ class FusedTransformer(Transformer):
             plans.append(plan)
         cached = self._fused_layers
         if cached is None or len(cached[0]) != len(plans) or any(a is not b for a, b in zip(cached[0], plans)):
-            cached = self._fused_layers = (tuple(plans), (LayerStruct * len(plans))(*(p.layer for p in plans)))
+            rows = min(p.max_rows for p in plans)
+            cached = self._fused_layers = (tuple(plans), (LayerStruct * len(plans))(*(p.layer for p in plans)), rows)
         return cached
 
 
-    def _head(self) -> Optional[HeadStruct]:
-        """The final norm and output product for the C call, or None where the output layer is not
-        one it can run (another class, int8, not bf16): then torch computes them."""
-        linear_types = self.layers[0].workspace.linear_types
-        norm, output = self.norm.weight, self.output.weight
+    def _head(self) -> tuple[Optional[HeadStruct], int]:
+        """The final norm and output product for the C call, and up to how many rows it takes them;
+        None where the output layer is not one it can run (another class, FP8, not bf16, an
+        ``Int8Linear`` it cannot run): then torch computes them. A bf16 output layer takes the
+        rows of bf16 blocks (``Workspace.max_rows``), an int8 one the rows it gives the kernel."""
+        workspace = self.layers[0].workspace
+        output = self.output
+        norm, weight, scale = self.norm.weight, output.weight, getattr(output, "scale", None)
+        pointers = (_pointer(norm), _pointer(weight), _pointer(scale), output.__dict__.get("matvec"))
         cached = self._fused_head
-        if cached is not None and cached[0] is norm and cached[1] is output and cached[2] == (norm.data_ptr(), output.data_ptr()):
-            return cached[3]
-        usable = type(self.output) in linear_types and self.output.bias is None and all(
-            t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() for t in (norm, output)
-        )
-        head = HeadStruct(norm.data_ptr(), output.data_ptr(), output.shape[0], self.norm.eps) if usable else None
-        # The parameters, where their data was, the struct, and views that keep that data alive.
-        self._fused_head = (norm, output, (norm.data_ptr(), output.data_ptr()), head, norm.detach(), output.detach())
-        return head
+        if cached is not None and cached[0] is norm and cached[1] is weight and cached[2] is scale and cached[3] == pointers:
+            return cached[4], cached[5]
+        bf16_norm = norm.dtype == torch.bfloat16 and norm.device.type == "cpu" and norm.is_contiguous()
+        int8 = type(output) is Int8Linear
+        if int8:
+            usable = bf16_norm and int8_usable(output)
+        else:
+            usable = bf16_norm and type(output) in workspace.linear_types and output.bias is None and (
+                weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and weight.is_contiguous()
+            )
+        head = None
+        if usable:
+            head = HeadStruct(norm.data_ptr(), weight.data_ptr(), scale.data_ptr() if int8 else None, weight.shape[0], self.norm.eps)
+        rows = output.matvec_rows if int8 else workspace.max_rows
+        # The tensors, where their data was, the struct, its rows, and views that keep that data alive.
+        views = tuple(t.detach() for t in (norm, weight, scale) if isinstance(t, torch.Tensor))
+        self._fused_head = (norm, weight, scale, pointers, head, rows, views)
+        return head, rows
 
 
 class _NoRecord:
@@ -287,20 +370,23 @@ def apply_fused(
     library is available (``llama.native``); without it the model is left unchanged.
 
     ``linear_types``: the classes of projection layer the C step may replace, those whose forward
-    is ``F.linear(x, weight)`` (``llama.fast`` adds its ``FastLinear``). Each block checks at each
+    is ``F.linear(x, weight)`` (``llama.fast`` adds its ``FastLinear``); blocks of ``Int8Linear``
+    layers with the native int8 kernel are taken too, whatever this says. Each block checks at each
     step that its weights and cache are still the ones it points at (a new cache from
     ``setup_cache``, a weight replaced) and otherwise re-plans, or runs the plain block.
 
-    ``matvec_rows``: the rows for which our matvec loop beats torch's products on this CPU
+    ``matvec_rows``: the rows for which our bf16 matvec loop beats torch's products on this CPU
     (``llama.fast.matvec_rows``). Steps of that many rows take the C call; more rows (up to 8) only
     where a block's weights are small (``SMALL_BLOCK_BYTES``), so that the overhead the call saves
-    outweighs torch's faster kernel for many rows.
+    outweighs torch's faster kernel for many rows. The same rule decides where a bf16 output layer
+    beside int8 blocks (``keep_output=True``) is computed; int8 blocks and an int8 output layer
+    take the rows their layers give the int8 kernel (8), which is what the per-operator path runs.
     """
     lib = native.library()
     if lib is None:
         return model
     declare(lib)
-    block_bytes = sum(p.numel() * p.element_size() for p in model.layers[0].parameters())
+    block_bytes = weight_bytes(model.layers[0])
     workspace = Workspace(lib, linear_types, MAX_ROWS if block_bytes <= SMALL_BLOCK_BYTES else matvec_rows)
     for i, block in enumerate(model.layers):
         if not isinstance(block, FusedBlock):
@@ -311,6 +397,14 @@ def apply_fused(
     if type(model) is Transformer:  # in place: Llama.build keeps its model object
         model.__class__ = FusedTransformer
     return model
+
+
+def weight_bytes(block: nn.Module) -> int:
+    """Bytes of a block's weights: its parameters, and its ``Int8Linear`` layers' int8 weights and
+    scales (buffers, not parameters)."""
+    tensors = list(block.parameters())
+    tensors += [t for m in block.modules() if isinstance(m, Int8Linear) for t in m.buffers(recurse=False)]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def declare(lib: ctypes.CDLL) -> None:

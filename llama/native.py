@@ -103,7 +103,8 @@ def load(path: Path) -> Kernels:
       ``bf16_variant``) says which loop runs;
     - ``int8_matvec(x, q, scale) -> y = (x @ q.T) * scale``: x [rows, K] float32 or bf16 with
       rows <= 8, q [N, K] contiguous int8, scale [N] float32 (``llama.quantize``), y in x's dtype;
-      ``int8_matvec.variant`` ("avx2" or "avx512", see ``int8_variant``) says which loop runs;
+      ``int8_matvec.variant`` ("avx2" or "avx512", see ``int8_variant``) says which loop runs,
+      ``int8_matvec.use_variant`` switches it (for the fused decode step too);
     - ``attention(q, k, v) -> out``: one query per head, q [B, Hq, hd] float32 or bf16, k and v
       [B, Hkv, T, hd] bf16 with equal strides and contiguous last dimensions (views of a KV cache),
       Hq a multiple of Hkv; out [B, Hq, hd] in q's dtype: softmax(q k^T / sqrt(hd)) v, query head
@@ -123,6 +124,8 @@ def load(path: Path) -> Kernels:
     has_avx512_bf16 = bool(lib.llama_bf16_has_avx512_bf16())
     set_range = lib.llama_bf16_set_range_variant
     set_range.restype, set_range.argtypes = ctypes.c_int, [ctypes.c_int]
+    set_int8_range = lib.llama_int8_set_range_variant
+    set_int8_range.restype, set_int8_range.argtypes = ctypes.c_int, [ctypes.c_int]
 
     def check_io(x: torch.Tensor, name: str) -> None:
         if x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu":
@@ -193,7 +196,17 @@ def load(path: Path) -> Kernels:
     matvec.variants = ["avx2"] + ["avx512"] * has_avx512 + ["avx512bf16"] * has_avx512_bf16
     matvec.use_variant = use_bf16_variant
     use_bf16_variant(bf16_variant(has_avx512, has_avx512_bf16))
-    int8_matvec.variant = int8_variant(has_avx512)
+    def use_int8_variant(name: str) -> None:
+        """Run the int8 products with loop ``name`` (one of ``int8_matvec.variants``): this
+        function's calls and the fused decode step's (``csrc/decode_layer.c``), the same bits."""
+        if name not in int8_matvec.variants:
+            raise ValueError(f"int8 loop {name!r} is not available on this CPU; available: {int8_matvec.variants}")
+        set_int8_range(VARIANTS[name])
+        int8_matvec.variant = name
+
+    int8_matvec.variants = ["avx2"] + ["avx512"] * has_avx512
+    int8_matvec.use_variant = use_int8_variant
+    use_int8_variant(int8_variant(has_avx512))
     return Kernels(matvec, attention, int8_matvec)
 
 

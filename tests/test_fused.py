@@ -18,6 +18,7 @@ from llama.checkpoint import random_state_dict
 from llama.fast import FastLinear, apply_fast_paths, speed_up
 from llama.generation import Llama
 from llama.model import ModelArgs, Transformer, TransformerBlock
+from llama.quantize import Int8Linear, quantize_model
 
 from test_native import EXPECTED
 
@@ -232,17 +233,16 @@ def test_switch_and_where_speed_up_applies_it(lib, monkeypatch):
     assert not isinstance(speed_up(float32).layers[0], fused.FusedBlock)  # not bf16
 
 
-def test_int8_blocks_run_the_plain_path(lib, calls):
-    from llama.quantize import quantize_model
-
+def test_speed_up_fuses_int8_models(lib, calls):
+    """speed_up on an int8 model (quantize_model's): every block and the int8 output in one call."""
     model = model_for(ARGS["gqa"])
     quantize_model(model)
     speed_up(model)
-    fused.apply_fused(model)  # even if forced: the blocks see int8 layers and step aside
+    assert type(model) is fused.FusedTransformer and all(isinstance(b, fused.FusedBlock) for b in model.layers)
     tokens = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(8))
     got = decode(model, tokens, 8)
-    assert not calls and torch.isfinite(got).all()
-    assert all(b.workspace is None for b in model.layers if isinstance(b, fused.FusedBlock))
+    assert calls.sizes == [2] * 4 and all(calls.heads) and torch.isfinite(got).all()
+    assert all(b.plan.int8 for b in model.layers)
 
 
 def test_other_inputs_run_the_plain_path(lib, calls):
@@ -330,7 +330,7 @@ def test_large_blocks_take_only_the_rows_our_products_win(lib, calls, monkeypatc
 
 
 def test_an_output_layer_it_cannot_run_is_left_to_torch(lib, calls):
-    """An output layer of another class (a stand-in for int8, FP8...): the blocks still run in one
+    """An output layer of another class (a stand-in for FP8...): the blocks still run in one
     call, the final norm and output product in torch, with the same logits."""
 
     class OtherLinear(torch.nn.Linear):
@@ -346,16 +346,197 @@ def test_an_output_layer_it_cannot_run_is_left_to_torch(lib, calls):
 
 
 def test_a_module_swapped_in_after_apply_is_followed(lib, calls):
-    """int8 layers swapped into one block after apply_fused: that block steps aside, the others stay fused."""
-    from llama.quantize import quantize_model
-
+    """int8 layers swapped into half of one block after apply_fused (a mix of bf16 and int8
+    projections, which the C step does not take): that block steps aside, the others stay fused."""
     args = ARGS["gqa"]
     model, reference = fused_model(args, max_seq_len=14), fused_model(args, max_seq_len=14)
     tokens = torch.randint(0, args.vocab_size, (1, 14), generator=torch.Generator().manual_seed(15))
     decode(model, tokens[:, :10], 9)
     assert calls.sizes == [args.n_layers]
-    quantize_model(model.layers[1])
-    quantize_model(reference.layers[1])
+    quantize_model(model.layers[1].attention)
+    quantize_model(reference.layers[1].attention)
     got, want = decode(model, tokens, 10), decode(reference, tokens, 10)
     assert calls.sizes == [args.n_layers] + [1] * 8 and rel_err(got, want) < 1e-2  # layer 0 of each model alone
     assert model.layers[1].workspace is None and model.layers[0].workspace is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# int8 models (llama.quantize): the same step with int8 products
+
+
+def int8_model(args: ModelArgs, keep_output: bool = False, fuse: bool = True, **kw) -> Transformer:
+    """``quantize_model``'s int8 model with the fast paths as ``speed_up`` sets them (the int8 kernel
+    for up to 8 rows, our bf16 kernel for a kept bf16 output), fused or not."""
+    kernels = native.kernels()
+    model = model_for(args, **kw)
+    quantize_model(model, keep_output=keep_output)
+    apply_fast_paths(model, torch.float32, kernels.matvec, native.MAX_ROWS, kernels.attention, kernels.int8_matvec)
+    return fused.apply_fused(model, (torch.nn.Linear, FastLinear)) if fuse else model
+
+
+def assert_same_caches(a: Transformer, b: Transformer, bsz: int) -> None:
+    for x, y in zip(a.layers, b.layers):
+        assert torch.equal(x.attention.cache.k[:bsz], y.attention.cache.k[:bsz])
+        assert torch.equal(x.attention.cache.v[:bsz], y.attention.cache.v[:bsz])
+
+
+@pytest.mark.parametrize("shape", ["gqa", "odd", "demo"])
+@pytest.mark.parametrize("bsz", [1, 3])
+@pytest.mark.parametrize("keep_output", [False, True])
+def test_int8_steps_equal_the_per_operator_path(lib, calls, shape, bsz, keep_output):
+    """An int8 model's fused steps (int8 blocks; an int8 or bf16 output) give the per-operator int8
+    path's logits and caches bit for bit, up to the last position of the cache."""
+    args, max_seq = ARGS[shape], 20
+    tokens = torch.randint(0, args.vocab_size, (bsz, max_seq), generator=torch.Generator().manual_seed(20 + bsz))
+    ours = int8_model(args, keep_output, max_seq_len=max_seq)
+    theirs = int8_model(args, keep_output, fuse=False, max_seq_len=max_seq)
+    assert type(ours.output) is (FastLinear if keep_output else Int8Linear)
+    got, want = decode(ours, tokens, 14), decode(theirs, tokens, 14)
+    assert calls.sizes == [args.n_layers] * 6 and all(calls.heads) and calls[-1] == max_seq - 1
+    assert all(b.plan.int8 for b in ours.layers)
+    assert torch.equal(got, want)
+    assert_same_caches(ours, theirs, bsz)
+
+
+def test_int8_threads_do_not_change_results(lib, calls):
+    args, results = ARGS["demo"], []
+    tokens = torch.randint(0, args.vocab_size, (3, 20), generator=torch.Generator().manual_seed(21))
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(decode(int8_model(args, max_seq_len=20), tokens, 12))
+        want = decode(int8_model(args, fuse=False, max_seq_len=20), tokens, 12)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) == 3 * 8 * args.n_layers
+    assert all(torch.equal(r, want) for r in results)
+
+
+def test_int8_variant_is_the_per_operator_kernels(lib, calls):
+    """With the AVX-512 int8 loop chosen (``int8_matvec.use_variant``), the fused step runs it too:
+    still the per-operator logits bit for bit, which differ from the AVX2 loop's."""
+    kernels = native.kernels()
+    if "avx512" not in kernels.int8_matvec.variants:
+        pytest.skip("no AVX-512 on this CPU")
+    args = ARGS["demo"]
+    tokens = torch.randint(0, args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(22))
+    avx2 = decode(int8_model(args, max_seq_len=16), tokens, 10)
+    before = kernels.int8_matvec.variant
+    kernels.int8_matvec.use_variant("avx512")
+    try:
+        got = decode(int8_model(args, max_seq_len=16), tokens, 10)
+        want = decode(int8_model(args, fuse=False, max_seq_len=16), tokens, 10)
+    finally:
+        kernels.int8_matvec.use_variant(before)
+    assert len(calls) == 2 * 6 * args.n_layers
+    assert torch.equal(got, want) and not torch.equal(got, avx2)
+
+
+def test_a_mixed_block_runs_the_plain_path(lib, calls):
+    """A block with int8 attention and a bf16 feed-forward is left to torch; the int8 block beside
+    it stays in C, and the logits equal the per-operator path's."""
+    args = ARGS["gqa"]
+    models = []
+    for fuse in (True, False):
+        model = model_for(args, max_seq_len=16)
+        quantize_model(model.layers[0])
+        quantize_model(model.layers[1].attention)
+        kernels = native.kernels()
+        apply_fast_paths(model, torch.float32, kernels.matvec, native.MAX_ROWS, kernels.attention, kernels.int8_matvec)
+        models.append(fused.apply_fused(model, (torch.nn.Linear, FastLinear)) if fuse else model)
+    tokens = torch.randint(0, args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(23))
+    got, want = decode(models[0], tokens, 12), decode(models[1], tokens, 12)
+    assert calls.sizes == [1] * 4 and calls == [12, 13, 14, 15]  # layer 0 alone
+    assert models[0].layers[1].workspace is None and models[0].layers[0].plan.int8
+    assert not fused.usable(models[0].layers[1], (torch.nn.Linear, FastLinear))
+    assert torch.equal(got, want)
+
+
+def test_new_int8_scales_are_followed(lib, calls):
+    """Row scales replaced after some steps (a block's and the output's): the next step uses them."""
+    args = ARGS["gqa"]
+    ours, theirs = int8_model(args, max_seq_len=16), int8_model(args, fuse=False, max_seq_len=16)
+    tokens = torch.randint(0, args.vocab_size, (1, 16), generator=torch.Generator().manual_seed(24))
+    decode(ours, tokens[:, :12], 10)
+    for model in (ours, theirs):
+        for layer in (model.layers[1].feed_forward.w2, model.layers[0].attention.wk, model.output):
+            layer.scale = layer.scale * 1.5
+    got, want = decode(ours, tokens, 12), decode(theirs, tokens, 12)
+    assert calls.sizes == [args.n_layers] * 6 and all(calls.heads)
+    assert torch.equal(got, want)
+
+
+def test_int8_layers_the_step_cannot_run(lib, calls):
+    """An Int8Linear of a model-parallel rank (its output is reduced), with bf16 scales, or whose
+    product is not the native int8 kernel, is not the C step's: the block (or the output layer) is
+    left to torch. A struct missing a scale is refused by the C call."""
+    args = ARGS["gqa"]
+    model = int8_model(args, max_seq_len=8)
+    assert fused.usable(model.layers[0], ())  # int8 blocks whatever linear_types says
+    model.layers[0].attention.wo.parallel = "reduce"
+    assert not fused.usable(model.layers[0], ())
+    model.layers[0].attention.wo.parallel = None
+    model.layers[0].feed_forward.w1.scale = model.layers[0].feed_forward.w1.scale.bfloat16()
+    assert not fused.usable(model.layers[0], ())
+    model.output.scale = model.output.scale.bfloat16()
+    assert model._head()[0] is None
+    block = model.layers[1]
+    plan = block.current_plan()
+    assert plan is not None and plan.current(block)
+    block.attention.wv.matvec = lambda *a: native.kernels().int8_matvec(*a)  # another product: not the C step's
+    assert not plan.current(block) and not fused.usable(block, ())
+    block.attention.wv.matvec = None  # torch's product (another scheme: x not rounded to int16)
+    assert not fused.usable(block, ())
+    block.attention.wv.matvec = native.kernels().int8_matvec
+    assert plan.current(block)
+    x, cos = torch.zeros(1, 1, args.dim, dtype=torch.bfloat16), model._rope_cos
+    for field, value in (("wk_scale", None), ("int8", 0)):
+        bad = fused.LayerStruct.from_buffer_copy(plan.layer)
+        setattr(bad, field, value)
+        with torch.inference_mode(), pytest.raises(ValueError, match="refused"):
+            fused.run(block.workspace, (fused.LayerStruct * 1)(bad), x, cos.data_ptr(), cos.data_ptr(), 0)
+
+
+def test_int8_folder_loads_into_the_fused_step(lib, calls, tmp_path, meta_tokenizer_path):
+    """Llama.build of an int8 folder (python -m llama.quantize): its Int8Linear layers run the fused
+    step, with the logits of the same model's per-operator path."""
+    from llama import quantize_folder
+    from llama.checkpoint import write_random_checkpoint
+
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=32)
+    src, dst = tmp_path / "src", tmp_path / "int8"
+    write_random_checkpoint(src, args, seed=3, tokenizer_path=meta_tokenizer_path)
+    quantize_folder.quantize_folder(src, dst, log=lambda m: None)
+    model = Llama.build(str(dst), max_seq_len=24, max_batch_size=2, device="cpu").model
+    assert type(model) is fused.FusedTransformer and type(model.output) is Int8Linear
+    tokens = torch.randint(0, args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(25))
+    got = decode(model, tokens, 12)
+    assert calls.sizes == [2] * 4 and all(calls.heads) and all(b.plan.int8 for b in model.layers)
+    for i, block in enumerate(model.layers):  # the same model, per operator
+        plain = TransformerBlock.__new__(TransformerBlock)
+        plain.__dict__ = dict(block.__dict__)
+        model.layers[i] = plain
+    model.__class__ = Transformer
+    assert torch.equal(got, decode(model, tokens, 12)) and len(calls) == 8
+
+
+def test_a_large_int8_model_keeps_its_bf16_output_for_torch_beyond_matvec_rows(lib, calls, monkeypatch):
+    """int8 blocks take every batch up to 8 whatever their size (the per-operator path runs the same
+    int8 loop); a kept bf16 output layer beside large blocks only ``matvec_rows`` rows, as bf16
+    blocks would: the logits stay those of the per-operator path."""
+    args = ARGS["gqa"]
+    monkeypatch.setattr(fused, "SMALL_BLOCK_BYTES", fused.weight_bytes(int8_model(args).layers[0]) - 1)
+    tokens = torch.randint(0, args.vocab_size, (3, 12), generator=torch.Generator().manual_seed(26))
+    kernels = native.kernels()
+    models = []
+    for fuse in (True, False):
+        model = model_for(args, max_seq_len=12)
+        quantize_model(model, keep_output=True)
+        apply_fast_paths(model, torch.float32, kernels.matvec, 2, kernels.attention, kernels.int8_matvec)
+        models.append(fused.apply_fused(model, (torch.nn.Linear, FastLinear), matvec_rows=2) if fuse else model)
+    got, want = decode(models[0], tokens, 10), decode(models[1], tokens, 10)
+    assert calls.sizes == [args.n_layers] * 2 and calls.heads == [False] * 2  # 3 rows: the output in torch
+    assert torch.equal(got, want)
+    got, want = decode(models[0], tokens[:2], 10), decode(models[1], tokens[:2], 10)
+    assert calls.heads == [False] * 2 + [True] * 2 and torch.equal(got, want)

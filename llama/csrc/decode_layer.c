@@ -20,6 +20,12 @@
  * across a bf16 rounding boundary (tests/test_fused.py). The matrix products and the attention are
  * the loops of bf16_matvec.c and bf16_attention.c (kernels.h).
  *
+ * int8 blocks (llama/quantize's Int8Linear: int8 weights, float32 row scales): a layer's seven
+ * products may instead be int8, all of them (llama_layer.int8), and so may the head's output product
+ * (its own scale pointer: keep_output=True leaves it bf16). They run the loops of int8_matvec.c,
+ * their input rounded to int16 blocks once per product as the unfused kernel does per call, and each
+ * output is rounded to bf16 as Int8Linear's bf16 output is: the same bits as the per-operator path.
+ *
  * Threads: each product's weight rows are split into one contiguous range per thread (multiples of
  * 4 rows, so RoPE's pairs stay in one thread); the elementwise work that follows a product is done
  * by the thread that computed those outputs, so only 5 barriers a layer remain. Every output is
@@ -36,16 +42,21 @@
 
 /* One layer's weights and cache, and the model's sizes (llama/fused.py fills it; ctypes mirrors it). */
 typedef struct {
-    const uint16_t *wq, *wk, *wv, *wo, *w1, *w2, *w3; /* bf16 [out, in], row-major */
-    const uint16_t *attention_norm, *ffn_norm;         /* bf16 [dim] */
-    uint16_t *cache_k, *cache_v;                       /* bf16 [max_batch, n_kv_heads, max_seq, head_dim] */
+    const void *wq, *wk, *wv, *wo, *w1, *w2, *w3; /* bf16, or int8 (int8 = 1), [out, in], row-major */
+    /* int8: each weight's float32 row scales [out] (llama/quantize: w ~ q * scale[:, None]); else NULL */
+    const float *wq_scale, *wk_scale, *wv_scale, *wo_scale, *w1_scale, *w2_scale, *w3_scale;
+    const uint16_t *attention_norm, *ffn_norm; /* bf16 [dim] */
+    uint16_t *cache_k, *cache_v;               /* bf16 [max_batch, n_kv_heads, max_seq, head_dim] */
     int64_t dim, n_heads, n_kv_heads, head_dim, hidden, max_batch, max_seq;
+    int64_t int8; /* 1: all seven products int8 with scales, 0: all bf16 (a block is one or the other) */
     float eps;
 } llama_layer;
 
 /* The model's final norm and output product, for a call that returns logits (llama/fused.py). */
 typedef struct {
-    const uint16_t *norm, *output; /* bf16 [dim] and [vocab, dim] */
+    const uint16_t *norm;       /* bf16 [dim] */
+    const void *output;         /* bf16, or int8 (output_scale not NULL), [vocab, dim] */
+    const float *output_scale;  /* int8: float32 [vocab] row scales; bf16: NULL */
     int64_t vocab;
     float eps;
 } llama_head;
@@ -53,7 +64,8 @@ typedef struct {
 /* Where each buffer lives in the caller's float32 scratch. Shared by the team: the residual stream
  * (float32 holding bf16 values), q/k/v, the attention output, the FFN's two hidden rows and a
  * product's output; private to each thread: a normalized or gathered input row block, its permuted
- * copy (the matvec loop's order), and one attention task's scores. */
+ * copy (the bf16 loop's order) or int16 blocks and steps (the int8 loop's input, fewer floats), and
+ * one attention task's scores. */
 typedef struct {
     float *resid, *h, *q, *k, *v, *att, *gate, *up, *proj, *priv;
     int64_t widest, priv_floats, heads_per_task, tasks;
@@ -186,10 +198,24 @@ __attribute__((optimize("fp-contract=off"))) static void rope(
         }
 }
 
-/* Rows [n0, n1) of y = in @ w.T (float32 in [B, K], already permuted into xp), rounded to bf16. */
-static void product(const uint16_t *w, int64_t K, const float *in, const float *xp, float *y, int64_t N,
-                    int64_t n0, int64_t n1, int B) {
-    llama_bf16_matvec_range(w, K, xp, in, y, N, n0, n1, B);
+/* x [B, K] float32 -> xp, what a product's loop reads: permuted for the bf16 loop, rounded to int16
+ * blocks for the int8 one (int8 = 1). */
+static void prepare(int64_t int8, const float *x, float *xp, int B, int64_t K) {
+    if (int8)
+        llama_int8_prepare(x, xp, B, K);
+    else
+        llama_bf16_permute(x, xp, B, K);
+}
+
+/* Rows [n0, n1) of y = in @ w.T (float32 in [B, K], already prepared into xp), rounded to bf16:
+ * w bf16 where scale is NULL, else int8 with its row scales (as Int8Linear with the native kernel,
+ * whose bf16 output rounds each float32 result the same way). */
+static void product(const void *w, const float *scale, int64_t K, const float *in, const float *xp, float *y,
+                    int64_t N, int64_t n0, int64_t n1, int B) {
+    if (scale)
+        llama_int8_matvec_range(w, scale, K, xp, in, y, N, n0, n1, B);
+    else
+        llama_bf16_matvec_range(w, K, xp, in, y, N, n0, n1, B);
     for (int b = 0; b < B; b++)
         for (int64_t n = n0; n < n1; n++) y[b * N + n] = round_bf16(y[b * N + n]);
 }
@@ -213,9 +239,9 @@ static void head_step(const llama_head *H, const spaces *s, int64_t dim, int B, 
     float *xn = private_input(s, t), *xp = private_permuted(s, t);
     int64_t n0, n1;
     rms_norm(s->resid, H->norm, dim, B, H->eps, xn);
-    llama_bf16_permute(xn, xp, B, dim);
+    prepare(H->output_scale != 0, xn, xp, B, dim);
     split(H->vocab, t, T, &n0, &n1);
-    product(H->output, dim, xn, xp, logits, H->vocab, n0, n1, B);
+    product(H->output, H->output_scale, dim, xn, xp, logits, H->vocab, n0, n1, B);
 }
 
 /* One layer, run by every thread of the team (thread t of T); resid holds its input and gets its output. */
@@ -229,15 +255,15 @@ static void layer(const llama_layer *L, const spaces *s, int B, int64_t pos, con
 
     /* 1. attention norm (every thread, of every row), q k v for this thread's rows, RoPE, cache. */
     rms_norm(s->resid, L->attention_norm, dim, B, L->eps, xn);
-    llama_bf16_permute(xn, xp, B, dim);
+    prepare(L->int8, xn, xp, B, dim);
     split(qd, t, T, &n0, &n1);
-    product(L->wq, dim, xn, xp, s->q, qd, n0, n1, B);
+    product(L->wq, L->wq_scale, dim, xn, xp, s->q, qd, n0, n1, B);
     rope(s->q, qd, n0, n1, B, hd, cos, sin);
     split(kvd, t, T, &n0, &n1);
-    product(L->wk, dim, xn, xp, s->k, kvd, n0, n1, B);
+    product(L->wk, L->wk_scale, dim, xn, xp, s->k, kvd, n0, n1, B);
     rope(s->k, kvd, n0, n1, B, hd, cos, sin);
     store(L, L->cache_k, s->k, n0, n1, B, pos);
-    product(L->wv, dim, xn, xp, s->v, kvd, n0, n1, B);
+    product(L->wv, L->wv_scale, dim, xn, xp, s->v, kvd, n0, n1, B);
     store(L, L->cache_v, s->v, n0, n1, B, pos);
 #pragma omp barrier
 
@@ -254,19 +280,19 @@ static void layer(const llama_layer *L, const spaces *s, int B, int64_t pos, con
     } /* the loop's implicit barrier: the whole attention output is ready */
 
     /* 3. h = x + o wo^T for this thread's columns of the residual stream. */
-    llama_bf16_permute(s->att, xp, B, qd);
+    prepare(L->int8, s->att, xp, B, qd);
     split(dim, t, T, &n0, &n1);
-    product(L->wo, qd, s->att, xp, s->proj, dim, n0, n1, B);
+    product(L->wo, L->wo_scale, qd, s->att, xp, s->proj, dim, n0, n1, B);
     for (int b = 0; b < B; b++)
         for (int64_t n = n0; n < n1; n++) s->h[b * dim + n] = round_bf16(s->resid[b * dim + n] + s->proj[b * dim + n]);
 #pragma omp barrier
 
     /* 4. FFN norm, then silu(f w1^T) * f w3^T for this thread's hidden units. */
     rms_norm(s->h, L->ffn_norm, dim, B, L->eps, xn);
-    llama_bf16_permute(xn, xp, B, dim);
+    prepare(L->int8, xn, xp, B, dim);
     split(L->hidden, t, T, &n0, &n1);
-    product(L->w1, dim, xn, xp, s->gate, L->hidden, n0, n1, B);
-    product(L->w3, dim, xn, xp, s->up, L->hidden, n0, n1, B);
+    product(L->w1, L->w1_scale, dim, xn, xp, s->gate, L->hidden, n0, n1, B);
+    product(L->w3, L->w3_scale, dim, xn, xp, s->up, L->hidden, n0, n1, B);
     for (int b = 0; b < B; b++)
         for (int64_t n = n0; n < n1; n++) {
             const int64_t i = b * L->hidden + n;
@@ -276,9 +302,9 @@ static void layer(const llama_layer *L, const spaces *s, int B, int64_t pos, con
 #pragma omp barrier
 
     /* 5. y = h + gate w2^T for this thread's columns: the layer's output, and the call's on the last layer. */
-    llama_bf16_permute(s->gate, xp, B, L->hidden);
+    prepare(L->int8, s->gate, xp, B, L->hidden);
     split(dim, t, T, &n0, &n1);
-    product(L->w2, L->hidden, s->gate, xp, s->proj, dim, n0, n1, B);
+    product(L->w2, L->w2_scale, L->hidden, s->gate, xp, s->proj, dim, n0, n1, B);
     for (int b = 0; b < B; b++)
         for (int64_t n = n0; n < n1; n++) {
             const float y = round_bf16(s->h[b * dim + n] + s->proj[b * dim + n]);
@@ -288,7 +314,17 @@ static void layer(const llama_layer *L, const spaces *s, int B, int64_t pos, con
 #pragma omp barrier
 }
 
+/* The seven scales all set (int8) or all NULL (bf16), as the flag says. */
+static int scales_ok(const llama_layer *L) {
+    const float *scales[7] = {L->wq_scale, L->wk_scale, L->wv_scale, L->wo_scale, L->w1_scale, L->w2_scale, L->w3_scale};
+    if (L->int8 != 0 && L->int8 != 1) return 0;
+    for (int i = 0; i < 7; i++)
+        if ((scales[i] != 0) != (L->int8 == 1)) return 0;
+    return 1;
+}
+
 static int sizes_ok(const llama_layer *L, const llama_layer *first) {
+    if (!scales_ok(L)) return 0;
     if (L->dim < 1 || L->n_kv_heads < 1 || L->n_heads % L->n_kv_heads || L->head_dim < 2 || L->head_dim % 2 ||
         L->hidden < 1 || L->max_seq < 1 || L->max_batch < 1)
         return 0;
@@ -303,7 +339,8 @@ static int sizes_ok(const llama_layer *L, const llama_layer *first) {
  * llama_decode_scratch_floats(layers, threads) floats. The n_layers layers run in order (all of one
  * model's sizes); each writes its keys and values at `pos` of its cache for rows 0 ... B - 1 and
  * attends over positions 0 ... pos. With `head` (else NULL), also the logits: float32 [B, vocab].
- * Returns 0, or -1 (nothing written) for bad sizes, a position outside the cache or too little scratch.
+ * Returns 0, or -1 (nothing written) for bad sizes or scale pointers, a position outside the cache
+ * or too little scratch.
  */
 int llama_decode_layers(const llama_layer *layers, int n_layers, const uint16_t *x, uint16_t *out, const float *cos,
                         const float *sin, int64_t pos, int B, float *scratch, int64_t scratch_floats, int threads,

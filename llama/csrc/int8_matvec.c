@@ -140,28 +140,41 @@ static inline __attribute__((always_inline)) void row_avx512(
         y[b * N] = (_mm512_reduce_add_ps(_mm512_add_ps(acc[b][0], acc[b][1])) + tail(q, x + b * K, K32, K)) * scale;
 }
 
-/* Every row n of q by inputs b0..b0+PASS-1 (or fewer), for ROW = row_avx2 or row_avx512. */
-#define DEFINE_RUN(NAME, ROW, TARGET)                                                                  \
-    TARGET static void NAME(const int8_t *q, const float *scale, const int16_t *xi, const float *step,  \
-                            const float *x, float *y, int64_t N, int64_t K, int B, int threads) {      \
+/* Rows n0 <= n < n1 of q by every input row, PASS rows of x at a time (or fewer), for ROW =
+ * row_avx2 or row_avx512; y[b * ldy + n]. Inlined into the parallel loop below (one row at a time)
+ * and into llama_int8_matvec_range (a thread's rows of the fused step): one loop for both. */
+#define DEFINE_RANGE(NAME, ROW, TARGET)                                                                \
+    TARGET static inline __attribute__((always_inline)) void NAME(                                    \
+        const int8_t *q, const float *scale, const int16_t *xi, const float *step, const float *x,     \
+        float *y, int64_t ldy, int64_t K, int B, int64_t n0, int64_t n1) {                             \
         const int64_t K32 = K - K % 32, nb = K32 / 32;                                                 \
-        _Pragma("omp parallel for num_threads(threads) schedule(static)")                              \
-        for (int64_t n = 0; n < N; n++)                                                                \
+        for (int64_t n = n0; n < n1; n++)                                                              \
             for (int b0 = 0; b0 < B; b0 += PASS) {                                                     \
                 const int16_t *xb = xi + b0 * K32;                                                     \
                 const float *sb = step + b0 * nb, *fb = x + b0 * K;                                    \
-                float *yb = y + b0 * N + n;                                                            \
+                float *yb = y + b0 * ldy + n;                                                          \
                 switch (B - b0 < PASS ? B - b0 : PASS) {                                               \
-                    case 1: ROW(q + n * K, scale[n], K, K32, xb, sb, fb, yb, N, 1); break;             \
-                    case 2: ROW(q + n * K, scale[n], K, K32, xb, sb, fb, yb, N, 2); break;             \
-                    case 3: ROW(q + n * K, scale[n], K, K32, xb, sb, fb, yb, N, 3); break;             \
-                    case 4: ROW(q + n * K, scale[n], K, K32, xb, sb, fb, yb, N, 4); break;             \
+                    case 1: ROW(q + n * K, scale[n], K, K32, xb, sb, fb, yb, ldy, 1); break;           \
+                    case 2: ROW(q + n * K, scale[n], K, K32, xb, sb, fb, yb, ldy, 2); break;           \
+                    case 3: ROW(q + n * K, scale[n], K, K32, xb, sb, fb, yb, ldy, 3); break;           \
+                    case 4: ROW(q + n * K, scale[n], K, K32, xb, sb, fb, yb, ldy, 4); break;           \
                 }                                                                                      \
             }                                                                                          \
     }
 
-DEFINE_RUN(run_avx2, row_avx2, )
-DEFINE_RUN(run_avx512, row_avx512, __attribute__((target("avx512f,avx512bw"))))
+DEFINE_RANGE(range_avx2, row_avx2, )
+DEFINE_RANGE(range_avx512, row_avx512, __attribute__((target("avx512f,avx512bw"))))
+
+/* Every row n of q, split over `threads` threads (OpenMP's static schedule), for RANGE above. */
+#define DEFINE_RUN(NAME, RANGE, TARGET)                                                                \
+    TARGET static void NAME(const int8_t *q, const float *scale, const int16_t *xi, const float *step,  \
+                            const float *x, float *y, int64_t N, int64_t K, int B, int threads) {      \
+        _Pragma("omp parallel for num_threads(threads) schedule(static)")                              \
+        for (int64_t n = 0; n < N; n++) RANGE(q, scale, xi, step, x, y, N, K, B, n, n + 1);            \
+    }
+
+DEFINE_RUN(run_avx2, range_avx2, )
+DEFINE_RUN(run_avx512, range_avx512, __attribute__((target("avx512f,avx512bw"))))
 
 /* 1 when this CPU can run the AVX-512 version (llama/native.py asks before choosing it). */
 int llama_int8_has_avx512(void) { return has_avx512(); }
@@ -196,4 +209,42 @@ int llama_int8_matvec(const int8_t *q, const float *scale, const void *x, void *
         for (int64_t i = 0; i < B * N; i++) ((uint16_t *)y)[i] = narrow(yf[i]);
     free(scratch);
     return 0;
+}
+
+/* ---- For decode_layer.c (kernels.h): the same loops, called by each thread of its region. ---- */
+
+/* The loop llama_int8_matvec_range runs: 1 (AVX2) or 2 (AVX-512), set by llama/native.py to the
+ * variant of the unfused products, so that both paths give the same bits. */
+static int range_variant = 1;
+
+int llama_int8_set_range_variant(int variant) {
+    if (variant == 2 ? !has_avx512() : variant != 1) return -1;
+    range_variant = variant;
+    return 0;
+}
+
+/* range_avx512 in a function of its own target (it cannot be inlined into a plain AVX2 one). */
+__attribute__((target("avx512f,avx512bw")))
+static void range512_call(const int8_t *q, const float *scale, const int16_t *xi, const float *step, const float *x,
+                          float *y, int64_t ldy, int64_t K, int B, int64_t n0, int64_t n1) {
+    range_avx512(q, scale, xi, step, x, y, ldy, K, B, n0, n1);
+}
+
+/* Where llama_int8_prepare puts x's int16 blocks: after the B * (K32 / 32) steps. */
+static int16_t *prepared_xi(const float *prepared, int B, int64_t K) {
+    return (int16_t *)(prepared + B * ((K - K % 32) / 32));
+}
+
+void llama_int8_prepare(const float *x, float *prepared, int B, int64_t K) {
+    const int64_t K32 = K - K % 32;
+    quantize_x(x, prepared_xi(prepared, B, K), prepared, B, K, K32);
+}
+
+void llama_int8_matvec_range(const int8_t *q, const float *scale, int64_t K, const float *prepared, const float *x,
+                             float *y, int64_t ldy, int64_t n0, int64_t n1, int B) {
+    const int16_t *xi = prepared_xi(prepared, B, K);
+    if (range_variant == 2)
+        range512_call(q, scale, xi, prepared, x, y, ldy, K, B, n0, n1);
+    else
+        range_avx2(q, scale, xi, prepared, x, y, ldy, K, B, n0, n1);
 }
