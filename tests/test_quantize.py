@@ -6,7 +6,7 @@ References are float64 formulas written here: per-row symmetric quantization, an
 import torch
 import pytest
 
-from llama import native
+from llama import native, quantize
 from llama.checkpoint import load_transformer, write_random_checkpoint
 from llama.devices import cpu_flags
 from llama.fast import FastLinear, apply_fast_paths, speed_up
@@ -64,12 +64,17 @@ def test_int8_linear_torch_path_matches_float64(dtype):
     assert (out.double() - ref).abs().max() / ref.abs().max() < tol
 
 
-def test_int8_linear_torch_path_gradients_survive_the_shared_buffer():
+def test_int8_linear_torch_path_gradients_survive_the_shared_buffer(monkeypatch):
     """Blocks widened into the shared buffer are overwritten by the next block and the next layer;
     with autograd recording, each block is a fresh copy, so x's gradient is the float64 formula's."""
     g = torch.Generator().manual_seed(4)
     a, b = Int8Linear.from_float(torch.randn(300, 70, generator=g)), Int8Linear.from_float(torch.randn(50, 300, generator=g))
     a.BLOCK = b.BLOCK = 1000
+    monkeypatch.setattr(quantize, "_WIDE", {})  # no buffer yet: the first is made in inference mode
+    with torch.inference_mode():  # the shared buffer made here must stay usable outside inference mode
+        a(torch.randn(3, 70, generator=g))
+    with torch.no_grad():
+        a(torch.randn(3, 70, generator=g))
     x = torch.randn(3, 70, generator=g, requires_grad=True)
     b(a(x)).sum().backward()
     wa, wb = (dequantize_int8(m.weight, m.scale, torch.float64) for m in (a, b))

@@ -90,7 +90,8 @@ def widening_buffer(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     call: valid until the next call for the same dtype."""
     numel = shape.numel()
     if dtype not in _WIDE or _WIDE[dtype].numel() < numel:
-        _WIDE[dtype] = torch.empty(max(numel, Int8Linear.BLOCK), dtype=dtype)
+        with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
+            _WIDE[dtype] = torch.empty(max(numel, Int8Linear.BLOCK), dtype=dtype)
     return _WIDE[dtype][:numel].view(shape)
 
 
