@@ -25,14 +25,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import torch
+if "--worker" in sys.argv and sys.argv[sys.argv.index("--worker") + 1].startswith("ours"):
+    # Our engines import llama before torch, as a program using it does: llama sets OpenMP's wait
+    # at barriers before torch loads the runtime (llama/openmp.py). Other engines keep their defaults.
+    import llama  # noqa: F401,E402
+
+import torch  # noqa: E402
 
 from engines import (
     ENGINES, LLAMACPP, LLAMACPP_PYTHON, ensure_checkpoints, ensure_demo, ensure_gguf, load_engine, meta_tokenizer,
 )
 
 from llama.checkpoint import load_params
-from llama.devices import DTYPES, cpu_flags
+from llama.devices import DTYPES, cpu_flags, runnable_elsewhere
 from llama.memory import GB, kv_cache_bytes, parameter_count
 from llama.model import ModelArgs
 from llama.tokenizer import Tokenizer
@@ -78,7 +83,7 @@ def worker(opts: argparse.Namespace) -> None:
         req = json.loads(line)
         if req["op"] == "generate":
             tokens, t_first, t_last = engine.generate(req["prompts"], req["new_tokens"])
-            reply({"tokens": tokens, "t_first": t_first, "t_last": t_last})
+            reply({"tokens": tokens, "t_first": t_first, "t_last": t_last, "first_threads": getattr(engine, "first_threads", None)})
         elif req["op"] == "profile":
             reply({"table": engine.profile_step(req["prompt"])})
         elif req["op"] == "memory":
@@ -230,6 +235,21 @@ def busy_ticks(pid: Optional[int] = None) -> int:
     return int(fields[11]) + int(fields[12])  # utime + stime
 
 
+def settle(max_s: float = 2.0) -> None:
+    """Wait (up to ``max_s``) until no other task is runnable for 20 ms in a row: the engine that ran
+    last may still have OpenMP threads spinning (libgomp's default spin lasts well past a region's
+    end), and ours reads the cores in use when a prompt starts (``llama.devices.CpuThreads``)."""
+    deadline, quiet_since = time.perf_counter() + max_s, None
+    while time.perf_counter() < deadline:
+        if runnable_elsewhere():
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.perf_counter()
+        elif time.perf_counter() - quiet_since >= 0.02:
+            return
+        time.sleep(0.002)
+
+
 def timed(w: Worker, opts: argparse.Namespace, log, retries: int = 2, **req) -> dict:
     """One timed generate. On a shared CPU it is repeated (up to ``retries`` times) while other
     processes used more than a fifth of a core during it, whose load would be charged to this
@@ -238,6 +258,7 @@ def timed(w: Worker, opts: argparse.Namespace, log, retries: int = 2, **req) -> 
         return w.ask(op="generate", **req)
     attempts = []
     for attempt in range(retries + 1):
+        settle()
         pids = (w.proc.pid, os.getpid())
         before = (time.perf_counter(), busy_ticks(), sum(busy_ticks(p) for p in pids))
         r = w.ask(op="generate", **req)
@@ -323,7 +344,9 @@ def run_shape(name: str, opts: argparse.Namespace, log) -> dict:
                 res, rate = results[e], (new - 1) / (r["t_last"] - r["t_first"])
                 res.ttft_s, res.decode1 = min(res.ttft_s, r["t_first"]), max(res.decode1, rate)
                 res.tokens["b1"] = r["tokens"]
-                log(f"[{name}] rep {rep} {e} b1: ttft {r['t_first']:.2f} s, decode {rate:.2f} tok/s")
+                fewer = r.get("first_threads") or w.hello["threads"]
+                note = f" (prompt on {fewer} of {w.hello['threads']} threads)" if fewer < w.hello["threads"] else ""
+                log(f"[{name}] rep {rep} {e} b1: ttft {r['t_first']:.2f} s{note}, decode {rate:.2f} tok/s")
             for e, w in workers.items():
                 r = timed(w, opts, log, prompts=short, new_tokens=new)
                 if "unsupported" in r:

@@ -81,6 +81,7 @@ class Ours:
             t_last = time.perf_counter() - start
             if not t_first:
                 t_first = t_last
+                self.first_threads = torch.get_num_threads()  # the prompt's (llama.devices.CpuThreads)
         return out, t_first, t_last
 
 
