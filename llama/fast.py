@@ -332,10 +332,11 @@ def _cached_prompt_path(threads: int) -> str:
 
 def _kept_verdict(kind: str, key: list, measure: Callable[[], T], valid: Callable[[object], bool]) -> T:
     """``measure()``'s result, kept in ``~/.cache/llama/native/{kind}-{hash}.json`` per CPU (flags,
-    and torch's ISA settings), torch version and ``key``; not kept when the machine is busier than its cores (load average).
+    and torch's ISA settings), torch version, build of our kernels (a changed loop is measured
+    again) and ``key``; not kept when the machine is busier than its cores (load average).
     A kept verdict that is not ``valid`` (a damaged file) is measured again."""
     isa = [os.environ.get(name) for name in TORCH_ISA_SETTINGS]
-    full_key = json.dumps([platform.processor(), sorted(cpu_flags()), isa, torch.__version__, *key])
+    full_key = json.dumps([platform.processor(), sorted(cpu_flags()), isa, torch.__version__, native.source_digest(), *key])
     path = cache_root() / "native" / f"{kind}-{hashlib.sha256(full_key.encode()).hexdigest()[:16]}.json"
     try:
         kept = json.loads(path.read_text())["verdict"]

@@ -63,6 +63,16 @@ def cpu_supported() -> bool:
     return {"avx2", "fma"} <= cpu_flags()
 
 
+def source_digest(compiler: Optional[str] = None) -> str:
+    """16 hex digits of the kernels' sources, headers, compiler and flags: names the compiled
+    library, and keys the verdicts measured with it (``llama.fast``)."""
+    compiler = compiler or os.environ.get("CC") or "cc"
+    digest = hashlib.sha256(" ".join((compiler,) + FLAGS + LIBS).encode())
+    for path in SOURCES + HEADERS:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def build(cache_dir: Optional[Path] = None) -> Path:
     """Compile the kernels (once per source and flags) into one shared library; return its path.
 
@@ -74,10 +84,7 @@ def build(cache_dir: Optional[Path] = None) -> Path:
     compiler = os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C compiler {compiler!r} on PATH (set CC, or LLAMA_NATIVE=0 to stop trying)")
-    digest = hashlib.sha256(" ".join((compiler,) + FLAGS + LIBS).encode())
-    for path in SOURCES + HEADERS:
-        digest.update(path.read_bytes())
-    target = Path(cache_dir) / f"llama_native-{digest.hexdigest()[:16]}.so"
+    target = Path(cache_dir) / f"llama_native-{source_digest(compiler)}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -274,7 +274,8 @@ def test_apply_fast_paths_leaves_int8_layers_int8():
 def test_matvec_rows_measured_kept_and_overridden(tmp_path, monkeypatch):
     """The kernel rule of llama/fast.py is a measurement, not a CPU flag: a fake kernel that is
     instant up to 3 rows and slow beyond gets 3 rows; the verdict is kept in the cache folder
-    (and read back without measuring); LLAMA_MATVEC_ROWS overrides it."""
+    (and read back without measuring, but measured again for another build of the kernels);
+    LLAMA_MATVEC_ROWS overrides it."""
     import time
 
     from llama import fast
@@ -294,6 +295,12 @@ def test_matvec_rows_measured_kept_and_overridden(tmp_path, monkeypatch):
     fast._cached_matvec_rows.cache_clear()
     monkeypatch.setattr(fast, "measure_matvec_rows", lambda *a: pytest.fail("measured again"))
     assert fast.matvec_rows(fake, torch.float32) == 3
+    # Another build of the kernels (a changed loop) is measured again, into a file of its own.
+    fast._cached_matvec_rows.cache_clear()
+    monkeypatch.setattr(fast.native, "source_digest", lambda: "another-build")
+    monkeypatch.setattr(fast, "measure_matvec_rows", lambda *a: 5)
+    assert fast.matvec_rows(fake, torch.float32) == 5
+    assert len(list((tmp_path / "llama" / "native").glob("matvec-rows-*.json"))) == 2
     monkeypatch.setenv("LLAMA_MATVEC_ROWS", "0")
     assert fast.matvec_rows(fake, torch.float32) == 0
     monkeypatch.setenv("LLAMA_MATVEC_ROWS", "nine")
