@@ -347,7 +347,10 @@ def int8_folder(ckpt_dir: str | Path, world_size: Optional[int] = None) -> Optio
 
 # Replaces one loaded tensor by entries of the state dict (llama.quantize.int8_transform: a weight
 # by its int8 values and row scales), applied on the CPU before the tensor moves to its device.
-Transform = Callable[[str, torch.Tensor], dict[str, torch.Tensor]]
+# Called as transform(key, t, release=...): ``release(piece)`` hands the file pages of a piece of t
+# that the transform has copied back to the OS at once (a no-op where t is not the file's memory),
+# so a transform that works a block of rows at a time holds one block of the source, not all of it.
+Transform = Callable[..., dict[str, torch.Tensor]]
 
 
 def load_state_dict(
@@ -490,7 +493,7 @@ def load_state_dict(
         if dtype is not None and t.dtype not in (fp8.FP8, torch.int8):
             t = t.to(dtype)
         nbytes = t.numel() * t.element_size()
-        taken = transform(key, t) if transform is not None else {key: t}
+        taken = transform(key, t, release=lambda piece: release_pages(piece, mapped)) if transform is not None else {key: t}
         for name, value in taken.items():
             out[name] = value.to(device=device)
         kept = {v.untyped_storage().data_ptr() for v in taken.values() if v.device.type == "cpu"}

@@ -31,7 +31,7 @@ HUGE_PAGE = 2 << 20  # x86-64's transparent huge page (and arm64's with 4 KiB ba
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 SKIPPED = ("tok_embeddings.weight",)  # a lookup table: only the rows of the tokens seen are read
 
-Transform = Callable[[str, torch.Tensor], dict[str, torch.Tensor]]
+Transform = Callable[..., dict[str, torch.Tensor]]  # llama.checkpoint.Transform
 
 
 def available() -> bool:
@@ -55,18 +55,27 @@ def empty(shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tens
     return whole[offset : offset + nbytes].view(dtype).view(shape)
 
 
-def copy(t: torch.Tensor) -> torch.Tensor:
-    """``t`` (a contiguous CPU tensor) copied into huge pages."""
+COPY_BLOCK = 16 << 20  # bytes copied between two ``release`` calls
+
+
+def copy(t: torch.Tensor, release: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
+    """``t`` (a contiguous CPU tensor) copied into huge pages, ``COPY_BLOCK`` bytes at a time, each
+    block of ``t`` then handed to ``release`` (the loader's: its file pages leave memory at once)."""
     out = empty(t.shape, t.dtype)
-    out.copy_(t)
+    src, dst = t.view(-1), out.view(-1)
+    step = max(1, COPY_BLOCK // t.element_size())
+    for start in range(0, src.numel(), step):
+        dst[start : start + step].copy_(src[start : start + step])
+        if release is not None:
+            release(src[start : start + step])
     return out
 
 
-def transform(key: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+def transform(key: str, t: torch.Tensor, release: Optional[Callable[[torch.Tensor], None]] = None) -> dict[str, torch.Tensor]:
     """For ``llama.checkpoint.load_state_dict(transform=...)``: a CPU weight of 2 MiB or more, but
-    the token embedding, copied into huge pages; anything else passed through."""
+    the token embedding, copied into huge pages (see ``copy``); anything else passed through."""
     big = t.device.type == "cpu" and t.numel() * t.element_size() >= HUGE_PAGE and t.is_contiguous()
-    return {key: copy(t) if big and key not in SKIPPED else t}
+    return {key: copy(t, release) if big and key not in SKIPPED else t}
 
 
 class Arena:
@@ -95,16 +104,32 @@ class Arena:
 def after(first: Optional[Transform]) -> Transform:
     """A transform for one model's load: ``first``'s tensors (``llama.quantize.int8_transform``'s,
     say; None: the loaded ones), each of 2 MiB or more then through ``transform``, each smaller CPU
-    tensor but the token embedding packed into an ``Arena`` of this load's own."""
+    tensor but the token embedding packed into an ``Arena`` of this load's own. ``first`` is called
+    with ``release`` (the loader's) and ``empty``, an allocator that puts tensors of 2 MiB or more
+    straight into huge pages (then not copied again)."""
     arena = Arena()
 
-    def place(key: str, t: torch.Tensor) -> torch.Tensor:
+    def place(key: str, t: torch.Tensor, release: Optional[Callable[[torch.Tensor], None]]) -> torch.Tensor:
         small = 0 < t.numel() * t.element_size() < HUGE_PAGE
         if small and key not in SKIPPED and t.device.type == "cpu" and t.is_contiguous():
             return arena.copy(t)
-        return transform(key, t)[key]
+        return transform(key, t, release)[key]
 
-    def both(key: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {name: place(name, value) for name, value in (first(key, t) if first else {key: t}).items()}
+    def both(key: str, t: torch.Tensor, release: Optional[Callable[[torch.Tensor], None]] = None) -> dict[str, torch.Tensor]:
+        made: set[int] = set()  # what ``first`` wrote straight into huge pages: kept as it is
+
+        def allocate(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+            if torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size() < HUGE_PAGE:
+                return torch.empty(shape, dtype=dtype)  # packed into the arena by ``place``
+            out = empty(shape, dtype)
+            made.add(out.data_ptr())
+            return out
+
+        taken = first(key, t, release=release, empty=allocate) if first else {key: t}
+        # The loaded tensor's own pages are released as they are copied; another tensor's (first's) are not file pages.
+        return {
+            name: value if value.data_ptr() in made else place(name, value, release if value is t else None)
+            for name, value in taken.items()
+        }
 
     return both

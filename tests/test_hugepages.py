@@ -16,7 +16,7 @@ from llama import hugepages
 from llama.checkpoint import write_random_checkpoint
 from llama.generation import Llama
 from llama.model import ModelArgs
-from llama.quantize import int8_transform
+from llama.quantize import Int8Linear, int8_transform
 
 needs_thp = pytest.mark.skipif(not hugepages.available(), reason="transparent huge pages are off or not Linux")
 
@@ -86,6 +86,27 @@ def test_after_packs_small_tensors_into_shared_huge_pages():
     arena.CHUNK = 4096
     a, b = arena.copy(torch.zeros(1000, dtype=torch.uint8)), arena.copy(torch.zeros(4000, dtype=torch.uint8))
     assert a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr() and b.data_ptr() % hugepages.HUGE_PAGE == 0
+
+
+@needs_thp
+def test_after_streams_big_tensors_block_by_block(monkeypatch):
+    """A loaded tensor is copied into huge pages a block at a time, each block then released (the
+    loader's hook, in order, covering it all); int8 values are quantized straight into huge pages
+    (no copy afterwards) while the 16-bit source is released block by block."""
+    monkeypatch.setattr(hugepages, "COPY_BLOCK", 1 << 20)
+    big = torch.randn(1024, 1024)  # 4 MiB: 4 blocks
+    released: list[torch.Tensor] = []
+    out = hugepages.after(None)("output.weight", big, release=released.append)["output.weight"]
+    assert torch.equal(out, big) and advised_huge(out)
+    assert [r.data_ptr() for r in released] == [big.data_ptr() + i * (1 << 20) for i in range(4)]
+    monkeypatch.setattr(hugepages, "copy", lambda *a: pytest.fail("int8 values copied again"))
+    monkeypatch.setattr(Int8Linear, "BLOCK", 1 << 19)  # quantized 512 rows at a time
+    wide = torch.randn(2048, 1024).to(torch.bfloat16)  # int8: 2 MiB
+    released.clear()
+    both = hugepages.after(int8_transform)("layers.0.feed_forward.w1.weight", wide, release=released.append)
+    q = both["layers.0.feed_forward.w1.weight"]
+    assert advised_huge(q) and torch.equal(q, int8_transform("layers.0.feed_forward.w1.weight", wide)["layers.0.feed_forward.w1.weight"])
+    assert [(r.data_ptr(), r.shape[0]) for r in released] == [(wide[i * 512].data_ptr(), 512) for i in range(4)]
 
 
 def test_switched_off(monkeypatch, tmp_path):

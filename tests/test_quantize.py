@@ -260,6 +260,45 @@ def test_build_quantize_int8(tmp_path, meta_tokenizer_path):
         Llama.build(str(tmp_path), max_seq_len=32, max_batch_size=1, device="cpu", quantize="int4")
 
 
+PEAK_SCRIPT = """
+import json, sys
+from llama.generation import Llama
+
+def kib(field):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field))
+
+base = kib("VmRSS:")
+llama = Llama.build(sys.argv[1], max_seq_len=16, max_batch_size=1, device="cpu", quantize=sys.argv[2] or None, verify=False)
+print(json.dumps({"base": base, "peak": kib("VmHWM:"), "final": kib("VmRSS:")}))
+"""
+
+
+@pytest.mark.slow
+def test_quantize_at_load_streams_the_weights(tmp_path, meta_tokenizer_path):
+    """Quantizing while loading holds one block of a 16-bit weight at a time, and writes the int8
+    values where they stay: the peak RSS of the build is its final RSS, not the final plus the bf16
+    output matrix (262 MB here) and a copy of its int8 values (131 MB), as it was (339 MB above).
+    The same for a bf16 build, whose weights are copied into huge pages a block at a time (it was
+    180 MB above)."""
+    import json
+    import subprocess
+    import sys
+
+    from child_env import child_env
+
+    args = ModelArgs(dim=1024, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=128256, multiple_of=256)
+    write_random_checkpoint(tmp_path, args, seed=6, dtype=torch.bfloat16, tokenizer_path=meta_tokenizer_path)
+    env = child_env(LLAMA_MATVEC_ROWS="4", LLAMA_PROMPT_PATH="bf16")  # no probes: their buffers are not the load's
+    final = {}
+    for quantize in ("int8", ""):
+        run = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tmp_path), quantize], env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        m = json.loads(run.stdout.strip().splitlines()[-1])
+        assert m["peak"] - m["final"] < 48 << 10, (quantize, m)  # KiB: blocks of a few MiB, not hundreds of MB
+        final[quantize] = m["final"] - m["base"]
+    assert final["int8"] < final[""] - (100 << 10), final  # int8 layers and output (~190 MB less)
+
+
 def test_apply_fast_paths_leaves_int8_layers_int8():
     args = tiny_args()
     from llama.model import Transformer

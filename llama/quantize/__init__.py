@@ -59,13 +59,23 @@ PROJECTIONS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 Int8MatVec = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+Empty = Callable[[torch.Size, torch.dtype], torch.Tensor]  # an allocator: (shape, dtype) -> CPU tensor
+
+
+def quantize_int8(
+    weight: torch.Tensor, done: Optional[Callable[[torch.Tensor], None]] = None, empty: Optional[Empty] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """weight [out, in] (any float dtype) -> (q [out, in] int8, scale [out] float32), per-row symmetric.
 
     Computed in float32 from the weight's exact values, a block of rows at a time (the float32
     temporaries of a whole 128K-row output matrix would be 2 GB); an all-zero row gets scale 1.
+    ``done``, if given, is called with each block of ``weight``'s rows once it is quantized;
+    ``empty``, if given, allocates q (a CPU weight's).
     """
-    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    if empty is not None and weight.device.type == "cpu":
+        q = empty(weight.shape, torch.int8)
+    else:
+        q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
     scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
     step = max(1, Int8Linear.BLOCK // max(weight.shape[1], 1))
     for start in range(0, weight.shape[0], step):
@@ -74,6 +84,8 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
         q[start : start + step] = torch.round(w / s[:, None]).clamp_(-QMAX, QMAX)
         scale[start : start + step] = s
+        if done is not None:
+            done(weight[start : start + step])
     return q, scale
 
 
@@ -170,13 +182,19 @@ def is_quantized_key(key: str, keep_output: bool = False) -> bool:
     )
 
 
-def int8_transform(key: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+def int8_transform(
+    key: str, t: torch.Tensor, release: Optional[Callable[[torch.Tensor], None]] = None, empty: Optional[Empty] = None
+) -> dict[str, torch.Tensor]:
     """For ``llama.checkpoint.load_state_dict(transform=...)``: a projection weight becomes its int8
     values and row scales (``KEY`` and ``....scale``) as it is read, so the 16-bit matrix never
-    lives in memory beside the rest; other tensors pass through."""
+    lives in memory beside the rest; other tensors pass through. ``release`` (the loader's) is
+    called with each block of rows once it is quantized: its file pages leave memory at once, so
+    the 525 MB bf16 output matrix of Llama 3.2 1B is never resident whole. ``empty`` (shape, dtype)
+    allocates the int8 values (``llama.hugepages.after``: straight into huge pages, no copy after).
+    Llama 3.2 1B shape, peak RSS of ``Llama.build(quantize="int8")``: 2.30 GB -> 1.5-1.6 GB."""
     if not is_quantized_key(key) or t.dtype == torch.int8:  # int8 already (an int8 folder): its scale comes with it
         return {key: t}
-    q, scale = quantize_int8(t)
+    q, scale = quantize_int8(t, release, empty)
     return {key: q, scale_key(key): scale}
 
 
