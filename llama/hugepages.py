@@ -14,8 +14,8 @@ memory-mapped from its file is in 4 KiB pages. So ``Llama.build`` on a CPU copie
 pages (``transform``), and packs the smaller tensors one after another into shared huge-page
 chunks (``Arena``; ``after`` does both): a small model's matrices are all under 2 MiB (the demo
 model's 270 block tensors, 212 MB), and in 4 KiB pages its decode step took 7.7 ms against 6.0 ms
-packed (benchmarks/README.md). The loader then hands the file's pages back, so the peak memory is
-one tensor above the model's. The token embedding stays memory-mapped: a lookup reads a few rows,
+packed (benchmarks/README.md). The copies go 16 MiB at a time and the loader's ``release`` hands
+each block's file pages back at once, so a build peaks at the model's own size. The token embedding stays memory-mapped: a lookup reads a few rows,
 and copying it would make all of it resident. Where huge pages are off (``never``), not Linux, or
 ``LLAMA_HUGE_PAGES=0`` is set, nothing is copied.
 """
