@@ -57,6 +57,33 @@ def test_cpu_threads_use_the_cores_others_leave_free(monkeypatch):
         torch.set_num_threads(start)
 
 
+def test_cpu_threads_check_a_drop_again_at_the_next_step(monkeypatch):
+    """Every ``every`` steps the count is checked; a drop is checked again at the next step, so a
+    task runnable for a moment costs one step on fewer threads, and a real one is confirmed once."""
+    import torch
+
+    from llama import devices
+
+    start = torch.get_num_threads()
+    monkeypatch.setattr(devices.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(devices, "SAMPLES", 1)
+    torch.set_num_threads(2)
+    try:
+        others, reads = [1], []
+        monkeypatch.setattr(devices, "runnable_elsewhere", lambda: reads.append(1) or others[0])
+        threads = devices.CpuThreads(every=8)
+        assert threads.adjust() == 1 and len(reads) == 1  # step 1: checked, lowered
+        others[0] = 0
+        assert threads.adjust() == 2 and len(reads) == 2  # step 2: checked again, back
+        others[0] = 1
+        assert [threads.adjust() for _ in range(6)] == [2] * 6 and len(reads) == 2  # steps 3-8: not checked
+        assert threads.adjust() == 1 and len(reads) == 3  # step 9: lowered
+        assert threads.adjust() == 1 and len(reads) == 4  # step 10: confirmed
+        assert threads.adjust() == 1 and len(reads) == 4  # then every 8 again
+    finally:
+        torch.set_num_threads(start)
+
+
 def test_runnable_elsewhere_reads_proc_loadavg(tmp_path, monkeypatch):
     from llama import devices
 
