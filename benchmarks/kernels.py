@@ -76,7 +76,7 @@ def main() -> None:
         fast.append(layer)
     bf16_bytes = sum(w.numel() * 2 for w in weights)
     int8_bytes = sum(q.numel() for q, _ in int8)
-    variants = ["avx2"] + (["avx512"] if _has_avx512() else [])
+    int8_variants = kernels.int8_matvec.variants
     bf16_variants = kernels.matvec.variants
 
     def engines(x: dict[int, torch.Tensor], rows: int):
@@ -89,9 +89,9 @@ def main() -> None:
                     kernels.matvec.use_variant(v)
                     return [kernels.matvec(x[w.shape[1]], w) for w in weights]
                 yield f"ours bf16 {v}", bf16_bytes, run_bf16
-            for v in variants:
+            for v in int8_variants:
                 def run(v=v):
-                    kernels.int8_matvec.variant = v
+                    kernels.int8_matvec.use_variant(v)
                     return [kernels.int8_matvec(x[q.shape[1]], q, s) for q, s in int8]
                 yield f"ours int8 {v}", int8_bytes, run
 
@@ -111,7 +111,7 @@ def main() -> None:
                 f"{nbytes / wall / 1e9:.1f} / {nbytes / cpu / 1e9:.1f}"
             )
     kernels.matvec.use_variant(native.bf16_variant(_has_avx512()))  # back to the default
-    kernels.int8_matvec.variant = native.int8_variant(_has_avx512())
+    kernels.int8_matvec.use_variant(native.int8_variant(_has_avx512()))
     print(machine, f"(at the start); at the end {os.getloadavg()[0]:.1f}")
     print(f"{copies} copies of the layer ({copies * layer_bytes / 2**30:.2f} GiB of bf16 weights)")
     print(f"GB/s of weights read; wall clock with {a.threads} threads | CPU time with 1 thread")
