@@ -47,7 +47,7 @@ def available() -> bool:
 def empty(shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor in anonymous memory of its own, 2 MiB-aligned, advised to use
     huge pages. The tensor keeps the mapping alive; it is unmapped when the tensor is freed."""
-    nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    nbytes = torch.Size(shape).numel() * dtype.itemsize
     region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     whole = torch.frombuffer(region, dtype=torch.uint8)  # holds a reference to the mapping
     offset = -whole.data_ptr() % HUGE_PAGE  # a multiple of the base page size: madvise's unit
@@ -90,23 +90,26 @@ class Arena:
         self.chunk: Optional[torch.Tensor] = None  # uint8 [CHUNK] (or one tensor's size, if larger)
         self.used = 0
 
-    def copy(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` (a contiguous CPU tensor) copied into the current chunk, or a new one when it is full."""
-        nbytes = t.numel() * t.element_size()
+    def empty(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised tensor in the current chunk, or in a new one when it is full."""
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
         if self.chunk is None or self.used + nbytes > self.chunk.numel():
             self.chunk, self.used = empty((max(self.CHUNK, nbytes),), torch.uint8), 0
-        out = self.chunk[self.used : self.used + nbytes].view(t.dtype).view(t.shape)
-        out.copy_(t)
+        out = self.chunk[self.used : self.used + nbytes].view(dtype).view(shape)
         self.used += -(-nbytes // self.ALIGN) * self.ALIGN
         return out
+
+    def copy(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (a contiguous CPU tensor) copied into the arena."""
+        return self.empty(t.shape, t.dtype).copy_(t)
 
 
 def after(first: Optional[Transform]) -> Transform:
     """A transform for one model's load: ``first``'s tensors (``llama.quantize.int8_transform``'s,
     say; None: the loaded ones), each of 2 MiB or more then through ``transform``, each smaller CPU
     tensor but the token embedding packed into an ``Arena`` of this load's own. ``first`` is called
-    with ``release`` (the loader's) and ``empty``, an allocator that puts tensors of 2 MiB or more
-    straight into huge pages (then not copied again)."""
+    with ``release`` (the loader's) and ``empty``, an allocator that puts what it makes straight
+    into huge pages (a mapping of its own from 2 MiB, else the arena), then not copied again."""
     arena = Arena()
 
     def place(key: str, t: torch.Tensor, release: Optional[Callable[[torch.Tensor], None]]) -> torch.Tensor:
@@ -119,9 +122,8 @@ def after(first: Optional[Transform]) -> Transform:
         made: set[int] = set()  # what ``first`` wrote straight into huge pages: kept as it is
 
         def allocate(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-            if torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size() < HUGE_PAGE:
-                return torch.empty(shape, dtype=dtype)  # packed into the arena by ``place``
-            out = empty(shape, dtype)
+            small = torch.Size(shape).numel() * dtype.itemsize < HUGE_PAGE
+            out = arena.empty(shape, dtype) if small else empty(shape, dtype)
             made.add(out.data_ptr())
             return out
 

@@ -58,7 +58,7 @@ def test_transform_copies_big_weights_only():
 
 
 @needs_thp
-def test_after_packs_small_tensors_into_shared_huge_pages():
+def test_after_packs_small_tensors_into_shared_huge_pages(monkeypatch):
     """One load's small tensors (a small model's matrices, norms, int8 scales) are copied one after
     another into shared huge-page chunks, 64-byte aligned, equal to their sources; big ones get
     their own mappings; the token embedding is never copied; a new load starts a new arena."""
@@ -78,9 +78,14 @@ def test_after_packs_small_tensors_into_shared_huge_pages():
     other = hugepages.after(None)("norm.weight", torch.ones(4))["norm.weight"]
     assert other.untyped_storage().data_ptr() != out["layers.0.attention.wq.weight"].untyped_storage().data_ptr()
     # int8 first: the scale (float32 [300], 1.2 KB) and the int8 matrix both packed.
-    both = hugepages.after(int8_transform)("layers.0.feed_forward.w1.weight", torch.randn(300, 64))
+    copy = hugepages.Arena.copy
+    monkeypatch.setattr(hugepages.Arena, "copy", lambda self, t: pytest.fail("int8 copied again") if t.dtype == torch.int8 else copy(self, t))
+    w = torch.randn(300, 64)
+    both = hugepages.after(int8_transform)("layers.0.feed_forward.w1.weight", w)
     assert set(both) == {"layers.0.feed_forward.w1.weight", "layers.0.feed_forward.w1.scale"}
     assert all(advised_huge(t) for t in both.values())
+    expected = int8_transform("layers.0.feed_forward.w1.weight", w)
+    assert all(torch.equal(both[k], expected[k]) for k in expected)  # quantized straight into the arena
     # A chunk fills, then the next starts.
     arena = hugepages.Arena()
     arena.CHUNK = 4096
