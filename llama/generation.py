@@ -173,7 +173,7 @@ class Llama:
         )
         if quantize == "fp8":  # a bf16 folder (or an FP8 one on another rank count): FFN to FP8 now
             fp8.quantize_feed_forward(model)
-        model.setup_cache(max_batch_size, max_seq_len)
+        model.setup_cache(max_batch_size, max_seq_len, zeros=hugepages.zeros_on_demand)  # resident where written
         speed_up(model, world_size)  # float32 compute of bf16 weights on CPUs without bf16, and more: llama/fast.py
         llama = Llama(model, tokenizer, rank=rank, seed=seed, compile=compile)
         llama.ckpt_dir = Path(ckpt_dir)

@@ -55,6 +55,25 @@ def empty(shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tens
     return whole[offset : offset + nbytes].view(dtype).view(shape)
 
 
+def zeros_on_demand(shape: torch.Size | tuple[int, ...], device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``torch.zeros`` for a CPU KV cache: anonymous memory (4 KiB pages, no huge-page advice), whose
+    pages the kernel hands out zeroed when first written. ``torch.zeros`` writes every byte, so a
+    cache of max_batch_size x max_seq_len positions is resident before the first token; this one
+    costs RAM only for the positions used (a 128k-token cache for a short chat: a few MB, not GBs).
+    The whole size is still checked against free memory before loading (``llama.memory``). Another
+    device, or no ``mmap.MAP_ANONYMOUS``: ``torch.zeros``."""
+    if torch.device(device).type != "cpu" or not hasattr(mmap, "MAP_ANONYMOUS"):
+        return torch.zeros(shape, device=device, dtype=dtype)
+    nbytes = torch.Size(shape).numel() * dtype.itemsize
+    if nbytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # THP "always" would fault 2 MiB at a time: a head's whole stripe
+        region.madvise(mmap.MADV_NOHUGEPAGE)
+    return torch.frombuffer(region, dtype=torch.uint8).view(dtype).view(shape)  # keeps the mapping alive
+
+
 COPY_BLOCK = 16 << 20  # bytes copied between two ``release`` calls
 
 

@@ -11,7 +11,7 @@ and the fast paths of ``Llama.build`` by ``llama.fast``, both by swapping module
 import math
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
-from typing import ClassVar, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ ROPE_HIGH_FREQ_FACTOR = 4.0
 ROPE_ORIGINAL_CONTEXT = 8192
 # Where a step starts: an int (eager), or a 0-d long tensor (the static-shape compiled decode step).
 Position = int | Tensor
+Zeros = Callable[..., Tensor]  # torch.zeros's signature: (shape, device=, dtype=) -> a zero tensor
 
 
 @dataclass
@@ -145,11 +146,12 @@ class KVCache(nn.Module):
     transpose or copy. Fixed-size buffers keep shapes static for ``torch.compile``.
     """
 
-    def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, device, dtype):
+    def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, device, dtype,
+                 zeros: Zeros = torch.zeros):
         super().__init__()
         shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("k", zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", zeros(shape, device=device, dtype=dtype), persistent=False)
 
     def update(self, start_pos: Position, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k/v ([B, H, S, hd]) at start_pos; return the cached keys and values to attend over.
@@ -268,14 +270,16 @@ class Transformer(nn.Module):
         """Meta's ``model.params``: a read-only copy of ``args`` plus the cache's max_seq_len and max_batch_size."""
         return SimpleNamespace(**asdict(self.args), max_seq_len=self.max_seq_len, max_batch_size=self.max_batch_size)
 
-    def setup_cache(self, max_batch_size: int, max_seq_len: int) -> None:
-        """Allocate the KV cache (and RoPE tables) on the model's device and dtype."""
+    def setup_cache(self, max_batch_size: int, max_seq_len: int, zeros: Zeros = torch.zeros) -> None:
+        """Allocate the KV cache (and RoPE tables) on the model's device and dtype; ``zeros(shape,
+        device=, dtype=)`` makes each cache tensor (``llama.hugepages.zeros_on_demand``: resident
+        only where written)."""
         weight = self.tok_embeddings.weight
         hd = self.args.head_dim
         for layer in self.layers:
             # Local KV heads from the (possibly sharded) wk weight: [n_kv_local * hd, dim].
             n_kv_local = layer.attention.wk.weight.shape[0] // hd
-            layer.attention.cache = KVCache(max_batch_size, max_seq_len, n_kv_local, hd, weight.device, weight.dtype)
+            layer.attention.cache = KVCache(max_batch_size, max_seq_len, n_kv_local, hd, weight.device, weight.dtype, zeros)
         freqs = rope_frequencies(self.args, device=weight.device)
         self._rope_cos, self._rope_sin = rope_cos_sin(freqs, torch.arange(max_seq_len, device=weight.device))
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len

@@ -21,17 +21,27 @@ from llama.quantize import Int8Linear, int8_transform
 needs_thp = pytest.mark.skipif(not hugepages.available(), reason="transparent huge pages are off or not Linux")
 
 
-def advised_huge(t: torch.Tensor) -> bool:
-    """Whether the mapping holding ``t`` carries the kernel's MADV_HUGEPAGE flag (``hg``)."""
-    address, mapping = t.data_ptr(), None
+def mapping_lines(t: torch.Tensor) -> list[str]:
+    """The /proc/self/smaps lines of the mapping that holds ``t``'s first byte."""
+    address, lines, inside = t.data_ptr(), [], False
     for line in Path("/proc/self/smaps").read_text().splitlines():
         head = line.split()[0]
         if "-" in head and not head.endswith(":"):
             lo, hi = (int(a, 16) for a in head.split("-"))
-            mapping = lo <= address < hi
-        elif line.startswith("VmFlags:") and mapping:
-            return "hg" in line.split()[1:]
-    return False
+            inside = lo <= address < hi
+        elif inside:
+            lines.append(line)
+    return lines
+
+
+def advised_huge(t: torch.Tensor) -> bool:
+    """Whether the mapping holding ``t`` carries the kernel's MADV_HUGEPAGE flag (``hg``)."""
+    return any(l.startswith("VmFlags:") and "hg" in l.split()[1:] for l in mapping_lines(t))
+
+
+def resident_kib(t: torch.Tensor) -> int:
+    """KiB of the mapping holding ``t`` that are in memory (smaps' ``Rss``)."""
+    return next(int(l.split()[1]) for l in mapping_lines(t) if l.startswith("Rss:"))
 
 
 @needs_thp
@@ -112,6 +122,41 @@ def test_after_streams_big_tensors_block_by_block(monkeypatch):
     q = both["layers.0.feed_forward.w1.weight"]
     assert advised_huge(q) and torch.equal(q, int8_transform("layers.0.feed_forward.w1.weight", wide)["layers.0.feed_forward.w1.weight"])
     assert [(r.data_ptr(), r.shape[0]) for r in released] == [(wide[i * 512].data_ptr(), 512) for i in range(4)]
+
+
+@pytest.mark.skipif(not hasattr(__import__("mmap"), "MAP_ANONYMOUS"), reason="no anonymous mmap here")
+def test_zeros_on_demand_is_resident_only_where_written():
+    """A KV cache's zeros take memory where positions are written, not for the whole cache (torch.zeros
+    writes every byte: the mutation check below); 4 KiB pages (no ``hg``), so residency follows writes."""
+    shape = (4, 8, 4096, 128)  # [B, H, S, hd] bf16: 32 MiB
+    t = hugepages.zeros_on_demand(shape, device="cpu", dtype=torch.bfloat16)
+    assert t.shape == shape and t.dtype == torch.bfloat16 and t.is_contiguous()
+    assert resident_kib(t) < 64 and not advised_huge(t)
+    t[0, :, :16] = 1.0  # 16 positions of batch row 0, every head: 8 stripes of 4 KiB
+    assert 32 <= resident_kib(t) <= 64
+    assert t.float().sum().item() == 8 * 16 * 128 and t[1:].abs().max().item() == 0  # reading maps no memory
+    assert resident_kib(t) <= 64
+    assert hugepages.zeros_on_demand((2, 3), device="meta").device.type == "meta"  # other devices: torch.zeros
+    assert hugepages.zeros_on_demand((0, 3)).numel() == 0
+    full = torch.zeros(shape, dtype=torch.bfloat16)  # what the cache was: all of it resident
+    assert resident_kib(full) >= 32 << 10
+
+
+@torch.no_grad()
+def test_build_makes_the_kv_cache_on_demand(tmp_path, meta_tokenizer_path):
+    """``Llama.build``'s CPU KV cache is resident only for the positions generated (1 row of 4, 24 of
+    4096 positions here), and generation gives the same tokens and logits as with torch.zeros."""
+    args = ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=64)
+    write_random_checkpoint(tmp_path, args, seed=7, dtype=torch.bfloat16, tokenizer_path=meta_tokenizer_path)
+    llm = Llama.build(str(tmp_path), max_seq_len=4096, max_batch_size=4, device="cpu", verify=False)
+    cache = llm.model.layers[0].attention.cache
+    assert cache.k.untyped_storage().nbytes() == 4 * 2 * 4096 * 64 * 2 and resident_kib(cache.k) < 64  # 4 MiB each
+    out = llm.generate([[1, 5, 9, 200, 7]], max_gen_len=20, temperature=0.0, logprobs=True)
+    assert 8 <= resident_kib(cache.k) < 64  # row 0: 25 positions x 2 heads x 128 B
+    llm.model.setup_cache(4, 4096)  # torch.zeros
+    assert resident_kib(llm.model.layers[0].attention.cache.k) >= 4 << 10
+    again = llm.generate([[1, 5, 9, 200, 7]], max_gen_len=20, temperature=0.0, logprobs=True)
+    assert again == out
 
 
 def test_switched_off(monkeypatch, tmp_path):
