@@ -22,8 +22,12 @@
 #ifndef K
 #define K 2048
 #endif
+#ifndef PF
+#define PF 1024 /* bytes ahead that the software-prefetch patterns ask for */
+#endif
 
 static float x[K];    /* the input row, float32 */
+static uint16_t xb[K]; /* the same as bf16 */
 static int16_t xi[K]; /* the same rounded to int16 (one step per 32: unused here, the cost is the same) */
 static float xs[K / 32];
 static float y[1 << 22];
@@ -83,6 +87,158 @@ static void bf16_one_row(const void *wv, int64_t N) {
                 a[2 * j] = _mm256_fmadd_ps(WLO(v), _mm256_loadu_ps(x + k + 16 * j), a[2 * j]);
                 a[2 * j + 1] = _mm256_fmadd_ps(WHI(v), _mm256_loadu_ps(x + k + 16 * j + 8), a[2 * j + 1]);
             }
+        for (int j = 1; j < 8; j++) a[0] = _mm256_add_ps(a[0], a[j]);
+        y[n] = hsum(a[0]);
+    }
+}
+
+/* One row front to back with x held as bf16 (K = 8192: 16 KiB, half an L1) and widened like the
+ * weights: two more shuffles per 16 weights instead of 64 bytes of x read per 32 of weights. */
+static void bf16_one_row_xbf16(const void *wv, int64_t N) {
+    const uint16_t *w = wv;
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint16_t *r = w + n * K;
+        __m256 a[8];
+        for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
+        for (int k = 0; k < K; k += 64)
+            for (int j = 0; j < 4; j++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(r + k + 16 * j));
+                const __m256i u = _mm256_loadu_si256((const __m256i *)(xb + k + 16 * j));
+                a[2 * j] = _mm256_fmadd_ps(WLO(v), WLO(u), a[2 * j]);
+                a[2 * j + 1] = _mm256_fmadd_ps(WHI(v), WHI(u), a[2 * j + 1]);
+            }
+        for (int j = 1; j < 8; j++) a[0] = _mm256_add_ps(a[0], a[j]);
+        y[n] = hsum(a[0]);
+    }
+}
+
+/* The same, each 32-bit lane's two bf16 values widened by a shift (the even one) and a mask (the
+ * odd one), for weights and x alike: no shuffles, and no reordering of x. */
+#define EVEN(v) _mm256_castsi256_ps(_mm256_slli_epi32(v, 16))
+#define ODD(v) _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000)))
+static void bf16_one_row_xbf16_shift(const void *wv, int64_t N) {
+    const uint16_t *w = wv;
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint16_t *r = w + n * K;
+        __m256 a[8];
+        for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
+        for (int k = 0; k < K; k += 64)
+            for (int j = 0; j < 4; j++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(r + k + 16 * j));
+                const __m256i u = _mm256_loadu_si256((const __m256i *)(xb + k + 16 * j));
+                a[2 * j] = _mm256_fmadd_ps(EVEN(v), EVEN(u), a[2 * j]);
+                a[2 * j + 1] = _mm256_fmadd_ps(ODD(v), ODD(u), a[2 * j + 1]);
+            }
+        for (int j = 1; j < 8; j++) a[0] = _mm256_add_ps(a[0], a[j]);
+        y[n] = hsum(a[0]);
+    }
+}
+
+/* x in bf16, one row, the weights asked for PF bytes ahead with prefetchnta: lines that leave the
+ * L1 first, so the 16 KiB of x stay. */
+static void bf16_one_row_xbf16_nta(const void *wv, int64_t N) {
+    const uint16_t *w = wv;
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint16_t *r = w + n * K;
+        __m256 a[8];
+        for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
+        for (int k = 0; k < K; k += 64) {
+            _mm_prefetch((const char *)(r + k) + PF, _MM_HINT_NTA);
+            _mm_prefetch((const char *)(r + k) + PF + 64, _MM_HINT_NTA);
+            for (int j = 0; j < 4; j++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(r + k + 16 * j));
+                const __m256i u = _mm256_loadu_si256((const __m256i *)(xb + k + 16 * j));
+                a[2 * j] = _mm256_fmadd_ps(WLO(v), WLO(u), a[2 * j]);
+                a[2 * j + 1] = _mm256_fmadd_ps(WHI(v), WHI(u), a[2 * j + 1]);
+            }
+        }
+        for (int j = 1; j < 8; j++) a[0] = _mm256_add_ps(a[0], a[j]);
+        y[n] = hsum(a[0]);
+    }
+}
+
+/* Two rows side by side, x in bf16 widened once for both: half the x traffic of one row, two streams. */
+static void bf16_two_rows_xbf16(const void *wv, int64_t N) {
+    const uint16_t *w = wv;
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < N / 2; i++) {
+        const uint16_t *r = w + 2 * i * K;
+        __m256 a[8];
+        for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
+        for (int k = 0; k < K; k += 32)
+            for (int j = 0; j < 2; j++) {
+                const __m256i u = _mm256_loadu_si256((const __m256i *)(xb + k + 16 * j));
+                const __m256 ul = WLO(u), uh = WHI(u);
+                const __m256i v0 = _mm256_loadu_si256((const __m256i *)(r + k + 16 * j));
+                const __m256i v1 = _mm256_loadu_si256((const __m256i *)(r + K + k + 16 * j));
+                a[2 * j] = _mm256_fmadd_ps(WLO(v0), ul, a[2 * j]);
+                a[2 * j + 1] = _mm256_fmadd_ps(WHI(v0), uh, a[2 * j + 1]);
+                a[4 + 2 * j] = _mm256_fmadd_ps(WLO(v1), ul, a[4 + 2 * j]);
+                a[5 + 2 * j] = _mm256_fmadd_ps(WHI(v1), uh, a[5 + 2 * j]);
+            }
+        y[2 * i] = hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+        y[2 * i + 1] = hsum(_mm256_add_ps(_mm256_add_ps(a[4], a[5]), _mm256_add_ps(a[6], a[7])));
+    }
+}
+
+/* One row front to back, x float32, in chunks of CHUNK columns: every row of the thread's share for
+ * the first chunk (its x in L1), then the next chunk, partial sums in y. */
+#define CHUNK 4096
+#ifndef CHUNK_PF
+#define CHUNK_PF 0 /* 1: prefetch the next row's chunk into L1, 2: into L2 */
+#endif
+static void bf16_one_row_chunks(const void *wv, int64_t N) {
+    const uint16_t *w = wv;
+#pragma omp parallel
+    {
+        const int t = omp_get_thread_num(), T = omp_get_num_threads();
+        const int64_t n0 = N * t / T, n1 = N * (t + 1) / T;
+        for (int c = 0; c < K; c += CHUNK) {
+            const int len = K - c < CHUNK ? K - c : CHUNK;
+            for (int64_t n = n0; n < n1; n++) {
+                const uint16_t *r = w + n * K + c;
+                const float *xc = x + c;
+                __m256 a[8];
+                for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
+                for (int k = 0; k < len; k += 64) {
+                    if (CHUNK_PF) { /* the same place in the next row's chunk: the stream's jump asked for early */
+                        _mm_prefetch((const char *)(r + K + k), CHUNK_PF == 1 ? _MM_HINT_T0 : _MM_HINT_T1);
+                        _mm_prefetch((const char *)(r + K + k + 32), CHUNK_PF == 1 ? _MM_HINT_T0 : _MM_HINT_T1);
+                    }
+                    for (int j = 0; j < 4; j++) {
+                        const __m256i v = _mm256_loadu_si256((const __m256i *)(r + k + 16 * j));
+                        a[2 * j] = _mm256_fmadd_ps(WLO(v), _mm256_loadu_ps(xc + k + 16 * j), a[2 * j]);
+                        a[2 * j + 1] = _mm256_fmadd_ps(WHI(v), _mm256_loadu_ps(xc + k + 16 * j + 8), a[2 * j + 1]);
+                    }
+                }
+                for (int j = 1; j < 8; j++) a[0] = _mm256_add_ps(a[0], a[j]);
+                y[n] = (c ? y[n] : 0.0f) + hsum(a[0]);
+            }
+        }
+    }
+}
+
+/* One row front to back, x float32, the weights prefetched PF bytes ahead into L2 (a longer x
+ * keeps the L1 busy; the stream is asked for before the hardware prefetcher would). */
+static void bf16_one_row_prefetch(const void *wv, int64_t N) {
+    const uint16_t *w = wv;
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint16_t *r = w + n * K;
+        __m256 a[8];
+        for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
+        for (int k = 0; k < K; k += 64) {
+            _mm_prefetch((const char *)(r + k) + PF, _MM_HINT_T1);
+            _mm_prefetch((const char *)(r + k) + PF + 64, _MM_HINT_T1);
+            for (int j = 0; j < 4; j++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(r + k + 16 * j));
+                a[2 * j] = _mm256_fmadd_ps(WLO(v), _mm256_loadu_ps(x + k + 16 * j), a[2 * j]);
+                a[2 * j + 1] = _mm256_fmadd_ps(WHI(v), _mm256_loadu_ps(x + k + 16 * j + 8), a[2 * j + 1]);
+            }
+        }
         for (int j = 1; j < 8; j++) a[0] = _mm256_add_ps(a[0], a[j]);
         y[n] = hsum(a[0]);
     }
@@ -150,7 +306,7 @@ int main(int argc, char **argv) {
     w += -(uintptr_t)w % (2 << 20);
     madvise(w, bytes, MADV_HUGEPAGE);
     for (int64_t i = 0; i < bytes; i++) w[i] = (char)(i * 7 % 251 - 125); /* finite bf16 and int8 values */
-    for (int k = 0; k < K; k++) x[k] = 1.0f / (k + 1), xi[k] = (int16_t)(k % 200 - 100);
+    for (int k = 0; k < K; k++) x[k] = 1.0f / (k + 1), xi[k] = (int16_t)(k % 200 - 100), xb[k] = 0x3f80;
     for (int k = 0; k < K / 32; k++) xs[k] = 1e-3f;
     char model[128] = "?", line[256];
     FILE *f = fopen("/proc/cpuinfo", "r");
@@ -162,6 +318,12 @@ int main(int argc, char **argv) {
         {"bf16, four rows side by side + prefetch", bf16_four_rows_prefetch, bytes / 2 / K},
         {"bf16, four rows side by side", bf16_four_rows_plain, bytes / 2 / K},
         {"bf16, one row front to back", bf16_one_row, bytes / 2 / K},
+        {"bf16, one row, x in bf16", bf16_one_row_xbf16, bytes / 2 / K},
+        {"bf16, one row, x in bf16, shift and mask", bf16_one_row_xbf16_shift, bytes / 2 / K},
+        {"bf16, one row, x in bf16, prefetchnta", bf16_one_row_xbf16_nta, bytes / 2 / K},
+        {"bf16, two rows, x in bf16", bf16_two_rows_xbf16, bytes / 2 / K},
+        {"bf16, one row in chunks of 4096", bf16_one_row_chunks, bytes / 2 / K},
+        {"bf16, one row + prefetch to L2", bf16_one_row_prefetch, bytes / 2 / K},
         {"int8 widened to float32, one row", int8_float, bytes / K},
         {"int8 x int16 (vpmaddwd), one row", int8_int16, bytes / K},
         {"read only", read_only, bytes},
