@@ -242,6 +242,55 @@ def measure_matvec_rows(matvec: MatVec, compute_dtype: Optional[torch.dtype]) ->
     return rows
 
 
+def pick_bf16_loop(seconds: dict[str, float]) -> str:
+    """The rule, from ``seconds[loop]`` (best times of ``native.MAX_ROWS`` rows through the probe's
+    matrices, for "avx2" and "avx512bf16"): "avx512bf16" when it takes at most 0.9x avx2's time,
+    else "avx2". One row runs the AVX2 loop in both (csrc/bf16_matvec.c, ONE_ROW_AVX2): nothing to
+    compare there."""
+    return "avx512bf16" if seconds["avx512bf16"] <= 0.9 * seconds["avx2"] else "avx2"
+
+
+def measure_bf16_loop(matvec: MatVec, reps: int = 5) -> str:
+    """``pick_bf16_loop`` on this CPU: both loops with ``native.MAX_ROWS`` rows over the probe's two
+    matrices of ``PROBE_SHAPE``, in turn within each of ``reps`` rounds (the same minute for both),
+    best times. Leaves ``matvec`` on the loop it ran before. ~0.1 s."""
+    rng = torch.Generator().manual_seed(0)  # the probe's own numbers: no global seed touched
+    weights = [torch.randn(PROBE_SHAPE, generator=rng).to(torch.bfloat16) for _ in range(2)]
+    x = torch.randn(native.MAX_ROWS, PROBE_SHAPE[1], generator=rng).to(torch.bfloat16)
+    before, seconds = matvec.variant, {"avx2": math.inf, "avx512bf16": math.inf}
+    try:
+        for round_ in range(reps + 1):  # round 0 warms up (threads, pages) and is not counted
+            for loop in seconds:
+                matvec.use_variant(loop)
+                start = time.perf_counter()
+                for w in weights:
+                    matvec(x, w)
+                if round_:
+                    seconds[loop] = min(seconds[loop], time.perf_counter() - start)
+    finally:
+        matvec.use_variant(before)
+    return pick_bf16_loop(seconds)
+
+
+def bf16_loop(matvec: MatVec, compute_dtype: Optional[torch.dtype]) -> str:
+    """Which bf16 loop ``speed_up`` runs: ``LLAMA_BF16_KERNEL``'s if set (``native.bf16_variant``);
+    else "avx512bf16" where the CPU has it, the activations are bf16 (``compute_dtype`` None: the
+    loop rounds x to bf16, exact only for them) and ``measure_bf16_loop`` finds it faster; else
+    "avx2". Measured on Zen 4 (benchmarks/README.md): 8 rows 1.5x (the CPU's bf16 dot product
+    against widening and FMAs: batches are compute-bound), a 1B batch-8 decode 47 -> 67 tok/s; one
+    row runs the AVX2 loop either way. Kept beside ``matvec_rows``'s verdict, on the same terms."""
+    if os.environ.get("LLAMA_BF16_KERNEL") is not None:
+        return matvec.variant
+    if "avx512bf16" not in matvec.variants or compute_dtype is not None:
+        return "avx2"
+    return _cached_bf16_loop(matvec, torch.get_num_threads())
+
+
+@functools.cache
+def _cached_bf16_loop(matvec: MatVec, threads: int) -> str:
+    return _kept_verdict("bf16-loop", [threads], lambda: measure_bf16_loop(matvec), lambda v: v in ("avx2", "avx512bf16"))
+
+
 def matvec_rows(matvec: MatVec, compute_dtype: Optional[torch.dtype]) -> int:
     """How many activation rows ``speed_up`` gives our bf16 kernel on this machine (0 to 8).
 
@@ -256,12 +305,12 @@ def matvec_rows(matvec: MatVec, compute_dtype: Optional[torch.dtype]) -> int:
         if not forced.isdigit() or int(forced) > native.MAX_ROWS:
             raise ValueError(f"LLAMA_MATVEC_ROWS={forced!r}: use a number of rows from 0 to {native.MAX_ROWS}")
         return int(forced)
-    return _cached_matvec_rows(matvec, compute_dtype, torch.get_num_threads())
+    return _cached_matvec_rows(matvec, compute_dtype, torch.get_num_threads(), getattr(matvec, "variant", ""))
 
 
 @functools.cache
-def _cached_matvec_rows(matvec: MatVec, compute_dtype: Optional[torch.dtype], threads: int) -> int:
-    key = [threads, str(compute_dtype)]
+def _cached_matvec_rows(matvec: MatVec, compute_dtype: Optional[torch.dtype], threads: int, loop: str) -> int:
+    key = [threads, str(compute_dtype), loop]  # the loop that runs: a faster one beats torch for more rows
     valid = lambda rows: type(rows) is int and 0 <= rows <= native.MAX_ROWS  # noqa: E731
     return _kept_verdict("matvec-rows", key, lambda: measure_matvec_rows(matvec, compute_dtype), valid)
 
@@ -392,7 +441,9 @@ def speed_up(model: Transformer, world_size: int = 1) -> Transformer:
         threads.adjust()
         try:
             compute_dtype = prompt_compute_dtype()
-            rows = matvec_rows(kernels.matvec, compute_dtype) if kernels is not None else 0
+            if kernels is not None:
+                kernels.matvec.use_variant(bf16_loop(kernels.matvec, compute_dtype))  # for every model in the process
+                rows = matvec_rows(kernels.matvec, compute_dtype)
         finally:
             threads.restore()
     if kernels is None:

@@ -236,10 +236,10 @@ def bf16_variant(has_avx512: bool, has_avx512_bf16: bool = False) -> str:
     "avx512bf16" multiplies with the CPU's bf16 dot product (vdpbf16ps: 32 weights in one
     instruction, against a shift, a mask and two FMAs): the activations are rounded to bf16 (a no-op
     for a bf16 model, whose activations are bf16 already) and the sums run in another order, so
-    results differ from the other loops within float32 rounding. One row of the 1B shape's
-    matrices, 2 threads, Zen 4, best of 5 (192 MiB, interleaved): 26.3 / 25.8 / 27.6 GB/s for
-    avx2 / avx512 / avx512bf16, and 28.5 / 28.0 / 29.8 with huge pages; differences of the size of
-    the noise between runs (+-10%), so the default stays the loop every x86-64 CPU runs.
+    results differ from the other loops within float32 rounding. It multiplies one input row with
+    the AVX2 loop (memory-bound either way: same speed, same bits), two to eight with vdpbf16ps
+    (compute-bound: 8 rows 1.5x AVX2's on Zen 4). The kernels load with "avx2" on every CPU;
+    ``llama.fast.bf16_loop`` then switches to "avx512bf16" where a probe measures it faster.
 
     The AVX-512 loop widens 32 weights in two instructions (AVX2: 16 in two), but one row streams
     at memory speed either way. On the one AVX-512 CPU measured (AMD Zen 4, benchmarks/README.md,

@@ -17,6 +17,7 @@ flips them. Logprobs are compared as numbers, within the noise of the dtype.
 
 import dataclasses
 import os
+import time
 
 import pytest
 import torch
@@ -275,6 +276,70 @@ def test_prompt_path_kept_overridden_and_refused(tmp_path, monkeypatch):
     fast._cached_prompt_path.cache_clear()
 
 
+class FakeLoops:
+    """A bf16 kernel with two loops whose 8-row products take the given seconds (slept), and which
+    records the loop of each call."""
+
+    def __init__(self, seconds: dict[str, float]):
+        self.seconds, self.variants, self.variant, self.calls = seconds, ["avx2", "avx512bf16"], "avx2", []
+
+    def use_variant(self, name: str) -> None:
+        self.variant = name
+
+    def __call__(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        self.calls.append((self.variant, x.shape[0]))
+        time.sleep(self.seconds[self.variant])
+        return x.new_zeros(x.shape[0], w.shape[0])
+
+
+@pytest.mark.parametrize("avx2_s,bf16_s,expected", [(0.01, 0.006, "avx512bf16"), (0.01, 0.0095, "avx2"), (0.006, 0.01, "avx2")])
+def test_bf16_loop_is_the_measured_faster_one(monkeypatch, avx2_s, bf16_s, expected):
+    """The AVX512-BF16 loop is taken when 8 rows run at most 0.9x the AVX2 loop's time (a measurement,
+    not the CPU flag); both loops in turn each round after a warm-up round, the kernel left on the
+    loop it had."""
+    from llama import fast
+
+    monkeypatch.setattr(fast, "PROBE_SHAPE", (256, 64))
+    loops = FakeLoops({"avx2": avx2_s, "avx512bf16": bf16_s})
+    assert fast.measure_bf16_loop(loops, reps=2) == expected and loops.variant == "avx2"
+    per_round = [("avx2", 8)] * 2 + [("avx512bf16", 8)] * 2  # two probe matrices
+    assert loops.calls == per_round * 3
+    assert fast.pick_bf16_loop({"avx2": 1.0, "avx512bf16": 0.9}) == "avx512bf16"
+    assert fast.pick_bf16_loop({"avx2": 1.0, "avx512bf16": 0.91}) == "avx2"
+
+
+def test_bf16_loop_kept_forced_and_only_for_bf16_activations(tmp_path, monkeypatch):
+    """Kept beside the kernels (read back without measuring); LLAMA_BF16_KERNEL wins; a CPU without
+    the loop, or float32 activations (which the loop would round to bf16), get AVX2's; and the rows
+    our kernel takes are measured for the loop that runs (a verdict per loop)."""
+    from llama import fast
+
+    monkeypatch.setattr(fast, "PROBE_SHAPE", (256, 64))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("LLAMA_BF16_KERNEL", raising=False)
+    monkeypatch.setattr(fast.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    loops = FakeLoops({"avx2": 0.004, "avx512bf16": 0.001})
+    fast._cached_bf16_loop.cache_clear()
+    assert fast.bf16_loop(loops, None) == "avx512bf16"
+    assert len(list((tmp_path / "llama" / "native").glob("bf16-loop-*.json"))) == 1
+    fast._cached_bf16_loop.cache_clear()
+    monkeypatch.setattr(fast, "measure_bf16_loop", lambda *a: pytest.fail("measured again"))
+    assert fast.bf16_loop(loops, None) == "avx512bf16"
+    assert fast.bf16_loop(loops, torch.float32) == "avx2"
+    loops.variants = ["avx2", "avx512"]
+    assert fast.bf16_loop(loops, None) == "avx2"
+    monkeypatch.setenv("LLAMA_BF16_KERNEL", "avx512")
+    loops.variant = "avx512"  # what native.bf16_variant set at load
+    assert fast.bf16_loop(loops, None) == "avx512"
+    fast._cached_bf16_loop.cache_clear()
+    monkeypatch.setattr(fast, "measure_matvec_rows", lambda matvec, dtype: {"avx2": 4, "avx512bf16": 8}[matvec.variant])
+    fast._cached_matvec_rows.cache_clear()
+    for loop, rows in (("avx2", 4), ("avx512bf16", 8), ("avx2", 4)):
+        loops.variant = loop
+        assert fast.matvec_rows(loops, None) == rows
+    fast._cached_matvec_rows.cache_clear()
+
+
 @pytest.mark.parametrize("measured,busy", [(None, False), (torch.float32, True)])
 def test_speed_up_takes_the_measured_prompt_path(monkeypatch, measured, busy):
     """bf16 weights on the CPU: the probe's verdict, whatever the CPU's bf16 flag says; the kernel's
@@ -288,7 +353,8 @@ def test_speed_up_takes_the_measured_prompt_path(monkeypatch, measured, busy):
     monkeypatch.setattr(fast, "prompt_compute_dtype", lambda: threads.append(torch.get_num_threads()) or measured)
     monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: measured is not None)  # the flag says the opposite
     asked = []
-    monkeypatch.setattr(fast, "matvec_rows", lambda matvec, dtype: asked.append((dtype, torch.get_num_threads())) or 3)
+    monkeypatch.setattr(fast, "matvec_rows", lambda matvec, dtype: asked.append((dtype, torch.get_num_threads(), matvec.variant)) or 3)
+    monkeypatch.setattr(fast, "bf16_loop", lambda matvec, dtype: asked.append(("loop", dtype)) or "avx2")
     torch.set_num_threads(2)  # the module runs on one thread (one_thread)
     try:
         model = fast.speed_up(decisive_model(torch.bfloat16))
@@ -299,7 +365,7 @@ def test_speed_up_takes_the_measured_prompt_path(monkeypatch, measured, busy):
     assert threads == [expected_threads]
     assert all(m.compute_dtype == measured for m in model.modules() if isinstance(m, (FastLinear, DecodeAttention)))
     if fast.native.kernels() is not None:
-        assert asked == [(measured, expected_threads)] and model.output.matvec_rows == 3
+        assert asked == [("loop", measured), (measured, expected_threads, "avx2")] and model.output.matvec_rows == 3
     monkeypatch.setattr(fast, "prompt_compute_dtype", lambda: pytest.fail("probed for fp16 weights"))
     model = fast.speed_up(decisive_model(torch.float16))
     expected = None if measured is not None else torch.float32  # the flag's rule
