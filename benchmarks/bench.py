@@ -147,14 +147,14 @@ class Worker:
 # Machine
 
 
-def bandwidth(device: str, gib: float = 1.0, repeats: int = 10) -> tuple[float, float]:
+def bandwidth(device: str, gib: float = 1.0, repeats: int = 10, copy: bool = True) -> tuple[float, float]:
     """(read, copy) bandwidth in GB/s, best of ``repeats``: read = sum of a large float32 tensor
-    (bytes read); copy = bytes read + bytes written by a tensor copy. On CPUs the tensor read is in
-    huge pages where the model's weights are (llama/hugepages.py): in 4 KiB pages the sum reads
-    3-6% slower than the weights can stream, and the floor would be too low."""
+    (bytes read); copy = bytes read + bytes written by a tensor copy (0.0 without ``copy``). On
+    CPUs the tensor read is in huge pages, where the model's weights are (llama/hugepages.py): in
+    4 KiB pages the sum reads 3-6% slower than the weights can stream, and the floor would be too low."""
     n = int(gib * 2**30) // 4
     x = hugepages.empty((n,), torch.float32).fill_(1) if device == "cpu" and hugepages.available() else torch.ones(n, device=device)
-    y = torch.empty_like(x)
+    y = torch.empty_like(x) if copy else None
 
     def best(fn) -> float:
         fn()
@@ -170,7 +170,7 @@ def bandwidth(device: str, gib: float = 1.0, repeats: int = 10) -> tuple[float, 
         return min(times)
 
     nbytes = x.numel() * 4
-    return nbytes / best(lambda: x.sum()) / GB, 2 * nbytes / best(lambda: y.copy_(x)) / GB
+    return nbytes / best(lambda: x.sum()) / GB, (2 * nbytes / best(lambda: y.copy_(x)) / GB if copy else 0.0)
 
 
 def machine(device: str) -> str:
@@ -344,8 +344,9 @@ def run_shape(name: str, opts: argparse.Namespace, log) -> dict:
         long_prompt, short = prompts(1, plen, 4, vocab), prompts(batch, SHORT_PROMPT, 5, vocab)
         for rep in range(reps):
             if rep:  # the machine's minute changes: the floor is the best reading of the run
-                read_bw = max(read_bw, bandwidth(opts.device, repeats=3)[0])
-                log(f"[{name}] rep {rep}: read bandwidth {read_bw:.1f} GB/s (best so far)")
+                now = bandwidth(opts.device, repeats=3, copy=False)[0]
+                read_bw = max(read_bw, now)
+                log(f"[{name}] rep {rep}: read bandwidth {now:.1f} GB/s now, {read_bw:.1f} the best so far")
             for e, w in workers.items():
                 r = timed(w, opts, log, prompts=long_prompt, new_tokens=new)
                 res, rate = results[e], (new - 1) / (r["t_last"] - r["t_first"])

@@ -112,12 +112,13 @@ def describe_paths(model: torch.nn.Module) -> str:
     int8 = [m for m in mods if isinstance(m, Int8Linear)]
     rows = max((m.matvec_rows for m in fast if m.matvec is not None), default=0)
     prompt = {str(m.compute_dtype or m.weight.dtype).removeprefix("torch.") for m in fast}
-    parts = [f"bf16 kernel for <= {rows} rows" if rows else "no bf16 kernel",
+    kernels = native.kernels()
+    loop = f" ({kernels.matvec.variant} loop from 2 rows)" if rows > 1 and kernels and kernels.matvec.variant != "avx2" else ""
+    parts = [f"bf16 kernel for <= {rows} rows{loop}" if rows else "no bf16 kernel",
              f"longer products in {'/'.join(sorted(prompt)) or '-'} (torch)"]  # fmt: skip
     if any(isinstance(m, DecodeAttention) and m.kernel is not None for m in mods):
         parts.append("one-token attention kernel")
     if int8:
-        kernels = native.kernels()
         variant = kernels.int8_matvec.variant if kernels and any(m.matvec for m in int8) else "torch"
         parts.append(f"int8 products: {variant}")
     blocks = sorted({type(b).__name__ for b in getattr(model, "layers", [])})
