@@ -347,7 +347,10 @@ def run_shape(name: str, opts: argparse.Namespace, log) -> dict:
                 now = bandwidth(opts.device, repeats=3, copy=False)[0]
                 read_bw = max(read_bw, now)
                 log(f"[{name}] rep {rep}: read bandwidth {now:.1f} GB/s now, {read_bw:.1f} the best so far")
-            for e, w in workers.items():
+            # Odd repetitions run the engines in reverse: none is always first after the reading, or
+            # always a minute after another.
+            order = list(workers.items())[:: -1 if rep % 2 else 1]
+            for e, w in order:
                 r = timed(w, opts, log, prompts=long_prompt, new_tokens=new)
                 res, rate = results[e], (new - 1) / (r["t_last"] - r["t_first"])
                 res.ttft_s, res.decode1 = min(res.ttft_s, r["t_first"]), max(res.decode1, rate)
@@ -355,7 +358,7 @@ def run_shape(name: str, opts: argparse.Namespace, log) -> dict:
                 fewer = r.get("first_threads") or w.hello["threads"]
                 note = f" (prompt on {fewer} of {w.hello['threads']} threads)" if fewer < w.hello["threads"] else ""
                 log(f"[{name}] rep {rep} {e} b1: ttft {r['t_first']:.2f} s{note}, decode {rate:.2f} tok/s")
-            for e, w in workers.items():
+            for e, w in order:
                 r = timed(w, opts, log, prompts=short, new_tokens=new)
                 if "unsupported" in r:
                     continue
