@@ -246,7 +246,8 @@ def pick_bf16_loop(seconds: dict[str, float]) -> str:
     """The rule, from ``seconds[loop]`` (best times of ``native.MAX_ROWS`` rows through the probe's
     matrices, for "avx2" and "avx512bf16"): "avx512bf16" when it takes at most 0.9x avx2's time,
     else "avx2". One row runs the AVX2 loop in both (csrc/bf16_matvec.c, ONE_ROW_AVX2): nothing to
-    compare there."""
+    compare there. (An int8 loop on the same dot product, its weights made bf16, took 0.87-0.94x
+    the integer loop's time at 8 rows on Zen 4: too little to keep, benchmarks/README.md.)"""
     return "avx512bf16" if seconds["avx512bf16"] <= 0.9 * seconds["avx2"] else "avx2"
 
 
@@ -277,7 +278,7 @@ def bf16_loop(matvec: MatVec, compute_dtype: Optional[torch.dtype]) -> str:
     else "avx512bf16" where the CPU has it, the activations are bf16 (``compute_dtype`` None: the
     loop rounds x to bf16, exact only for them) and ``measure_bf16_loop`` finds it faster; else
     "avx2". Measured on Zen 4 (benchmarks/README.md): 8 rows 1.5x (the CPU's bf16 dot product
-    against widening and FMAs: batches are compute-bound), a 1B batch-8 decode 47 -> 67 tok/s; one
+    against widening and FMAs: batches are compute-bound), a 1B batch-8 decode 47 -> 63-67 tok/s; one
     row runs the AVX2 loop either way. Kept beside ``matvec_rows``'s verdict, on the same terms."""
     if os.environ.get("LLAMA_BF16_KERNEL") is not None:
         return matvec.variant
