@@ -245,9 +245,13 @@ def measure_matvec_rows(matvec: MatVec, compute_dtype: Optional[torch.dtype]) ->
 def pick_bf16_loop(seconds: dict[str, float]) -> str:
     """The rule, from ``seconds[loop]`` (best times of ``native.MAX_ROWS`` rows through the probe's
     matrices, for "avx2" and "avx512bf16"): "avx512bf16" when it takes at most 0.9x avx2's time,
-    else "avx2". One row runs the AVX2 loop in both (csrc/bf16_matvec.c, ONE_ROW_AVX2): nothing to
-    compare there. (An int8 loop on the same dot product, its weights made bf16, took 0.87-0.94x
-    the integer loop's time at 8 rows on Zen 4: too little to keep, benchmarks/README.md.)"""
+    else "avx2". A batch is compute-bound, so the race is decided by the CPU, not by the minute's
+    memory bandwidth. One row of up to 4096 runs the AVX2 loop in both (csrc/bf16_matvec.c,
+    ONE_ROW_AVX2); longer single rows (w2) run vdpbf16ps in "avx512bf16": memory-bound, they
+    measure the same in a slow minute and 1.25-1.35x in a fast one on Zen 4, so a probe of them
+    would flip with the minute (it did: 0.95-1.09x in three runs). (An int8 loop on the same dot
+    product, its weights made bf16, took 0.87-0.94x the integer loop's time at 8 rows on Zen 4: too
+    little to keep, benchmarks/README.md.)"""
     return "avx512bf16" if seconds["avx512bf16"] <= 0.9 * seconds["avx2"] else "avx2"
 
 
@@ -278,8 +282,9 @@ def bf16_loop(matvec: MatVec, compute_dtype: Optional[torch.dtype]) -> str:
     else "avx512bf16" where the CPU has it, the activations are bf16 (``compute_dtype`` None: the
     loop rounds x to bf16, exact only for them) and ``measure_bf16_loop`` finds it faster; else
     "avx2". Measured on Zen 4 (benchmarks/README.md): 8 rows 1.5x (the CPU's bf16 dot product
-    against widening and FMAs: batches are compute-bound), a 1B batch-8 decode 47 -> 63-67 tok/s; one
-    row runs the AVX2 loop either way. Kept beside ``matvec_rows``'s verdict, on the same terms."""
+    against widening and FMAs: batches are compute-bound), a 1B batch-8 decode 47 -> 63-67 tok/s;
+    one row of a long-row matrix (w2, K > 4096) 1.25-1.35x in fast minutes; other single rows run
+    the AVX2 loop either way. Kept beside ``matvec_rows``'s verdict, on the same terms."""
     if os.environ.get("LLAMA_BF16_KERNEL") is not None:
         return matvec.variant
     if "avx512bf16" not in matvec.variants or compute_dtype is not None:

@@ -62,7 +62,7 @@ def test_matches_float64(each_matvec, n, k, rows):
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
     y = each_matvec(x, w)
     assert y.dtype == torch.float32 and y.shape == (rows, n)
-    if each_matvec.variant == "avx512bf16" and rows > 1:  # x rounded to bf16 (all but a K % 32 tail); one row: AVX2's loop
+    if each_matvec.variant == "avx512bf16" and (rows > 1 or k > 4096):  # x rounded to bf16 but a K % 32 tail; else AVX2's loop
         x = torch.cat([x[:, : k - k % 32].bfloat16().float(), x[:, k - k % 32 :]], dim=1)
     exact = x.double() @ w.double().T
     # float32 accumulation of k products: error <~ k * eps * sum|terms|, far below it in practice.
@@ -71,17 +71,17 @@ def test_matches_float64(each_matvec, n, k, rows):
 
 
 @pytest.mark.skipif("avx512bf16" not in VARIANTS, reason="this CPU has no AVX512-BF16")
-@pytest.mark.parametrize("k", [2048, 8192, 45])
+@pytest.mark.parametrize("k", [2048, 4096, 4112, 8192, 45])
 def test_avx512bf16_runs_one_row_with_the_avx2_loop(kernels, monkeypatch, k):
-    """One input row is memory-bound in every loop, so the AVX512-BF16 variant runs AVX2's (the
-    same bits: batch-1 decoding does not depend on the loop a machine picks); from two rows on,
-    its own (x rounded to bf16: different bits for a float32 x)."""
+    """One input row whose float32 x fits in L1 (K <= 4096) is memory-bound in every loop, so the
+    AVX512-BF16 variant runs AVX2's (the same bits); a longer one, and from two rows on, its own
+    (x rounded to bf16: different bits for a float32 x)."""
     w, x = bf16_exact(300, k, seed=k), torch.randn(2, k, generator=torch.Generator().manual_seed(3))
     out = {}
     for variant in ("avx2", "avx512bf16"):
         monkeypatch.setattr(kernels.matvec, "variant", variant)
         out[variant] = (kernels.matvec(x[:1], w), kernels.matvec(x, w))
-    assert torch.equal(out["avx2"][0], out["avx512bf16"][0])
+    assert torch.equal(out["avx2"][0], out["avx512bf16"][0]) == (k <= 4096)
     assert not torch.equal(out["avx2"][1], out["avx512bf16"][1])
 
 

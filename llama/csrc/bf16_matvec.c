@@ -362,6 +362,14 @@ static void run_avx512(const uint16_t *w, const float *xf, float *xp, void *y, i
     }
 }
 
+/* ONE_ROW_AVX2: variant 3 multiplies one input row with the AVX2 loop where its float32 x fits in
+ * L1 beside the stream (ROW1_FITS: K <= 4096). There one row is memory-bound in every loop
+ * (measured on Zen 4: vdpbf16ps's one-row loop 0-13% slower than AVX2's on 2048-wide rows). Longer
+ * rows (a feed-forward's w2) read 42-43 GB/s in AVX2's four-row blocks and 52-59 in vdpbf16ps's
+ * one-row loop (x as bf16: 16 KiB, no widening) where a read-only loop reads 60-64; and from two
+ * rows on the bf16 dot product wins everywhere (8 rows 1.5x). benchmarks/README.md. */
+#define USES_DPBF16(B, K) ((B) > 1 || !ROW1_FITS(K, sizeof(float)))
+
 /*
  * w: bf16 bits [N, K] row-major; x: [B, K] and y: [B, N], both float32 (bf16_io = 0) or both bf16
  * (bf16_io = 1: x widened on entry, each float32 sum rounded like torch's .to(bfloat16)).
@@ -377,7 +385,7 @@ int llama_bf16_matvec_variant(const uint16_t *w, const void *x, void *y, int64_t
     if (!xf) return -1;
     float *xp = xf + B * K;
     for (int64_t i = 0; i < B * K; i++) xf[i] = bf16_io ? widen(((const uint16_t *)x)[i]) : ((const float *)x)[i];
-    if (variant == 3 && B > 1) /* one row: the AVX2 loop (see ONE_ROW_AVX2) */
+    if (variant == 3 && USES_DPBF16(B, K)) /* else the AVX2 loop (ONE_ROW_AVX2) */
         run_avx512bf(w, xf, (uint16_t *)xp, y, N, K, B, bf16_io, threads);
     else if (variant == 2)
         run_avx512(w, xf, xp, y, N, K, B, bf16_io, threads);
@@ -395,11 +403,6 @@ int llama_bf16_matvec(const uint16_t *w, const void *x, void *y, int64_t N, int6
     return llama_bf16_matvec_variant(w, x, y, N, K, B, bf16_io, 1, threads);
 }
 
-/* ONE_ROW_AVX2: variant 3 multiplies one input row with the AVX2 loop. One row is memory-bound in
- * every loop (measured on Zen 4: vdpbf16ps's one-row loop 0-13% slower than AVX2's on the probe's
- * matrices); from two rows on the bf16 dot product wins (8 rows 1.5x: benchmarks/README.md). So
- * batch-1 decoding gives the same bits whichever loop the machine picked. */
-
 /* ---- For decode_layer.c (kernels.h): the same loops, called by each thread of its region. ---- */
 
 /* The loop llama_bf16_permute / llama_bf16_matvec_range use: 1 (AVX2) or 3 (AVX512-BF16), set by
@@ -413,7 +416,7 @@ int llama_bf16_set_range_variant(int variant) {
 }
 
 void llama_bf16_permute(const float *x, float *xp, int B, int64_t K) {
-    if (range_variant == 3 && B > 1) { /* x rounded to bf16, [B][K] (exact for the bf16 values the model passes) */
+    if (range_variant == 3 && USES_DPBF16(B, K)) { /* x rounded to bf16, [B][K] (exact for the bf16 values the model passes) */
         for (int64_t i = 0; i < B * K; i++) ((uint16_t *)xp)[i] = narrow(x[i]);
         return;
     }
@@ -460,7 +463,7 @@ static void range512bf(const uint16_t *w, int64_t K, const uint16_t *xb, const f
 
 void llama_bf16_matvec_range(const uint16_t *w, int64_t K, const float *xp, const float *x, float *y, int64_t ldy,
                              int64_t n0, int64_t n1, int B) {
-    if (range_variant == 3 && B > 1) { /* one row: the AVX2 loop (ONE_ROW_AVX2) */
+    if (range_variant == 3 && USES_DPBF16(B, K)) { /* else the AVX2 loop (ONE_ROW_AVX2) */
         range512bf(w, K, (const uint16_t *)xp, x, y, ldy, n0, n1, B);
         return;
     }
