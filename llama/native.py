@@ -236,9 +236,10 @@ def bf16_variant(has_avx512: bool, has_avx512_bf16: bool = False) -> str:
     "avx512bf16" multiplies with the CPU's bf16 dot product (vdpbf16ps: 32 weights in one
     instruction, against a shift, a mask and two FMAs): the activations are rounded to bf16 (a no-op
     for a bf16 model, whose activations are bf16 already) and the sums run in another order, so
-    results differ from the other loops within float32 rounding. It multiplies one input row with
-    the AVX2 loop (memory-bound either way: same speed, same bits), two to eight with vdpbf16ps
-    (compute-bound: 8 rows 1.5x AVX2's on Zen 4). The kernels load with "avx2" on every CPU;
+    results differ from the other loops within float32 rounding. It multiplies one input row of up
+    to 4096 with the AVX2 loop (memory-bound either way: same speed, same bits), two to eight rows
+    and longer single rows with vdpbf16ps (8 rows 1.5x AVX2's on Zen 4, single rows of 8192
+    1.25-1.35x in fast minutes: csrc/bf16_matvec.c, ONE_ROW_AVX2). The kernels load with "avx2" on every CPU;
     ``llama.fast.bf16_loop`` then switches to "avx512bf16" where a probe measures it faster.
 
     The AVX-512 loop widens 32 weights in two instructions (AVX2: 16 in two), but one row streams
