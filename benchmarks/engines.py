@@ -113,7 +113,7 @@ def describe_paths(model: torch.nn.Module) -> str:
     rows = max((m.matvec_rows for m in fast if m.matvec is not None), default=0)
     prompt = {str(m.compute_dtype or m.weight.dtype).removeprefix("torch.") for m in fast}
     kernels = native.kernels()
-    loop = f" ({kernels.matvec.variant} loop from 2 rows)" if rows > 1 and kernels and kernels.matvec.variant != "avx2" else ""
+    loop = f" ({kernels.matvec.variant} loop but single rows up to 4096)" if kernels and kernels.matvec.variant == "avx512bf16" else ""
     parts = [f"bf16 kernel for <= {rows} rows{loop}" if rows else "no bf16 kernel",
              f"longer products in {'/'.join(sorted(prompt)) or '-'} (torch)"]  # fmt: skip
     if any(isinstance(m, DecodeAttention) and m.kernel is not None for m in mods):

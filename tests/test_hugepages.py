@@ -124,7 +124,13 @@ def test_after_streams_big_tensors_block_by_block(monkeypatch):
     assert [(r.data_ptr(), r.shape[0]) for r in released] == [(wide[i * 512].data_ptr(), 512) for i in range(4)]
 
 
-@pytest.mark.skipif(not hasattr(__import__("mmap"), "MAP_ANONYMOUS"), reason="no anonymous mmap here")
+needs_smaps = pytest.mark.skipif(
+    not hasattr(__import__("mmap"), "MAP_ANONYMOUS") or not Path("/proc/self/smaps").exists(),
+    reason="residency is read from Linux's /proc/self/smaps",
+)
+
+
+@needs_smaps
 def test_zeros_on_demand_is_resident_only_where_written():
     """A KV cache's zeros take memory where positions are written, not for the whole cache (torch.zeros
     writes every byte: the mutation check below); 4 KiB pages (no ``hg``), so residency follows writes."""
@@ -142,6 +148,7 @@ def test_zeros_on_demand_is_resident_only_where_written():
     assert resident_kib(full) >= 32 << 10
 
 
+@needs_smaps
 @torch.no_grad()
 def test_build_makes_the_kv_cache_on_demand(tmp_path, meta_tokenizer_path):
     """``Llama.build``'s CPU KV cache is resident only for the positions generated (1 row of 4, 24 of
