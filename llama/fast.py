@@ -203,6 +203,13 @@ def apply_fast_paths(
 PROBE_SHAPE = (8192, 2048)
 
 
+def _probe_weights() -> tuple[list[torch.Tensor], torch.Generator]:
+    """The probes' two bf16 matrices of ``PROBE_SHAPE``, and the generator they came from (seeded
+    on its own: the probes' numbers touch no global seed) for the probe's input rows."""
+    rng = torch.Generator().manual_seed(0)
+    return [torch.randn(PROBE_SHAPE, generator=rng).to(torch.bfloat16) for _ in range(2)], rng
+
+
 def _best_time(fn: Callable[[], object], reps: int = 5) -> float:
     """The fastest of ``reps`` wall-clock runs: the run least disturbed by other processes."""
     fn()
@@ -229,8 +236,7 @@ def measure_matvec_rows(matvec: MatVec, compute_dtype: Optional[torch.dtype]) ->
     """The largest row count r <= ``native.MAX_ROWS`` such that ``matvec`` beats torch's path
     (``FastLinear`` without it) for every row count up to r, on a bf16 matrix of ``PROBE_SHAPE``
     with torch's thread count; 0 if it never does. Takes about half a second."""
-    rng = torch.Generator().manual_seed(0)  # the probe's own numbers: no global seed touched
-    weights = [torch.randn(PROBE_SHAPE, generator=rng).to(torch.bfloat16) for _ in range(2)]
+    weights, rng = _probe_weights()
     plain = _probe_layers(weights, compute_dtype)
     rows = 0
     for r in range(1, native.MAX_ROWS + 1):
@@ -259,8 +265,7 @@ def measure_bf16_loop(matvec: MatVec, reps: int = 5) -> str:
     """``pick_bf16_loop`` on this CPU: both loops with ``native.MAX_ROWS`` rows over the probe's two
     matrices of ``PROBE_SHAPE``, in turn within each of ``reps`` rounds (the same minute for both),
     best times. Leaves ``matvec`` on the loop it ran before. ~0.1 s."""
-    rng = torch.Generator().manual_seed(0)  # the probe's own numbers: no global seed touched
-    weights = [torch.randn(PROBE_SHAPE, generator=rng).to(torch.bfloat16) for _ in range(2)]
+    weights, rng = _probe_weights()
     x = torch.randn(native.MAX_ROWS, PROBE_SHAPE[1], generator=rng).to(torch.bfloat16)
     before, seconds = matvec.variant, {"avx2": math.inf, "avx512bf16": math.inf}
     try:
@@ -347,8 +352,7 @@ def measure_prompt_path(rounds: int = 3, clear: float = 1.5) -> str:
     times faster (the usual case: 2-4x either way in benchmarks/README.md). Takes 0.5-1 s (Zen 4,
     natively and with torch's matmuls limited to AVX2, where the bf16 passes are the slow ones).
     """
-    rng = torch.Generator().manual_seed(0)  # the probe's own numbers: no global seed touched
-    weights = [torch.randn(PROBE_SHAPE, generator=rng).to(torch.bfloat16) for _ in range(2)]
+    weights, rng = _probe_weights()
     x = torch.randn(PROMPT_ROWS, PROBE_SHAPE[1], generator=rng).to(torch.bfloat16)
     paths = {name: _probe_layers(weights, dtype) for name, dtype in PROMPT_PATHS.items()}
     with torch.no_grad():

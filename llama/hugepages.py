@@ -44,12 +44,18 @@ def available() -> bool:
         return False
 
 
+def _anonymous(nbytes: int) -> tuple[mmap.mmap, torch.Tensor]:
+    """A private anonymous mapping of ``nbytes`` (> 0) and a uint8 tensor over all of it, which
+    keeps the mapping alive; the kernel backs each page, zeroed, when it is first touched."""
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return region, torch.frombuffer(region, dtype=torch.uint8)
+
+
 def empty(shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor in anonymous memory of its own, 2 MiB-aligned, advised to use
     huge pages. The tensor keeps the mapping alive; it is unmapped when the tensor is freed."""
     nbytes = torch.Size(shape).numel() * dtype.itemsize
-    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    whole = torch.frombuffer(region, dtype=torch.uint8)  # holds a reference to the mapping
+    region, whole = _anonymous(nbytes + HUGE_PAGE)
     offset = -whole.data_ptr() % HUGE_PAGE  # a multiple of the base page size: madvise's unit
     region.madvise(mmap.MADV_HUGEPAGE, offset, nbytes + HUGE_PAGE - offset)
     return whole[offset : offset + nbytes].view(dtype).view(shape)
@@ -68,10 +74,10 @@ def zeros_on_demand(shape: torch.Size | tuple[int, ...], device: torch.device | 
     nbytes = torch.Size(shape).numel() * dtype.itemsize
     if nbytes == 0:
         return torch.zeros(shape, dtype=dtype)
-    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    region, whole = _anonymous(nbytes)
     if hasattr(mmap, "MADV_NOHUGEPAGE"):  # THP "always" would fault 2 MiB at a time: a head's whole stripe
         region.madvise(mmap.MADV_NOHUGEPAGE)
-    return torch.frombuffer(region, dtype=torch.uint8).view(dtype).view(shape)  # keeps the mapping alive
+    return whole.view(dtype).view(shape)
 
 
 COPY_BLOCK = 16 << 20  # bytes copied between two ``release`` calls
