@@ -3,11 +3,12 @@
     python benchmarks/step_profile.py [CKPT_DIR] [--rounds 6]
 
 CKPT_DIR (default: the 1B-shape checkpoint ``bench.py`` wrote, /tmp/llama-bench/...) is built as
-``Llama.build`` builds it (huge pages, the fused step). Each round, in turn: a read-only pass over
-1 GiB (the machine's floor this minute: its bandwidth moves from minute to minute on a shared VM);
+``Llama.build`` builds it (huge pages, the fused step). Each round, in turn: ``bench.py``'s
+read-only pass over 1 GiB in huge pages (the machine's floor this minute: its bandwidth moves from
+minute to minute on a shared VM);
 one-token steps of the model's forward at position 512 (median of 8); then each weight class of all
-layers through our one-row kernel (``native.kernels().matvec``, 2 threads: what the fused step runs
-per layer), layer after layer, so the bytes come from memory as in a step. Prints, per round and
+layers through our kernel for one row (``native.kernels().matvec``, with the loop ``Llama.build``
+chose, 2 threads: what the fused step runs per layer), layer after layer, so the bytes come from memory as in a step. Prints, per round and
 class, ms and GB/s of weights, and each as a share of the read-only pass; the step's time not
 spent in the products is attention, norms, the layers' barriers, and the call's Python.
 """
@@ -23,18 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import llama  # noqa: E402,F401  first: OpenMP's wait policy (llama/openmp.py)
 import torch  # noqa: E402
 
+from bench import bandwidth  # noqa: E402
 from load import cpu_description  # noqa: E402
 from llama import native  # noqa: E402
 from llama.generation import Llama  # noqa: E402
 
 DEFAULT = Path("/tmp/llama-bench/llama3.2-1b-bfloat16-seed0/meta")
 CLASSES = ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w3", "feed_forward.w2")
-
-
-def read_only_gbs(x: torch.Tensor) -> float:
-    """GB/s of a sum over ``x`` (float32, 1 GiB), best of 3."""
-    best = min(_timed(lambda: x.sum()) for _ in range(3))
-    return x.numel() * 4 / best / 1e9
 
 
 def _timed(fn) -> float:
@@ -56,7 +52,6 @@ def main() -> None:
     weights["output"] = [model.output.weight]
     if any(w.dtype != torch.bfloat16 for ws in weights.values() for w in ws):
         raise SystemExit("this profile is for bf16 weights")
-    ones = torch.ones(2**28)
     tok = torch.tensor([[5]])
     name, flags = cpu_description()
     print(f"CPU: {name}; SIMD: {' '.join(f for f in flags.split() if f.startswith(('avx', 'amx', 'fma')))}")
@@ -65,7 +60,7 @@ def main() -> None:
         model(torch.full((1, 512), 7), 0, last_only=True)  # a 512-token prompt: the cache as in bench.py
         rows = []
         for r in range(a.rounds):
-            floor = read_only_gbs(ones)
+            floor = bandwidth("cpu", repeats=3, copy=False)[0]  # as bench.py reads it: 1 GiB in huge pages
             step = statistics.median(_timed(lambda: model(tok, 512, last_only=True)) for _ in range(8))
             parts = {}
             for c, ws in weights.items():
