@@ -27,7 +27,7 @@ from llama.memory import check_fits, plan_memory
 from llama.model import Transformer
 from llama.parallel import parallelize, setup_model_parallel
 from llama.quantize import int8_transform
-from llama.sampling import check_temperature, check_top_p, sample_next
+from llama.sampling import all_finite, check_temperature, check_top_p, sample_next
 from llama.tokenizer import Tokenizer
 
 
@@ -284,7 +284,7 @@ class Llama:
                     logits = self.decode_step(step_tokens, start_pos.fill_(prev), last_only=not logprobs)
                 else:
                     logits = self.model(tokens[:, prev:cur], prev, last_only=not logprobs)  # [B, S or 1, V]
-                if not bool(torch.isfinite(logits[:, -1]).all()):  # a broken checkpoint: never sample from NaN
+                if not all_finite(logits[:, -1]):  # a broken checkpoint: never sample from NaN or inf
                     message = nonfinite_logits_message(self.model, tokens[:, prev:cur], prev, cur, self.ckpt_dir)
                     raise NonFiniteLogitsError(message)
                 nxt = sample_next(logits[:, -1], temperature, top_p, self.rng)

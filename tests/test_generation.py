@@ -110,6 +110,26 @@ def test_logprobs_equal_full_forward(generator, full_model):
         assert torch.allclose(torch.tensor(lps[row][1:]), want, atol=1e-4)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_any_nonfinite_logit_stops_generation(generator, value):
+    """One NaN, inf or -inf anywhere in a row's logits (first, middle or last position, any row)
+    stops the step before sampling: the check reads the smallest and largest logit."""
+    from llama.diagnose import NonFiniteLogitsError
+
+    for row, index in ((0, 0), (1, 77_777), (1, 128_255)):
+        def poison(_module, _inputs, logits):
+            logits[row, -1, index] = value
+            return logits
+
+        handle = generator.model.register_forward_hook(poison)
+        try:
+            with pytest.raises(NonFiniteLogitsError, match="non-finite logits"):
+                generator.generate(prompts(3, 5), max_gen_len=2, temperature=0)
+        finally:
+            handle.remove()
+    assert generator.generate(prompts(3, 5), max_gen_len=2, temperature=0)  # unpoisoned: it generates
+
+
 def test_greedy_is_argmax_and_echo_is_consistent(generator, full_model):
     batch = prompts(6, 3, seed=3)
     tokens, lps = generator.generate(batch, max_gen_len=5, temperature=0, logprobs=True)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llama import sampling
-from llama.sampling import TOP_P_CANDIDATES, nucleus, sample_next, sample_top_p, sample_top_p_full_sort
+from llama.sampling import TOP_P_CANDIDATES, all_finite, argmax, nucleus, sample_next, sample_top_p, sample_top_p_full_sort
 
 
 def naive_nucleus(probs: list[float], p: float) -> set[int]:
@@ -58,6 +58,35 @@ def test_temperature_zero_is_argmax():
     logits = torch.randn(8, 1000, generator=torch.Generator().manual_seed(1))
     assert torch.equal(sample_next(logits, 0.0, 0.9), logits.argmax(-1))
     assert torch.equal(sample_next(logits, 0, 0.01), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("vocab", [128256, 49152, 1000, 8])
+def test_argmax_and_all_finite_are_torch_s(vocab):
+    """Greedy's argmax (numpy's on the CPU) is torch.argmax's index: the first of equal maxima, the
+    first NaN; ``all_finite`` is isfinite().all(), for float32, float64 and bf16 (torch's) logits."""
+    g = torch.Generator().manual_seed(vocab)
+    cases = [torch.randn(rows, vocab, generator=g) for rows in (1, 3, 8)]
+    x = torch.randn(8, vocab, generator=g)
+    last = vocab - 1
+    x[0].fill_(0.25)  # all equal: 0
+    x[1, [last, 5 % vocab, vocab // 2]] = 9.0  # ties: the first
+    x[2, last] = 9.0  # the very last position
+    x[3, [3, last]] = float("nan")  # the first NaN, even before larger values
+    x[3, 1] = float("inf")
+    x[4, [vocab // 2, 2]] = float("inf")  # the first inf
+    x[5].fill_(float("-inf"))  # all -inf: 0
+    x[6, [last, vocab // 3]] = float("nan")
+    x[6, 0] = 1e30
+    x[7, vocab // 2] = float("-inf")
+    cases += [x, x.to(torch.bfloat16), x.to(torch.float64)]
+    cases.append(torch.randn(4, 3, vocab, generator=g)[:, -1])  # a step's last position: a strided view
+    for logits in cases:
+        want = torch.argmax(logits, dim=-1)
+        assert torch.equal(argmax(logits), want), (logits.shape, logits.dtype)
+        assert torch.equal(sample_next(logits, 0.0, 0.9), want)
+        assert all_finite(logits) == bool(torch.isfinite(logits).all())
+        for row in range(logits.shape[0]):
+            assert all_finite(logits[row : row + 1]) == bool(torch.isfinite(logits[row]).all()), row
 
 
 def test_temperature_scales_logits_before_top_p():
