@@ -290,6 +290,34 @@ def test_a_new_cache_or_weight_is_followed(lib, calls):
     assert rel_err(got, want) < 3e-2
 
 
+def test_data_moved_under_the_same_tensors_is_followed(lib, calls):
+    """After steps that cached the whole model's check: a weight's data replaced under the same
+    Parameter (``.data =``, what ``.to()`` does) and a cache tensor replaced in the same cache module
+    (a block checked by the model, and one called on its own): the next steps use the new ones, with
+    the logits of a model that had them from the start."""
+    args = ARGS["gqa"]
+    ours, theirs = fused_model(args, max_seq_len=16), fused_model(args, max_seq_len=16)
+    tokens = torch.randint(0, args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(27))
+    decode(ours, tokens, 10)
+    for model in (ours, theirs):
+        w2 = model.layers[1].feed_forward.w2.weight
+        w2.data = (w2.detach() * 1.5).contiguous()
+        cache = model.layers[0].attention.cache
+        cache.k = torch.zeros_like(cache.k)
+    tokens = tokens.flip(1)  # others: the old cache holds the first run's keys
+    got, want = decode(ours, tokens, 10), decode(theirs, tokens, 10)
+    assert calls.sizes == [args.n_layers] * 18 and torch.equal(got, want)
+    block, x = ours.layers[0], torch.randn(1, 1, args.dim, generator=torch.Generator().manual_seed(28)).bfloat16()
+    angles = (ours._rope_cos[3:4], ours._rope_sin[3:4])  # position 3's
+    with torch.inference_mode():
+        before = block(x, *angles, 3)
+        block.attention.wq.weight.data = block.attention.wq.weight.detach().flip(0).contiguous()
+        after = block(x, *angles, 3)
+        block.workspace, block.plan = None, None  # the plain block, for reference
+        plain = block(x, *angles, 3)
+    assert not torch.equal(before, after) and torch.equal(after, plain)
+
+
 def test_position_past_the_cache_is_refused(lib):
     args = ARGS["gqa"]
     model = fused_model(args, max_seq_len=8)
