@@ -23,6 +23,7 @@ from llama.devices import CpuThreads, check_device, compile_decode_step, default
 from llama.diagnose import NonFiniteLogitsError, nonfinite_logits_message
 from llama.family import AnyTokenizer, load_tokenizer
 from llama.fast import speed_up
+from llama.mapped_embedding import release_after_lookup
 from llama.memory import check_fits, plan_memory
 from llama.model import Transformer
 from llama.parallel import parallelize, setup_model_parallel
@@ -175,6 +176,8 @@ class Llama:
             fp8.quantize_feed_forward(model)
         model.setup_cache(max_batch_size, max_seq_len, zeros=hugepages.zeros_on_demand)  # resident where written
         speed_up(model, world_size)  # float32 compute of bf16 weights on CPUs without bf16, and more: llama/fast.py
+        if device.type == "cpu":  # only the rows a step reads stay resident: llama/mapped_embedding.py
+            release_after_lookup(model)
         llama = Llama(model, tokenizer, rank=rank, seed=seed, compile=compile)
         llama.ckpt_dir = Path(ckpt_dir)
         llama.log(f"Loaded {ckpt_dir} on {device} as {dtype} ({world_size} rank(s)) in {time.time() - start:.2f} s")
