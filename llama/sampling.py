@@ -65,7 +65,7 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     benchmarks/README.md: a few percent of the demo model's step).
     """
     if logits.device.type == "cpu" and logits.dtype in NUMPY_FLOATS and not logits.requires_grad:
-        return torch.from_numpy(logits.numpy().argmax(-1))
+        return torch.as_tensor(logits.numpy().argmax(-1))  # as_tensor: a 0-d result for logits [V] too
     return torch.argmax(logits, dim=-1)
 
 

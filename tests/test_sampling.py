@@ -80,12 +80,13 @@ def test_argmax_and_all_finite_are_torch_s(vocab):
     x[7, vocab // 2] = float("-inf")
     cases += [x, x.to(torch.bfloat16), x.to(torch.float64)]
     cases.append(torch.randn(4, 3, vocab, generator=g)[:, -1])  # a step's last position: a strided view
+    cases.append(torch.randn(vocab, generator=g))  # one row without a batch dimension
     for logits in cases:
         want = torch.argmax(logits, dim=-1)
         assert torch.equal(argmax(logits), want), (logits.shape, logits.dtype)
         assert torch.equal(sample_next(logits, 0.0, 0.9), want)
         assert all_finite(logits) == bool(torch.isfinite(logits).all())
-        for row in range(logits.shape[0]):
+        for row in range(logits.shape[0] if logits.dim() == 2 else 0):
             assert all_finite(logits[row : row + 1]) == bool(torch.isfinite(logits[row]).all()), row
 
 
