@@ -1,4 +1,5 @@
-"""Choosing the next token from logits: greedy, temperature and top-p, as plain functions.
+"""Choosing the next token from logits: greedy, temperature and top-p, as plain functions; and
+whether a step's logits are finite (on the CPU both greedy and that check read them through numpy).
 
 Every random draw comes from an explicit ``torch.Generator``. Sampling is by inverse CDF (one
 uniform number per row, searched in the cumulative probabilities of the nucleus), so the fast
@@ -60,9 +61,9 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     largest value (of its first NaN, if any).
 
     Float logits on the CPU go through numpy's argmax, which gives the same index: after a
-    memory-bound decode step the caches hold weights, not torch's code, and the greedy choice took
-    0.3-0.6 ms through torch against 0.2-0.3 through numpy (demo model and Llama 3.2 1B shape,
-    benchmarks/README.md: a few percent of the demo model's step).
+    memory-bound decode step the caches hold weights, not torch's code, and the finite check and
+    the greedy choice together took 0.3-0.6 ms through torch against 0.2-0.3 through numpy (demo
+    model and Llama 3.2 1B shape, benchmarks/README.md: a few percent of the demo model's step).
     """
     if logits.device.type == "cpu" and logits.dtype in NUMPY_FLOATS and not logits.requires_grad:
         return torch.as_tensor(logits.numpy().argmax(-1))  # as_tensor: a 0-d result for logits [V] too
