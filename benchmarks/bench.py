@@ -147,13 +147,15 @@ class Worker:
 # Machine
 
 
-def bandwidth(device: str, gib: float = 1.0, repeats: int = 10, copy: bool = True) -> tuple[float, float]:
+def bandwidth(
+    device: str, gib: float = 1.0, repeats: int = 10, copy: bool = True, x: Optional[torch.Tensor] = None
+) -> tuple[float, float]:
     """(read, copy) bandwidth in GB/s, best of ``repeats``: read = sum of a large float32 tensor
     (bytes read); copy = bytes read + bytes written by a tensor copy (0.0 without ``copy``). On
     CPUs the tensor read is in huge pages, where the model's weights are (llama/hugepages.py): in
-    4 KiB pages the sum reads 3-6% slower than the weights can stream, and the floor would be too low."""
-    n = int(gib * 2**30) // 4
-    x = hugepages.empty((n,), torch.float32).fill_(1) if device == "cpu" and hugepages.available() else torch.ones(n, device=device)
+    4 KiB pages the sum reads 3-6% slower than the weights can stream, and the floor would be too low.
+    ``x``: the tensor to read (``read_tensor``), made here when None."""
+    x = read_tensor(device, gib) if x is None else x
     y = torch.empty_like(x) if copy else None
 
     def best(fn) -> float:
@@ -171,6 +173,12 @@ def bandwidth(device: str, gib: float = 1.0, repeats: int = 10, copy: bool = Tru
 
     nbytes = x.numel() * 4
     return nbytes / best(lambda: x.sum()) / GB, (2 * nbytes / best(lambda: y.copy_(x)) / GB if copy else 0.0)
+
+
+def read_tensor(device: str, gib: float = 1.0) -> torch.Tensor:
+    """The float32 tensor ``bandwidth`` reads: in huge pages on CPUs (where the weights are)."""
+    n = int(gib * 2**30) // 4
+    return hugepages.empty((n,), torch.float32).fill_(1) if device == "cpu" and hugepages.available() else torch.ones(n, device=device)
 
 
 def machine(device: str) -> str:
@@ -222,6 +230,8 @@ class Result:
     warmup_s: float = 0.0
     ttft_s: float = float("inf")
     decode1: float = 0.0  # tokens/s at batch 1
+    rates1: list = field(default_factory=list)  # batch-1 tokens/s of each repetition
+    beside: list = field(default_factory=list)  # GB/s read just before and after each of those (the higher)
     decode8: float = 0.0  # tokens/s at batch B, all rows together
     peak_rss: int = 0
     peak_gpu: Optional[int] = None
@@ -342,22 +352,29 @@ def run_shape(name: str, opts: argparse.Namespace, log) -> dict:
             log(f"[{name}] {e}: warm-up {results[e].warmup_s:.1f} s")
         # Timings, interleaved: every engine runs each measurement before any runs it again.
         long_prompt, short = prompts(1, plen, 4, vocab), prompts(batch, SHORT_PROMPT, 5, vocab)
+        reading = read_tensor(opts.device)
         for rep in range(reps):
             if rep:  # the machine's minute changes: the floor is the best reading of the run
-                now = bandwidth(opts.device, repeats=3, copy=False)[0]
+                now = bandwidth(opts.device, repeats=3, copy=False, x=reading)[0]
                 read_bw = max(read_bw, now)
                 log(f"[{name}] rep {rep}: read bandwidth {now:.1f} GB/s now, {read_bw:.1f} the best so far")
             # Odd repetitions run the engines in reverse: none is always first after the reading, or
             # always a minute after another.
             order = list(workers.items())[:: -1 if rep % 2 else 1]
             for e, w in order:
+                # Read just before and after each run too: the bandwidth may flip in between.
+                before = bandwidth(opts.device, repeats=3, copy=False, x=reading)[0]
                 r = timed(w, opts, log, prompts=long_prompt, new_tokens=new)
+                beside = max(before, bandwidth(opts.device, repeats=3, copy=False, x=reading)[0])
+                read_bw = max(read_bw, beside)
                 res, rate = results[e], (new - 1) / (r["t_last"] - r["t_first"])
                 res.ttft_s, res.decode1 = min(res.ttft_s, r["t_first"]), max(res.decode1, rate)
+                res.rates1.append(rate)
+                res.beside.append(beside)
                 res.tokens["b1"] = r["tokens"]
                 fewer = r.get("first_threads") or w.hello["threads"]
                 note = f" (prompt on {fewer} of {w.hello['threads']} threads)" if fewer < w.hello["threads"] else ""
-                log(f"[{name}] rep {rep} {e} b1: ttft {r['t_first']:.2f} s{note}, decode {rate:.2f} tok/s")
+                log(f"[{name}] rep {rep} {e} b1: ttft {r['t_first']:.2f} s{note}, decode {rate:.2f} tok/s (read {beside:.1f} GB/s beside it)")
             for e, w in order:
                 r = timed(w, opts, log, prompts=short, new_tokens=new)
                 if "unsupported" in r:
@@ -418,7 +435,7 @@ def report(shapes: dict, opts: argparse.Namespace, info: dict) -> str:
         f"{info['threads']} threads; load average before/after: {info['load_before']} / {info['load_after']}  ",
         f"CPU flags (the SIMD ones): {info['flags']}  ",
         f"Memory bandwidth: {info['read_bw']:.1f} GB/s read-only (sum of a 1 GiB float32 tensor in huge pages, best of 10; "
-        f"measured at the start, before each shape, before each repetition after the first and at the end; the floors use the best), "
+        f"measured at the start, before each shape, before each repetition after the first, just before and after each engine's batch-1 run and at the end; the floors use the best), "
         f"{info['copy_bw']:.1f} GB/s copy (read + write, at the start)  ",
         f"Wall time of the run: {info['wall_min']:.1f} min  ",
         f"Prompt {opts.prompt_len} tokens at batch 1 (TTFT, prefill = prompt / TTFT, decode b1 over the next "
@@ -476,7 +493,8 @@ def report(shapes: dict, opts: argparse.Namespace, info: dict) -> str:
                         + target("prefill vs hf", base.ttft_s / r.ttft_s, 1.5, "x")
                         + target("peak memory / (weights + KV)", peak / budget, 1.15, "x", at_most=True)
                     )
-        lines += llamacpp_targets(res, floor)
+        lines += llamacpp_targets(res, floor, streamed)
+        lines += repetition_lines(res, streamed)
         lines += [f"- kernel path, {e}: {r.kernel_path}" for e, r in res.items() if r.kernel_path]
         ref = next(iter(res))
         for e, r in res.items():
@@ -495,7 +513,7 @@ def report(shapes: dict, opts: argparse.Namespace, info: dict) -> str:
     return "\n".join(lines)
 
 
-def llamacpp_targets(res: dict, floor: float) -> list[str]:
+def llamacpp_targets(res: dict, floor: float, streamed: int) -> list[str]:
     """Issue #18's targets against llama.cpp on the same weights, where both engines ran."""
     lines = []
     for ours, theirs in (("ours", "llamacpp-bf16"), ("ours-int8", "llamacpp-q8")):
@@ -514,7 +532,41 @@ def llamacpp_targets(res: dict, floor: float) -> list[str]:
             + target("peak RSS", a.peak_rss / b.peak_rss, 0.6, "x", at_most=True)
         )
     if "ours" in res:
-        lines.append("- ours: " + target("decode b1 of floor", 100 * res["ours"].decode1 / floor, 80, "%"))
+        beside = median(of_reading(res["ours"], streamed))
+        lines.append(
+            "- ours: " + target("decode b1 of floor", 100 * res["ours"].decode1 / floor, 80, "%")
+            + target("median over repetitions of the reading beside each", beside, 80, "%")
+        )
+    return lines
+
+
+def of_reading(r: Result, streamed: int) -> list[float]:
+    """Each repetition's batch-1 decode as % of the read bandwidth measured beside it."""
+    return [100 * rate * streamed / (bw * GB) for rate, bw in zip(r.rates1, r.beside)]
+
+
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2 if xs else float("nan")
+
+
+def repetition_lines(res: dict, streamed: int) -> list[str]:
+    """Batch-1 decode per repetition: each engine's rate and % of the reading beside it, and the
+    ratios of the pairs the targets compare (a pair ran in the same repetition, but the machine's
+    bandwidth may have changed in between: the readings say whether it did)."""
+    lines = []
+    for e, r in res.items():
+        if r.rates1:
+            pct = of_reading(r, streamed)
+            lines.append(
+                f"- {e}, b1 per repetition: {' '.join(f'{x:.2f}' for x in r.rates1)} tok/s; read beside each "
+                f"{' '.join(f'{b:.1f}' for b in r.beside)} GB/s; of that: {' '.join(f'{x:.0f}%' for x in pct)} "
+                f"(median {median(pct):.0f}%)"
+            )
+    for a, b in (("ours", "llamacpp-bf16"), ("ours-int8", "llamacpp-q8"), ("ours-int8", "ours"), ("ours", "hf")):
+        if a in res and b in res and res[a].rates1 and len(res[a].rates1) == len(res[b].rates1):
+            ratios = [x / y for x, y in zip(res[a].rates1, res[b].rates1)]
+            lines.append(f"- {a} / {b}, b1 per repetition: {' '.join(f'{x:.2f}' for x in ratios)} (median {median(ratios):.2f})")
     return lines
 
 
