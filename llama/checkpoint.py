@@ -274,21 +274,38 @@ def _check_shard_count(ckpt_dir: Path, path: Path, sd: dict[str, torch.Tensor], 
         )
 
 
-def file_mappings(path: Path) -> list[tuple[int, int]]:
-    """Address ranges [start, end) of this process's memory mappings of ``path`` (Linux
-    /proc/self/maps); empty elsewhere or when the file was read into ordinary memory."""
-    target = str(Path(path).resolve())
-    ranges = []
+def mappings() -> list[tuple[int, int, int, str]]:
+    """This process's memory mappings (Linux /proc/self/maps): (start, end, inode, path) each, inode
+    0 and path "" for anonymous memory; empty elsewhere."""
+    found = []
     try:
         with open("/proc/self/maps") as f:
             for line in f:
                 fields = line.split(maxsplit=5)
-                if len(fields) == 6 and fields[5].rstrip("\n") == target:
-                    start, end = (int(x, 16) for x in fields[0].split("-"))
-                    ranges.append((start, end))
-    except OSError:
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                found.append((start, end, int(fields[4]), fields[5].rstrip("\n") if len(fields) == 6 else ""))
+    except (OSError, ValueError, IndexError):
         return []
-    return ranges
+    return found
+
+
+def file_mappings(path: Path) -> list[tuple[int, int]]:
+    """Address ranges [start, end) of this process's memory mappings of ``path`` (Linux
+    /proc/self/maps); empty elsewhere or when the file was read into ordinary memory."""
+    target = str(Path(path).resolve())
+    return [(start, end) for start, end, _, name in mappings() if name == target]
+
+
+def byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """The addresses [start, end) from ``t``'s first byte to just past its last (strides included)."""
+    start = t.data_ptr()
+    return start, start + (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+
+def whole_pages(start: int, end: int) -> tuple[int, int]:
+    """The range of the whole pages inside [start, end) (empty when last <= first)."""
+    page = mmap.PAGESIZE
+    return -(-start // page) * page, end // page * page
 
 
 def release_pages(t: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
@@ -299,10 +316,7 @@ def release_pages(t: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
     """
     if t.device.type != "cpu" or not mapped or t.numel() == 0:
         return
-    start = t.data_ptr()
-    end = start + (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
-    page = mmap.PAGESIZE
-    first, last = -(-start // page) * page, end // page * page  # whole pages inside [start, end)
+    first, last = whole_pages(*byte_span(t))
     if last <= first or not any(a <= first and last <= b for a, b in mapped):
         return
     _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)

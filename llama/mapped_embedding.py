@@ -14,27 +14,20 @@ mapping that no other tensor of the model reads (an output layer tied to it and 
 fault its pages back every step), and not inside ``torch.compile`` (the hook is skipped there).
 """
 
-import mmap
 from typing import Optional
 
 import torch
 from torch import nn
 
-from llama.checkpoint import release_pages
+from llama.checkpoint import byte_span, mappings, release_pages, whole_pages
 
 
 def file_mapping(start: int, end: int) -> Optional[tuple[int, int]]:
     """The address range of the one file mapping (Linux /proc/self/maps, a non-zero inode) that
     holds [start, end); None where none does (ordinary memory, anonymous mappings, not Linux)."""
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                fields = line.split()
-                lo, hi = (int(a, 16) for a in fields[0].split("-"))
-                if lo <= start < hi:
-                    return (lo, hi) if end <= hi and len(fields) >= 6 and fields[4] != "0" else None
-    except (OSError, ValueError, IndexError):
-        return None
+    for lo, hi, inode, _ in mappings():
+        if lo <= start < hi:
+            return (lo, hi) if end <= hi and inode != 0 else None
     return None
 
 
@@ -46,19 +39,16 @@ def release_after_lookup(model: nn.Module) -> bool:
     weight = getattr(embedding, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.device.type != "cpu" or not weight.is_contiguous() or weight.numel() == 0:
         return False
-    start = weight.data_ptr()
-    end = start + weight.numel() * weight.element_size()
+    start, end = byte_span(weight)
     mapping = file_mapping(start, end)
     if mapping is None:
         return False
-    page = mmap.PAGESIZE
-    first, last = -(-start // page) * page, end // page * page  # the whole pages released (release_pages)
+    first, last = whole_pages(start, end)  # what release_pages hands back
     tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
     for name, t in tensors:  # a tied output layer is the same tensor under another name
         if name == "tok_embeddings.weight" or t.device.type != "cpu" or t.numel() == 0:
             continue
-        a = t.data_ptr()
-        b = a + (sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1) * t.element_size()
+        a, b = byte_span(t)
         if a < last and first < b:  # reads a page that would be released
             return False
 

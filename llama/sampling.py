@@ -65,19 +65,27 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     the greedy choice together took 0.3-0.6 ms through torch against 0.2-0.3 through numpy (demo
     model and Llama 3.2 1B shape, benchmarks/README.md: a few percent of the demo model's step).
     """
-    if logits.device.type == "cpu" and logits.dtype in NUMPY_FLOATS and not logits.requires_grad:
-        return torch.as_tensor(logits.numpy().argmax(-1))  # as_tensor: a 0-d result for logits [V] too
+    x = _numpy(logits)
+    if x is not None:
+        return torch.as_tensor(x.argmax(-1))  # as_tensor: a 0-d result for logits [V] too
     return torch.argmax(logits, dim=-1)
 
 
 def all_finite(logits: torch.Tensor) -> bool:
     """Whether every value of ``logits`` is finite: its smallest and largest are (NaN spreads to both).
     On the CPU through numpy, for the reason ``argmax`` gives."""
-    if logits.device.type == "cpu" and logits.dtype in NUMPY_FLOATS and not logits.requires_grad:
-        x = logits.numpy()
+    x = _numpy(logits)
+    if x is not None:
         return bool(np.isfinite(x.min()) and np.isfinite(x.max()))
     lo, hi = torch.aminmax(logits)
     return bool(lo.isfinite() & hi.isfinite())
+
+
+def _numpy(logits: torch.Tensor) -> Optional[np.ndarray]:
+    """numpy's view of float32/float64 CPU logits (no copy); None for others (bf16, a GPU, autograd)."""
+    if logits.device.type == "cpu" and logits.dtype in NUMPY_FLOATS and not logits.requires_grad:
+        return logits.numpy()
+    return None
 
 
 def nucleus(probs_sorted: torch.Tensor, p: float) -> torch.Tensor:
