@@ -6,12 +6,11 @@ present), so the test sees what the kernel sees: with the hook none after a gene
 """
 
 import mmap
-import os
-import struct
 
 import pytest
 import torch
 
+import residency
 from llama.checkpoint import load_transformer, write_random_checkpoint
 from llama.generation import Llama
 from llama.mapped_embedding import file_mapping, release_after_lookup
@@ -22,17 +21,7 @@ ROWS_PER_PAGE = mmap.PAGESIZE // (ARGS.dim * 2)  # bf16 rows
 PROMPT = [128000] + [i * 3 * ROWS_PER_PAGE for i in range(1, 200)]  # 199 rows on 199 pages, 2 pages apart
 
 
-def present_pages(t: torch.Tensor) -> int:
-    """Pages of ``t``'s bytes mapped into this process now (/proc/self/pagemap's present bit)."""
-    page = mmap.PAGESIZE
-    first, last = t.data_ptr() // page, (t.data_ptr() + t.numel() * t.element_size() - 1) // page
-    with open("/proc/self/pagemap", "rb") as f:
-        f.seek(first * 8)
-        entries = struct.unpack(f"{last - first + 1}Q", f.read((last - first + 1) * 8))
-    return sum(e >> 63 for e in entries)
-
-
-needs_pagemap = pytest.mark.skipif(not os.access("/proc/self/pagemap", os.R_OK), reason="no /proc/self/pagemap (not Linux)")
+needs_pagemap = pytest.mark.skipif(not residency.readable, reason="no /proc/self/pagemap (not Linux)")
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +40,10 @@ def test_lookups_leave_no_pages_of_the_table_resident(ckpt, monkeypatch, huge_pa
     assert file_mapping(table.data_ptr(), table.data_ptr() + 1) is not None  # memory-mapped from the shard
     assert len(llm.model.tok_embeddings._forward_hooks) == 1
     tokens, logprobs = llm.generate([PROMPT], max_gen_len=8, temperature=0, logprobs=True)
-    assert present_pages(table) <= 2  # at most the partial first and last pages, shared with neighbours
+    assert residency.present_pages(table) <= 2  # at most the partial first and last pages, shared with neighbours
     llm.model.tok_embeddings._forward_hooks.clear()  # the same model without the hook
     again, again_logprobs = llm.generate([PROMPT], max_gen_len=8, temperature=0, logprobs=True)
-    assert present_pages(table) >= len(PROMPT) - 1
+    assert residency.present_pages(table) >= len(PROMPT) - 1
     assert again == tokens and again_logprobs == logprobs
 
 
