@@ -10,13 +10,14 @@ import numbers
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, TypedDict, Union
+from typing import Callable, Iterator, Optional, Sequence, TypedDict, Union
 
 import torch
 
-from llama import fp8, hugepages, sampling
+from llama import cuda_graph, fp8, hugepages, sampling
 from llama.chat_format import ChatFormat
 from llama.chat_format_llama2 import Llama2ChatFormat
+from llama.cuda_graph import GraphedDecodeStep
 from llama.checkpoint import int8_folder, load_params, load_transformer, verify_checkpoint
 from llama.datatypes import ChatPrediction, CompletionPrediction, Dialog
 from llama.devices import CpuThreads, check_device, compile_decode_step, default_device, resolve_dtype
@@ -88,10 +89,12 @@ class Llama:
         ``ckpt_dir/tokenizer.model``. Fails before allocating when the weights plus a KV cache of
         ``max_batch_size x max_seq_len`` do not fit in the device's free memory.
 
-        ``compile`` runs each one-token decode step through ``torch.compile`` (static shapes: the
-        step attends over the whole cache with a position mask; see ``compile_decode_step``). The
-        first generation compiles (minutes on a GPU, where kernels are tuned); later ones are
-        faster than eager (benchmarks/README.md). Prefill stays eager.
+        On a CUDA GPU (one process) each one-token decode step is replayed from a CUDA graph of the
+        model's eager kernels, captured in the first step (``llama.cuda_graph``; ``LLAMA_CUDA_GRAPH=0``
+        turns it off). ``compile`` runs it through ``torch.compile`` instead (static shapes: the step
+        attends over the whole cache with a position mask; see ``compile_decode_step``). The first
+        generation compiles (minutes on a GPU, where kernels are tuned); later ones are faster
+        still (benchmarks/RESULTS-cuda.md). Prefill stays eager.
 
         ``verify``: None checks the files against ``checklist.chk`` when there is one and they were
         not verified before (``llama.checkpoint.verify_checkpoint``), True always, False never.
@@ -178,12 +181,14 @@ class Llama:
         speed_up(model, world_size)  # float32 compute of bf16 weights on CPUs without bf16, and more: llama/fast.py
         if device.type == "cpu":  # only the rows a step reads stay resident: llama/mapped_embedding.py
             release_after_lookup(model)
-        llama = Llama(model, tokenizer, rank=rank, seed=seed, compile=compile)
+        llama = Llama(model, tokenizer, rank=rank, seed=seed, compile=compile, world_size=world_size)
         llama.ckpt_dir = Path(ckpt_dir)
         llama.log(f"Loaded {ckpt_dir} on {device} as {dtype} ({world_size} rank(s)) in {time.time() - start:.2f} s")
         return llama
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, rank: int = 0, seed: int = 1, compile: bool = False):
+    def __init__(
+        self, model: Transformer, tokenizer: Tokenizer, rank: int = 0, seed: int = 1, compile: bool = False, world_size: int = 1
+    ):
         if model.max_seq_len == 0:
             raise ValueError("the model has no KV cache: call model.setup_cache(max_batch_size, max_seq_len) first")
         self.model = model
@@ -195,8 +200,13 @@ class Llama:
         # Sampling draws from this generator only (no global seed), seeded identically on every rank
         # so that all ranks sample the same tokens.
         self.rng = torch.Generator(self.device).manual_seed(seed)
-        # The compiled one-token step (start_pos passed as a tensor: one graph for every position).
-        self.decode_step = compile_decode_step(model, self.device) if compile else None
+        # The static-shape one-token step (start_pos passed as a tensor: one graph for every position):
+        # compiled, or on a GPU replayed from a CUDA graph (llama/cuda_graph.py); None: eager steps.
+        self.decode_step: Optional[Callable[..., torch.Tensor]] = None
+        if compile:
+            self.decode_step = compile_decode_step(model, self.device)
+        elif cuda_graph.enabled(self.device, world_size):
+            self.decode_step = GraphedDecodeStep(model)
 
     @property
     def is_main_process(self) -> bool:

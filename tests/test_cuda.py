@@ -99,3 +99,26 @@ def test_torchrun_nccl_fairscale_layers_single_gpu(ckpt: Path, tmp_path: Path) -
     print(f"NCCL + fairscale MP=1 vs plain fp32 logits rel err {out['err']:.2e}")
     assert "ColumnParallelLinear" in out["kinds"] and "RowParallelLinear" in out["kinds"]
     assert out["err"] < 1e-5
+
+
+def test_cuda_graph_decode_equals_eager(ckpt: Path, meta_tokenizer_path, monkeypatch) -> None:
+    """The default CUDA decode step (a CUDA graph, llama/cuda_graph.py) against eager steps: the same
+    greedy tokens and logprobs (fp32, no TF32) for batches of 1 and 2, graphs reused across calls."""
+    from llama import Llama
+    from llama.cuda_graph import GraphedDecodeStep
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    graphed = Llama.build(str(ckpt), str(meta_tokenizer_path), max_seq_len=64, max_batch_size=2, device="cuda", dtype="fp32")
+    assert isinstance(graphed.decode_step, GraphedDecodeStep)
+    monkeypatch.setenv("LLAMA_CUDA_GRAPH", "0")
+    eager = Llama.build(str(ckpt), str(meta_tokenizer_path), max_seq_len=64, max_batch_size=2, device="cuda", dtype="fp32")
+    assert eager.decode_step is None
+    batches = [[[1, 2, 3]], [[5, 6, 7, 8], [9, 10]], [[11, 12]]]
+    for batch in batches:
+        a = graphed.generate(batch, 20, temperature=0, logprobs=True)
+        b = eager.generate(batch, 20, temperature=0, logprobs=True)
+        assert a[0] == b[0]
+        err = max(abs(x - y) for ra, rb in zip(a[1], b[1]) for x, y in zip(ra, rb))
+        print(f"graph vs eager, batch {len(batch)}: max logprob difference {err:.2e}")
+        assert err < 1e-4
+    assert sorted(graphed.decode_step.graphs) == [1, 2]

@@ -24,7 +24,7 @@ LAYERS = [
     {"checkpoint"},  # files of weights
     # byte counts, dialogs, fast paths, ranks, format tools
     {"memory", "chat_format", "chat_format_llama2", "fast", "parallel", "convert", "reshard", "gguf_export",
-     "quantize_folder", "mapped_embedding"},  # fmt: skip
+     "quantize_folder", "mapped_embedding", "cuda_graph"},  # fmt: skip
     {"gguf"},  # GGUF import (writes through convert)
     {"demo", "generation"},  # the demo model; Llama: build and generate
     {"chat", "guard", "__init__", "quantize.__main__"},  # entry points; moderation on a built Llama
