@@ -9,7 +9,8 @@ same numbers):
 - ``graph``: the default: one-token steps replayed from a CUDA graph (llama/cuda_graph.py), fused
   projections (llama/fused_projections.py); ``eager``: ``LLAMA_CUDA_GRAPH=0``; ``unfused``:
   ``LLAMA_FUSE_PROJECTIONS=0``; ``compile``: ``compile=True`` (minutes of Inductor);
-- ``int8`` / ``int4`` / ``fp8``: ``quantize=`` of that name, then the default step.
+- ``int8`` / ``int4`` / ``fp8``: ``quantize=`` of that name, then the default step; ``int8-dequant``:
+  int8 without torch's int8 kernel (``LLAMA_INT8_GPU_KERNEL=dequant``: widened for ``F.linear``).
 Per variant and batch size: decode tok/s (every row's tokens) from the times of the loop's steps
 after a first short run whose first step captures the graph (or compiles) for that batch size:
 that step's time is the warm-up; ms a step and its share of the floor, which is the bytes of the
@@ -41,6 +42,7 @@ from llama import fp8  # noqa: E402
 from llama.fast import speed_up  # noqa: E402
 from llama.generation import Llama  # noqa: E402
 from llama.model import ModelArgs, Transformer  # noqa: E402
+from llama.quantize import _INT8_MM as int8_probe  # noqa: E402
 from llama.quantize import quantize_model  # noqa: E402
 from llama.tokenizer import Tokenizer  # noqa: E402
 
@@ -50,7 +52,8 @@ SHAPES = {
     "tiny": dict(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, multiple_of=64),  # a dry run on the CPU
 }
 COMMON = dict(vocab_size=128256, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True)
-ENV = {"eager": {"LLAMA_CUDA_GRAPH": "0"}, "unfused": {"LLAMA_FUSE_PROJECTIONS": "0"}}
+ENV = {"eager": {"LLAMA_CUDA_GRAPH": "0"}, "unfused": {"LLAMA_FUSE_PROJECTIONS": "0"},
+       "int8-dequant": {"LLAMA_INT8_GPU_KERNEL": "dequant"}}
 
 
 def quantizer(name: Optional[str]) -> Callable[[torch.nn.Module], object]:
@@ -150,12 +153,13 @@ def last_logits(llm: Llama, prompt_len: int = 64) -> torch.Tensor:
 
 
 def run_variant(name: str, opts, tok: Tokenizer, bw: float, reference: Optional[torch.Tensor]) -> dict:
-    quantize = name if name in ("int8", "int4", "fp8") else None
+    quantize = name.split("-")[0] if name.split("-")[0] in ("int8", "int4", "fp8") else None
     shape = opts.shape
     if ":" in name:  # "70b:int4"
         shape, quantize = name.split(":")
     started = time.perf_counter()
     with environ(ENV.get(name, {})):
+        int8_probe.clear()  # int8_mm_works reads LLAMA_INT8_GPU_KERNEL once per process
         model = random_model(shape, quantize, opts.device)
         model.setup_cache(max(opts.batches), max(opts.prompt, 64) + opts.tokens + 8)
         speed_up(model)

@@ -122,3 +122,26 @@ def test_cuda_graph_decode_equals_eager(ckpt: Path, meta_tokenizer_path, monkeyp
         print(f"graph vs eager, batch {len(batch)}: max logprob difference {err:.2e}")
         assert err < 1e-4
     assert sorted(graphed.decode_step.graphs) == [1, 2]
+
+
+def test_int8_on_cuda_matches_float64_and_bf16_model(ckpt: Path, meta_tokenizer_path) -> None:
+    """Int8Linear on a GPU (torch's int8 kernel where this torch has one): the product against a
+    float64 formula of the dequantized weights, and an int8 build's logits against the bf16 build's."""
+    from llama import Llama
+    from llama.quantize import Int8Linear, int8_mm_works
+
+    layer = Int8Linear.from_float(torch.randn(384, 256, generator=torch.Generator().manual_seed(0))).cuda()
+    x = torch.randn(3, 256, device="cuda").bfloat16()
+    want = x.double() @ (layer.weight.double() * layer.scale.double()[:, None]).T
+    err = _rel(layer(x), want)
+    print(f"torch int8 kernel on cuda: {int8_mm_works(x.device, x.dtype)}; int8 product vs float64 rel err {err:.2e}")
+    assert err < 1e-2
+    bf16 = Llama.build(str(ckpt), str(meta_tokenizer_path), max_seq_len=64, max_batch_size=1, device="cuda", dtype="bf16")
+    int8 = Llama.build(str(ckpt), str(meta_tokenizer_path), max_seq_len=64, max_batch_size=1, device="cuda", dtype="bf16",
+                       quantize="int8")  # fmt: skip
+    tokens = torch.randint(0, ARGS.vocab_size, (1, 24), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    err = _rel(int8.model(tokens), bf16.model(tokens))
+    print(f"int8 vs bf16 model logits rel err {err:.2e}")
+    assert err < 5e-2
+    out, _ = int8.generate([[1, 2, 3]], 8, temperature=0)  # through the CUDA graph
+    assert len(out[0]) == 8
