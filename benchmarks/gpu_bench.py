@@ -189,6 +189,47 @@ def run_variant(name: str, opts, tok: Tokenizer, bw: float, reference: Optional[
     return out
 
 
+def gemv_table(bw: float, device: str) -> str:
+    """One-row products of the 8B shape's weights, separate and fused, bf16 (``F.linear``) and int8
+    (torch's kernel): GB/s of weight bytes over ~2 GB of copies (nothing stays in L2)."""
+    shapes = {"wq, wo": (4096, 4096), "wk, wv": (1024, 4096), "wq|wk|wv": (6144, 4096), "w1, w3": (14336, 4096),
+              "w1|w3": (28672, 4096), "w2": (4096, 14336), "output": (128256, 4096)}  # fmt: skip
+    lines = ["| product (1 row) | bf16 us | bf16 GB/s | bf16 % of read | int8 us | int8 GB/s |", "|---|---|---|---|---|---|"]
+    for name, (n, k) in shapes.items():
+        copies = max(2, int(2e9 // (n * k * 2)))
+        ws = [torch.randn(n, k, device=device, dtype=torch.bfloat16) for _ in range(copies)]
+        qs = [torch.randint(-127, 128, (n, k), device=device, dtype=torch.int8) for _ in range(copies)]
+        scale = torch.rand(n, device=device, dtype=torch.bfloat16)
+        x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
+        cells = [name]
+        for mats, run, size in ((ws, lambda w: torch.nn.functional.linear(x, w), 2),
+                                (qs, lambda q: torch.ops.aten._weight_int8pack_mm(x, q, scale), 1)):  # fmt: skip
+            try:
+                seconds = best_time(lambda: [run(m) for m in mats], device) / copies
+                cells += [f"{seconds * 1e6:.1f}", f"{n * k * size / seconds / 1e9:.0f}"]
+                if size == 2:
+                    cells.append(f"{100 * n * k * size / seconds / 1e9 / bw:.0f}%")
+            except (NotImplementedError, RuntimeError) as e:
+                cells += [f"({type(e).__name__})", "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+        del ws, qs
+    return "\n".join(lines)
+
+
+def best_time(fn: Callable[[], object], device: str, reps: int = 10) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
 def table(results: list[dict], batches: list[int], bw: float) -> str:
     head = "| variant | shape | GB read a step | build s | " + " | ".join(
         f"b{b} tok/s | b{b} ms/step | b{b} % of floor" for b in batches
@@ -216,12 +257,15 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--budget", type=float, default=1e9, help="seconds: skip the variants left after this")
     p.add_argument("--json", default="")
+    p.add_argument("--gemv", action="store_true", help="first the one-row products table")
     opts = p.parse_args()
     opts.batches = [int(b) for b in opts.batches.split(",")]
     started = time.perf_counter()
     bw = bandwidth(opts.device)[0]
     name = torch.cuda.get_device_name() if opts.device == "cuda" else opts.device
     print(f"{name}: read bandwidth {bw:.0f} GB/s; torch {torch.__version__}", flush=True)
+    if opts.gemv:
+        print(gemv_table(bw, opts.device), flush=True)
     tok = tokenizer()
     results: list[dict] = []
     reference = None
