@@ -216,7 +216,20 @@ def test_dequantize_blocks_match_one_product(monkeypatch):
 
 # --- FP8 kept as FP8 (the GPU path): its arithmetic checked on CPU, where torch._scaled_mm also runs.
 
-needs_scaled_mm = pytest.mark.skipif(not hasattr(torch, "_scaled_mm"), reason="this torch has no torch._scaled_mm")
+def _cpu_rowwise_scaled_mm() -> bool:
+    """Whether this torch's CPU ``_scaled_mm`` takes one scale per row (torch 2.11's takes one per tensor)."""
+    try:
+        a = torch.ones(16, 16).to(torch.float8_e4m3fn)
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.float32)
+        return True
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+CPU_ROWWISE = _cpu_rowwise_scaled_mm()
+needs_scaled_mm = pytest.mark.skipif(
+    not CPU_ROWWISE, reason="this torch's CPU _scaled_mm has no row-wise scales (torch 2.11's has per-tensor only)"
+)
 
 
 def test_quantize_rows_follows_meta_recipe():
@@ -427,17 +440,23 @@ def test_fp8_linear_on_gpu_matches_float64_formula():
     assert y.dtype == torch.bfloat16 and y.shape == (5, 128)
     xq, xs = fp8.quantize_rows(x)
     xq_gpu, xs_gpu = fp8.quantize_rows(x.cuda())
-    assert torch.equal(xq_gpu.cpu().view(torch.uint8), xq.view(torch.uint8)) and torch.equal(xs_gpu.cpu(), xs)
+    # The values equal; the scales (amax / 448 in float32) within an ulp: CUDA's division may round the other way.
+    assert torch.equal(xq_gpu.cpu().view(torch.uint8), xq.view(torch.uint8))
+    assert torch.allclose(xs_gpu.cpu(), xs, rtol=2.5e-7, atol=0)
     ref = (xq.double() * xs.double()) @ (value.double() * scale.double()[:, None]).T
     assert ((y.cpu().double() - ref).abs().max() / ref.abs().max()).item() < 2**-7
 
 
 @needs_fp8_gpu
 def test_kept_fp8_model_on_gpu(folders):
-    """The FP8 folder kept FP8 on the GPU (bf16 elsewhere) against the same on CPU in float32."""
+    """The FP8 folder kept FP8 on the GPU (bf16 elsewhere) against the same on CPU in float32 where the
+    CPU multiplies FP8 row-wise; elsewhere against the dequantized model (activations not rounded
+    to FP8: the tolerance of test_kept_fp8_model_near_dequantized_model)."""
     path, _ = folders[1]
     tokens = torch.randint(0, ARGS.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         gpu = load_transformer(path, "cuda", torch.bfloat16, keep_fp8=True)(tokens.cuda()).float().cpu()
-        cpu = load_transformer(path, "cpu", torch.float32, keep_fp8=True)(tokens)
-    assert ((gpu - cpu).abs().max() / cpu.abs().max()).item() < 3e-2
+        cpu = load_transformer(path, "cpu", torch.float32, keep_fp8=CPU_ROWWISE)(tokens)
+    err = ((gpu - cpu).abs().max() / cpu.abs().max()).item()
+    print(f"FP8 on the GPU vs {'FP8' if CPU_ROWWISE else 'dequantized'} float32 on the CPU: rel err {err:.2e}")
+    assert err < (3e-2 if CPU_ROWWISE else 5e-2)
