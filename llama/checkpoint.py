@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from llama import fp8, quantize
+from llama.quantize import int4
 from llama.model import ModelArgs, Transformer
 from llama.params import load as read_params, read_quantization, to_dict
 from llama.progress import Progress
@@ -555,7 +556,9 @@ def load_transformer(
     checkpoint that is already in the requested dtype stays memory-mapped on CPU. ``keep_fp8``: the
     FP8 weights of Meta's FP8 folders stay FP8 in ``llama.fp8.Fp8Linear`` layers (one file per rank).
     ``transform``: see ``load_state_dict``; int8 weights with scales (``transform=int8_transform``,
-    or an int8 folder, ``llama.quantize``) load into ``llama.quantize.Int8Linear``.
+    or an int8 folder, ``llama.quantize``) load into ``llama.quantize.Int8Linear``; int4 nibbles with
+    scales and zeros (``transform=llama.quantize.int4.int4_transform``) into ``Int4Linear``s, not yet
+    packed for a kernel (``llama.quantize.int4.pack_model``).
     """
     args = args or load_params(ckpt_dir)
     state = load_state_dict(
@@ -567,6 +570,7 @@ def load_transformer(
     scaled = [k.removesuffix("scale") + "weight" for k in state if k.endswith(".scale")]
     fp8.use_fp8_layers(model, [k.removesuffix("weight") + "scale" for k in scaled if state[k].dtype == fp8.FP8])
     quantize.use_int8_layers(model, [k for k in scaled if state[k].dtype == torch.int8])  # transform=int8_transform
+    int4.use_int4_layers(model, [k.removesuffix("scales_and_zeros") + "weight" for k in state if k.endswith(".scales_and_zeros")])
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device)
 

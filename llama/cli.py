@@ -46,9 +46,10 @@ COMMON_HELP = {
     "device": "cpu, cuda or cuda:N, mps (default: cuda when available, else cpu)",
     "dtype": "weight dtype: bf16, fp16 or fp32 (default: bf16, or fp16 on GPUs without bf16)",
     "quantize": "int8: every projection stored as int8 with per-row scales (half the bytes of bf16; "
-    "docs/models.md); fp8: Meta's FP8 feed-forward, on GPUs of compute capability >= 8.9 (default: none)",
+    "docs/models.md); int4: 4-bit codes with a bf16 scale and zero per group of 128 (one rank; torch's int4 "
+    "kernels on CUDA and CPU); fp8: Meta's FP8 feed-forward, on GPUs of compute capability >= 8.9 (default: none)",
 }
-COMMON_CHOICES: dict[str, Sequence[str]] = {"dtype": DTYPE_CHOICES, "quantize": ("int8", "fp8")}
+COMMON_CHOICES: dict[str, Sequence[str]] = {"dtype": DTYPE_CHOICES, "quantize": ("int8", "int4", "fp8")}
 
 
 def fail(message: str) -> argparse.ArgumentTypeError:

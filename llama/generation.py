@@ -29,11 +29,12 @@ from llama.memory import check_fits, plan_memory
 from llama.model import Transformer
 from llama.parallel import parallelize, setup_model_parallel
 from llama.quantize import int8_transform
+from llama.quantize.int4 import int4_transform, pack_model
 from llama.sampling import all_finite, check_temperature, check_top_p, sample_next
 from llama.tokenizer import Tokenizer
 
 
-QUANTIZE = (None, "int8", "fp8")  # Llama.build(quantize=...): llama/quantize/, llama/fp8.py
+QUANTIZE = (None, "int8", "int4", "fp8")  # Llama.build(quantize=...): llama/quantize/, llama/fp8.py
 
 
 class TokenEvent(TypedDict):
@@ -105,6 +106,11 @@ class Llama:
         (docs/models.md). Each weight is quantized as it is read (on the CPU), so the 16-bit model
         never has to fit in memory. An int8 folder (``python -m llama.quantize``) loads as such with
         no ``quantize`` argument (``"int8"`` changes nothing), on N ranks or a multiple of N for N files.
+        ``quantize="int4"`` (one rank): every projection whose shape torch's int4 kernels take (all of
+        Llama 3's) stored as 4-bit codes with a bf16 scale and zero point per group of 128 weights
+        along a row (``llama.quantize.int4``), about a quarter of bf16's bytes, multiplied by
+        torch's int4 kernels on CUDA and on the CPU (bf16 activations); quantized as it is read, as
+        int8 is. Not with int8 folders (their int8 values are not the 16-bit weights) nor several ranks.
         ``quantize="fp8"`` (CUDA GPUs of compute capability >= 8.9): after loading, the feed-forward
         weights of every layer but the first and the last are multiplied in FP8, as in Meta's FP8
         folders (``llama.fp8``); those folders themselves stay FP8 on such GPUs without it.
@@ -154,11 +160,19 @@ class Llama:
                 f"{ckpt_dir} is an int8 folder (python -m llama.quantize); quantize='fp8' needs 16-bit weights: "
                 f"build the folder it was quantized from with quantize='fp8', or this one without quantize"
             )
-        # Meta's FP8 folders stay FP8 on GPUs that multiply it (one file per rank); else bf16 at load.
-        keep_fp8 = fp8.keep_fp8(ckpt_dir, device, world_size)
+        if quantize == "int4" and int8:
+            raise ValueError(
+                f"{ckpt_dir} is an int8 folder (python -m llama.quantize); quantize='int4' needs 16-bit weights: "
+                f"build the folder it was quantized from with quantize='int4', or this one without quantize"
+            )
+        if quantize == "int4" and world_size > 1:
+            raise ValueError(f"quantize='int4' runs on one rank only, not {world_size}: use quantize='int8' or no quantize")
+        # Meta's FP8 folders stay FP8 on GPUs that multiply it (one file per rank); else bf16 at load
+        # (and for int4, which quantizes those 16-bit weights).
+        keep_fp8 = quantize != "int4" and fp8.keep_fp8(ckpt_dir, device, world_size)
         # quantize="int8" quantizes each weight as it is read (the peak is the int8 model);
         # quantize="fp8" after loading (the peak is the 16-bit model).
-        planned = "fp8" if keep_fp8 else "int8" if quantize == "int8" or int8 else None
+        planned = "fp8" if keep_fp8 else "int8" if quantize == "int8" or int8 else "int4" if quantize == "int4" else None
         plan = plan_memory(args, max_seq_len, max_batch_size, dtype, world_size, quantize=planned)
         check_fits(plan, device)
         if rank == 0:  # before the load, which can take minutes: what it will take, and where
@@ -168,13 +182,15 @@ class Llama:
             log(f"note: {note}")
         verify_checkpoint(ckpt_dir, verify, log, rank, world_size)
 
-        transform = int8_transform if quantize == "int8" and not int8 else None
+        transform = int8_transform if quantize == "int8" and not int8 else int4_transform if quantize == "int4" else None
         if device.type == "cpu" and hugepages.available():  # decoding streams them: llama/hugepages.py
             transform = hugepages.after(transform)
         model = load_transformer(
             ckpt_dir, device, dtype, rank, world_size, parallelize if world_size > 1 else None, args=args,
             progress=rank == 0, keep_fp8=keep_fp8, transform=transform,
         )
+        if quantize == "int4":  # the nibbles made at load, in the layout of the device's kernel
+            pack_model(model)
         if quantize == "fp8":  # a bf16 folder (or an FP8 one on another rank count): FFN to FP8 now
             fp8.quantize_feed_forward(model)
         model.setup_cache(max_batch_size, max_seq_len, zeros=hugepages.zeros_on_demand)  # resident where written

@@ -16,6 +16,7 @@ import torch
 from llama.checkpoint import check_layout, find_shards, int8_folder
 from llama.devices import check_device, parse_dtype
 from llama.model import ModelArgs
+from llama.quantize import int4
 from llama.params import load as read_params
 
 GiB = 1024**3
@@ -49,10 +50,12 @@ def kv_cache_bytes(args: ModelArgs, tokens: int, bytes_per_element: int, world_s
 # Quantized weights, exact bytes with their scales. int8 and int4 quantize every projection (wq wk
 # wv wo w1 w2 w3) and the output layer; the embedding and norms keep the model dtype. int8: 1 byte
 # a weight + a float32 scale per output row. int4: half a byte a weight + a bf16 scale and a bf16
-# zero point per group of INT4_GROUP weights along a row (the layout of torch's int4 kernels).
+# zero point per group of INT4_GROUP weights along a row (the layout of torch's int4 kernels,
+# llama.quantize.int4); a matrix whose shape those kernels do not take (``int4.fits``: never in
+# Llama 3) stays at the model dtype, as ``Llama.build(quantize="int4")`` leaves it.
 # fp8: Meta's FP8 folders, where only w1 w3 w2 of every layer but the first and the last are FP8:
 # 1 byte a weight + a float32 scale per output row of each rank's slice.
-INT4_GROUP = 128
+INT4_GROUP = int4.GROUP
 QUANTIZATIONS = ("int8", "int4", "fp8")
 
 
@@ -70,6 +73,8 @@ def quantized_weight_bytes(
         attention = [(args.n_heads * hd, dim, False), (args.n_kv_heads * hd, dim, False),
                      (args.n_kv_heads * hd, dim, False), (dim, args.n_heads * hd, True)]  # fmt: skip
         mats = [(o, i, row, args.n_layers) for o, i, row in attention + ffn_mats] + [(args.vocab_size, dim, False, 1)]
+    if quantize == "int4":  # one rank (Llama.build refuses int4 on more); the shapes the kernels take
+        mats = [m for m in mats if int4.fits(m[0] // (1 if m[2] else world_size), m[1] // (world_size if m[2] else 1))]
     quantized = sum(o * i * count for o, i, _row, count in mats)
     rest = (parameter_count(args) - quantized) * torch.empty((), dtype=dtype).element_size() // world_size
     if quantize == "int4":

@@ -145,3 +145,46 @@ def test_int8_on_cuda_matches_float64_and_bf16_model(ckpt: Path, meta_tokenizer_
     assert err < 5e-2
     out, _ = int8.generate([[1, 2, 3]], 8, temperature=0)  # through the CUDA graph
     assert len(out[0]) == 8
+
+
+@torch.no_grad()
+def test_int4_cuda_kernel_matches_float64() -> None:
+    """torch's CUDA int4 kernel on our nibbles (llama.quantize.int4.pack_for_cuda) against float64
+    x @ dequant(q).T: bf16 activations and bf16 output, so within 1e-2 of the largest output."""
+    from llama.quantize.int4 import Int4Linear
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 1024, generator=g)
+    layer = Int4Linear.from_float(w)
+    exact = layer.dequantized(torch.float64)
+    layer = layer.to("cuda").pack()
+    assert layer.layout == "cuda"
+    for rows in (1, 7, 64):
+        x = torch.randn(rows, 1024, generator=g).to(torch.bfloat16)
+        ref = x.double() @ exact.T
+        y = layer(x.cuda()).cpu()
+        err = _rel(y, ref)
+        print(f"int4 cuda kernel, {rows} rows: rel err {err:.2e}")
+        assert err < 1e-2
+
+
+@pytest.mark.parametrize("quantize, tolerance", [("int8", 0.05), ("int4", 0.45)])
+@torch.no_grad()
+def test_quantized_logits_close_to_bf16_on_cuda(ckpt: Path, meta_tokenizer_path, quantize: str, tolerance: float) -> None:
+    """Each quantization's logits (norm, relative) against the bf16 model's on the GPU: random weights,
+    so int8 (per-row, ~0.4% of each weight) and int4 (group 128, ~10%) are amplified by the random
+    layers (measured on the CPU: int8 2%, int4 30%); the tolerances are 1.5-2.5x that."""
+    from llama import Llama
+
+    kwargs = dict(max_seq_len=64, max_batch_size=1, device="cuda", dtype="bf16", verify=False)
+    bf16 = Llama.build(str(ckpt), str(meta_tokenizer_path), **kwargs)
+    tokens = torch.randint(0, ARGS.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0)).cuda()
+    ref = bf16.model(tokens, 0).float()
+    del bf16
+    q = Llama.build(str(ckpt), str(meta_tokenizer_path), quantize=quantize, **kwargs)
+    out = q.model(tokens, 0).float()
+    err = ((out - ref).norm() / ref.norm()).item()
+    print(f"{quantize} vs bf16 logits on cuda: rel err {err:.3f}")
+    assert err < tolerance
+    text = q.text_completion(["Hello"], temperature=0.0, max_gen_len=4)
+    assert isinstance(text[0]["generation"], str)

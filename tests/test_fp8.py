@@ -395,7 +395,7 @@ def test_quantize_feed_forward_equals_meta_fp8_folder(folders, tmp_path):
 def test_build_quantize_argument_checked_first(tmp_path):
     from llama.generation import Llama
 
-    with pytest.raises(ValueError, match=r"quantize='int3' is not supported: use one of \(None, 'int8', 'fp8'\)"):
+    with pytest.raises(ValueError, match=r"quantize='int3' is not supported: use one of \(None, 'int8', 'int4', 'fp8'\)"):
         Llama.build(str(tmp_path / "nowhere"), device="cpu", quantize="int3")
     with pytest.raises(ValueError, match=r"quantize='fp8' .*compute capability 8\.9 or more .*not cpu"):
         Llama.build(str(tmp_path / "nowhere"), device="cpu", quantize="fp8")

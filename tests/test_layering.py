@@ -17,7 +17,8 @@ LAYERS = [
     # the math, the machine, the vocabularies, types, progress lines, OpenMP settings, NaN hunting
     {"model", "devices", "tokenizer", "datatypes", "sampling", "progress", "openmp", "diagnose", "fp8", "quantize", "hugepages"},
     # one command-line style for every entry point; params.json <-> ModelArgs; the Llama 2 tokenizer
-    {"cli", "params", "sp_tokenizer"},
+    # int4 weights beside int8's (it imports llama.quantize's key rule and projection names)
+    {"cli", "params", "sp_tokenizer", "quantize.int4"},
     # which tokenizer a file is, tool syntax, HF tokenizer files, C kernels
     {"family", "tool_calls", "hf_tokenizer", "native"},
     {"fused"},  # the decode step of a whole block in one C call (native's library)

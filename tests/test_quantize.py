@@ -256,8 +256,8 @@ def test_build_quantize_int8(tmp_path, meta_tokenizer_path):
     assert isinstance(llama.model.output, Int8Linear)
     out = llama.text_completion(["The capital of France is"], temperature=0.0, max_gen_len=4)
     assert isinstance(out[0]["generation"], str)
-    with pytest.raises(ValueError, match="quantize='int4' is not supported"):
-        Llama.build(str(tmp_path), max_seq_len=32, max_batch_size=1, device="cpu", quantize="int4")
+    with pytest.raises(ValueError, match="quantize='int5' is not supported"):
+        Llama.build(str(tmp_path), max_seq_len=32, max_batch_size=1, device="cpu", quantize="int5")
 
 
 PEAK_SCRIPT = """
