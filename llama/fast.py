@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama import fused, native
+from llama.fused_projections import fuse_projections, keep_fused
 from llama.devices import CpuThreads, cache_root, cpu_flags, default_compute_dtype
 from llama.model import Attention, Transformer, causal_mask
 from llama.quantize import Int8Linear, Int8MatVec
@@ -170,7 +171,7 @@ def apply_fast_paths(
     buffer = None if compute_dtype is None else torch.empty(FastLinear.WIDEN_BLOCK, device=device, dtype=compute_dtype)
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear):
-            new = _as(module, FastLinear)
+            new = _as(module, keep_fused(module, FastLinear))  # a joined layer stays joined
             new.compute_dtype, new.widen_buffer = compute_dtype, buffer
             w = new.weight
             usable = w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.is_contiguous()
@@ -183,7 +184,7 @@ def apply_fast_paths(
             module.compute_dtype = compute_dtype
             continue
         elif isinstance(module, Attention):
-            new = _as(module, DecodeAttention)
+            new = _as(module, keep_fused(module, DecodeAttention))  # a fused attention stays fused
             new.compute_dtype = compute_dtype
             # The kernel reads a bf16 cache. The cache has the embedding's dtype (setup_cache), not
             # the projections': int8 weights keep a bf16 cache. ``attend`` checks it at each step.
