@@ -10,7 +10,8 @@ faster where it matters (benchmarks/README.md has the numbers):
 - ``DecodeAttention`` (each ``Attention``): one-token steps as two small matmuls with K/V heads
   shared (``grouped_attention``), in float32 when the weights are multiplied in float32, or
   through a kernel that reads a bf16 cache in place; longer inputs keep the model's SDPA.
-``speed_up`` picks them for a device and dtype, measuring on CPUs which path is faster
+``speed_up`` then joins each block's [wq; wk; wv] and [w1; w3] where that is faster
+(``llama.fused_projections``). ``speed_up`` picks them for a device and dtype, measuring on CPUs which path is faster
 (``prompt_compute_dtype``, ``matvec_rows``); fairscale's layers (several ranks) are left alone.
 """
 
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama import fused, native
+from llama.fused_projections import enabled as fuse_projections_enabled, fuse_projections, keep_fused
 from llama.devices import CpuThreads, cache_root, cpu_flags, default_compute_dtype
 from llama.model import Attention, Transformer, causal_mask
 from llama.quantize import Int8Linear, Int8MatVec
@@ -170,7 +172,7 @@ def apply_fast_paths(
     buffer = None if compute_dtype is None else torch.empty(FastLinear.WIDEN_BLOCK, device=device, dtype=compute_dtype)
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear):
-            new = _as(module, FastLinear)
+            new = _as(module, keep_fused(module, FastLinear))  # a joined layer stays joined
             new.compute_dtype, new.widen_buffer = compute_dtype, buffer
             w = new.weight
             usable = w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.is_contiguous()
@@ -183,7 +185,7 @@ def apply_fast_paths(
             module.compute_dtype = compute_dtype
             continue
         elif isinstance(module, Attention):
-            new = _as(module, DecodeAttention)
+            new = _as(module, keep_fused(module, DecodeAttention))  # a fused attention stays fused
             new.compute_dtype = compute_dtype
             # The kernel reads a bf16 cache. The cache has the embedding's dtype (setup_cache), not
             # the projections': int8 weights keep a bf16 cache. ``attend`` checks it at each step.
@@ -432,7 +434,10 @@ def speed_up(model: Transformer, world_size: int = 1) -> Transformer:
     - int8 weights (``llama.quantize``) run our int8 kernel for up to 8 rows, and longer inputs in
       the prompt path's dtype;
     - eager one-token steps of a bf16 (or bf16 and int8) model run every block in one C call
-      (``llama.fused``) unless ``LLAMA_FUSED=0``.
+      (``llama.fused``) unless ``LLAMA_FUSED=0``;
+    - each block's [wq; wk; wv] and [w1; w3] are joined into one product each
+      (``llama.fused_projections``) on a GPU, and on the CPU where the C step does not run
+      (``fuse_projections_here``), unless ``LLAMA_FUSE_PROJECTIONS=0``.
     float16 weights, GPUs, and several ranks keep the rule of ``default_compute_dtype`` (no probe).
     With several ranks fairscale's layers replace every ``nn.Linear``, and torch's kernels run
     throughout.
@@ -457,8 +462,33 @@ def speed_up(model: Transformer, world_size: int = 1) -> Transformer:
         finally:
             threads.restore()
     if kernels is None:
-        return apply_fast_paths(model, compute_dtype)
-    apply_fast_paths(model, compute_dtype, kernels.matvec, rows, kernels.attention, kernels.int8_matvec)
-    if bf16 and fused.enabled():  # whole blocks of a decode step in C, bf16 or int8 (llama.fused)
-        fused.apply_fused(model, (nn.Linear, FastLinear), rows)
+        apply_fast_paths(model, compute_dtype)
+    else:
+        apply_fast_paths(model, compute_dtype, kernels.matvec, rows, kernels.attention, kernels.int8_matvec)
+        if bf16 and fused.enabled():  # whole blocks of a decode step in C, bf16 or int8 (llama.fused)
+            fused.apply_fused(model, (nn.Linear, FastLinear), rows)
+    if fuse_projections_here(model, world_size):
+        fuse_projections(model, (nn.Linear, FastLinear))
     return model
+
+
+def fuse_projections_here(model: Transformer, world_size: int = 1) -> bool:
+    """Whether ``speed_up`` joins [wq; wk; wv] and [w1; w3] (``llama.fused_projections``): not where
+    ``LLAMA_FUSE_PROJECTIONS=0``, nor with several ranks (fairscale's layers are left alone); on a
+    GPU always (batch-1 steps are memory-bound, and cuBLAS streams one big matrix nearer to the
+    bandwidth than several small ones: to be measured by the lead); on the CPU where the C step of
+    ``llama.fused`` does not run (it reads the separate bf16 layers) and the weights are bf16 or
+    int8, where it measured faster. Measured on this 2-core CPU (two Llama 3.2 1B-shaped blocks,
+    2 threads, ``LLAMA_FUSED=0``, best of 8 rounds): bf16 one-token step 7.67 -> 6.64 ms and
+    8.37 -> 7.01 ms (two runs), 128-token prefill 91.6 -> 90.3 ms; int8 step 3.94 -> 3.36 ms,
+    prefill 97.2 -> 96.9 ms; float32 a wash (step 26.7 -> 25.8 ms, prefill 251 -> 256 ms), so
+    float32 (and float16, not measured) CPU models stay unfused."""
+    weight = model.tok_embeddings.weight
+    if not fuse_projections_enabled() or world_size != 1:
+        return False
+    if weight.device.type != "cpu":
+        return weight.device.type != "meta"
+    if any(isinstance(block, fused.FusedBlock) for block in model.layers):
+        return False
+    int8 = any(isinstance(m, Int8Linear) for m in model.modules())
+    return int8 or weight.dtype == torch.bfloat16

@@ -188,15 +188,21 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: Position, mask: Tensor | None = None) -> Tensor:
         bsz, seqlen, _ = x.shape
         # -1: the number of heads on this rank (all of them without model parallelism).
-        q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)  # [B, S, Hq, hd]
-        k = self.wk(x).view(bsz, seqlen, -1, self.head_dim)  # [B, S, Hkv, hd]
-        v = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
+        q, k, v = self.project(x)
+        q = q.view(bsz, seqlen, -1, self.head_dim)  # [B, S, Hq, hd]
+        k = k.view(bsz, seqlen, -1, self.head_dim)  # [B, S, Hkv, hd]
+        v = v.view(bsz, seqlen, -1, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, hd]
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)  # [B, Hkv, T, hd]: T = start_pos + S, or max_seq_len
         out = self.attend(q, k, v, start_pos, mask)  # [B, Hq, S, hd]
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, S, dim] -> q [B, S, Hq * hd], k and v [B, S, Hkv * hd]. (``llama.fused_projections``
+        computes the three as one product.)"""
+        return self.wq(x), self.wk(x), self.wv(x)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, start_pos: Position, mask: Tensor | None) -> Tensor:
         """softmax(q k^T / sqrt(hd) + mask) v. q: [B, Hq, S, hd]; k, v: [B, Hkv, T, hd] -> [B, Hq, S, hd].

@@ -21,7 +21,7 @@ LAYERS = [
     {"cli", "params", "sp_tokenizer", "quantize.int4"},
     # which tokenizer a file is, tool syntax, HF tokenizer files, C kernels
     {"family", "tool_calls", "hf_tokenizer", "native"},
-    {"fused"},  # the decode step of a whole block in one C call (native's library)
+    {"fused", "fused_projections"},  # the decode step of a whole block in one C call; [wq; wk; wv] and [w1; w3] joined
     {"checkpoint"},  # files of weights
     # byte counts, dialogs, fast paths, ranks, format tools
     {"memory", "chat_format", "chat_format_llama2", "fast", "parallel", "convert", "reshard", "gguf_export",
