@@ -9,8 +9,9 @@ same numbers):
 - ``graph``: the default: one-token steps replayed from a CUDA graph (llama/cuda_graph.py), fused
   projections (llama/fused_projections.py); ``eager``: ``LLAMA_CUDA_GRAPH=0``; ``unfused``:
   ``LLAMA_FUSE_PROJECTIONS=0``; ``compile``: ``compile=True`` (minutes of Inductor);
-- ``int8`` / ``int4`` / ``fp8``: ``quantize=`` of that name, then the default step; ``int8-dequant``:
-  int8 without torch's int8 kernel (``LLAMA_INT8_GPU_KERNEL=dequant``: widened for ``F.linear``).
+- ``torch-matvec``: torch's products only (``LLAMA_GPU_MATVEC=0``: no Triton kernel, llama/gpu_matvec.py);
+- ``int8`` / ``int4`` / ``fp8``: ``quantize=`` of that name, then the default step; ``int8-torch``:
+  int8 with torch's products only (each weight widened for ``F.linear``).
 Per variant and batch size: decode tok/s (every row's tokens) from the times of the loop's steps
 after a first short run whose first step captures the graph (or compiles) for that batch size:
 that step's time is the warm-up; ms a step and its share of the floor, which is the bytes of the
@@ -38,11 +39,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import bandwidth  # noqa: E402  (the read bandwidth bench.py's floors use)
-from llama import fp8  # noqa: E402
+from llama import fp8, gpu_matvec  # noqa: E402
 from llama.fast import speed_up  # noqa: E402
 from llama.generation import Llama  # noqa: E402
 from llama.model import ModelArgs, Transformer  # noqa: E402
-from llama.quantize import _INT8_MM as int8_probe  # noqa: E402
 from llama.quantize import quantize_model  # noqa: E402
 from llama.tokenizer import Tokenizer  # noqa: E402
 
@@ -53,7 +53,7 @@ SHAPES = {
 }
 COMMON = dict(vocab_size=128256, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True)
 ENV = {"eager": {"LLAMA_CUDA_GRAPH": "0"}, "unfused": {"LLAMA_FUSE_PROJECTIONS": "0"},
-       "int8-dequant": {"LLAMA_INT8_GPU_KERNEL": "dequant"}}
+       "torch-matvec": {"LLAMA_GPU_MATVEC": "0"}, "int8-torch": {"LLAMA_GPU_MATVEC": "0"}}
 
 
 def quantizer(name: Optional[str]) -> Callable[[torch.nn.Module], object]:
@@ -159,11 +159,13 @@ def run_variant(name: str, opts, tok: Tokenizer, bw: float, reference: Optional[
         shape, quantize = name.split(":")
     started = time.perf_counter()
     with environ(ENV.get(name, {})):
-        int8_probe.clear()  # int8_mm_works reads LLAMA_INT8_GPU_KERNEL once per process
         model = random_model(shape, quantize, opts.device)
         model.setup_cache(max(opts.batches), max(opts.prompt, 64) + opts.tokens + 8)
+        gpu_matvec.VERDICTS.clear()
         speed_up(model)
         llm = Llama(model, tok, compile=name == "compile")
+    for line in gpu_matvec.VERDICTS:  # which product each weight shape got, with the probe's timings
+        print(f"  {name}: {line}", flush=True)
     built = time.perf_counter() - started
     floor_ms = streamed_bytes(model) / bw / 1e6
     out = {"variant": name, "shape": shape, "build_s": built, "streamed_gb": streamed_bytes(model) / 1e9,

@@ -19,7 +19,7 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
     echo "cpus: $(nproc)"
 } 2>&1 | tee "$OUT/machine.txt"
 if [ "${TESTS:-1}" != 0 ]; then
-    timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -rs -s -p no:cacheprovider tests/test_cuda.py tests/test_cuda_graph.py \
+    timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -rs -s -p no:cacheprovider tests/test_cuda.py tests/test_gpu_matvec.py \
         tests/test_fp8.py "tests/test_quantize_folder.py::test_load_on_gpu_equals_quantize_at_load" ${EXTRA_TESTS:-} \
         >"$OUT/tests.log" 2>&1
     echo "tests: exit $?"

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama import fused, native
+from llama import fused, gpu_matvec, native
 from llama.fused_projections import enabled as fuse_projections_enabled, fuse_projections, keep_fused
 from llama.devices import CpuThreads, cache_root, cpu_flags, default_compute_dtype
 from llama.model import Attention, Transformer, causal_mask
@@ -469,6 +469,8 @@ def speed_up(model: Transformer, world_size: int = 1) -> Transformer:
             fused.apply_fused(model, (nn.Linear, FastLinear), rows)
     if fuse_projections_here(model, world_size):
         fuse_projections(model, (nn.Linear, FastLinear))
+    if weight.device.type == "cuda" and world_size == 1:  # few-row products: a Triton kernel where faster
+        gpu_matvec.apply_gpu_matvec(model, (FastLinear,))
     return model
 
 

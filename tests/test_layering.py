@@ -15,13 +15,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "llama"
 # Lowest first; a module may import modules of lower layers only (never its own layer or above).
 LAYERS = [
     # the math, the machine, the vocabularies, types, progress lines, OpenMP settings, NaN hunting
-    {"model", "devices", "tokenizer", "datatypes", "sampling", "progress", "openmp", "diagnose", "fp8", "quantize", "hugepages"},
+    {"model", "devices", "tokenizer", "datatypes", "sampling", "progress", "openmp", "diagnose", "fp8", "quantize", "hugepages",
+     "gpu_matvec_kernel"},
     # one command-line style for every entry point; params.json <-> ModelArgs; the Llama 2 tokenizer
     # int4 weights beside int8's (it imports llama.quantize's key rule and projection names)
     {"cli", "params", "sp_tokenizer", "quantize.int4"},
     # which tokenizer a file is, tool syntax, HF tokenizer files, C kernels
     {"family", "tool_calls", "hf_tokenizer", "native"},
-    {"fused", "fused_projections"},  # the decode step of a whole block in one C call; [wq; wk; wv] and [w1; w3] joined
+    {"fused", "fused_projections", "gpu_matvec"},  # the decode step of a whole block in one C call; [wq; wk; wv] and [w1; w3] joined
     {"checkpoint"},  # files of weights
     # byte counts, dialogs, fast paths, ranks, format tools
     {"memory", "chat_format", "chat_format_llama2", "fast", "parallel", "convert", "reshard", "gguf_export",

@@ -388,20 +388,3 @@ def test_release_pages_only_inside_file_mappings(tmp_path):
     release_pages(ordinary, mapped)  # outside every mapping given: nothing happens
     assert ordinary.sum().item() == sum(range(1 << 20))
 
-
-def test_torch_int8_kernel_probe_and_scale_cast(monkeypatch):
-    """``int8_mm_works`` (Int8Linear's GPU path) finds torch's int8 kernel where it runs (the CPU
-    build has one) and is told no by LLAMA_INT8_GPU_KERNEL=dequant; ``scale_as`` follows an in-place
-    change of the scales (a stale cast would multiply by the old ones)."""
-    from llama import quantize as q
-
-    monkeypatch.setattr(q, "_INT8_MM", {})
-    assert q.int8_mm_works(torch.device("cpu"), torch.bfloat16)
-    monkeypatch.setattr(q, "_INT8_MM", {})
-    monkeypatch.setenv("LLAMA_INT8_GPU_KERNEL", "dequant")
-    assert not q.int8_mm_works(torch.device("cpu"), torch.bfloat16)
-    layer = q.Int8Linear.from_float(torch.randn(8, 16))
-    first = layer.scale_as(torch.bfloat16)
-    assert first.dtype == torch.bfloat16 and torch.equal(first, layer.scale.to(torch.bfloat16))
-    layer.scale.mul_(2)
-    assert torch.equal(layer.scale_as(torch.bfloat16), layer.scale.to(torch.bfloat16))

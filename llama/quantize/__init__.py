@@ -1,7 +1,6 @@
 """int8 weight-only quantization: each projection weight stored as int8 with one float32 scale per
-output row (symmetric). Activations are not quantized to int8: torch's paths (prompts; GPUs, through
-torch's weight-only int8 kernel ``_weight_int8pack_mm`` where the build has it) multiply them in
-their own dtype, and the CPU decode kernel (llama/csrc/int8_matvec.c) rounds each
+output row (symmetric). Activations are not quantized to int8: torch's paths (prompts, GPUs)
+multiply them in their own dtype, and the CPU decode kernel (llama/csrc/int8_matvec.c) rounds each
 block of 32 to int16 with its own step, at most 1/65534 of the block's largest |x| off (256 times
 finer than the weights' int8 rounding), so that integer products keep up with memory.
 
@@ -47,7 +46,6 @@ a count that is not a multiple of N, are refused: wo and w2 are split by columns
 their own scales for the same rows and cannot be joined (reshard the 16-bit SRC, quantize again).
 """
 
-import os
 from typing import Callable, Optional
 
 import torch
@@ -118,9 +116,9 @@ class Int8Linear(nn.Module):
 
     Buffers ``weight`` (int8 [out, in], the checkpoint key's name) and ``scale`` (float32 [out]).
     ``matvec``, when set (``llama.cpu``), multiplies up to ``matvec_rows`` rows with a kernel that
-    streams the int8 bytes (``llama.native``); on a GPU torch's int8 kernel takes it (``int8_mm_works``;
-    the scales rounded to x's dtype, as that kernel takes them: 2^-9 relative in bf16, under the
-    int8 rounding's own error); otherwise the product is computed in ``compute_dtype``
+    streams the int8 bytes (``llama.native`` on CPUs, ``llama.gpu_matvec`` on GPUs: torch's own
+    weight-only int8 kernel streamed 3-5% of an H200's bandwidth); otherwise the product is computed
+    in ``compute_dtype``
     (default: x's dtype) a block of rows at a time, each block's int8 weights widened once.
     """
 
@@ -162,11 +160,6 @@ class Int8Linear(nn.Module):
             return self.matvec(x.reshape(rows, -1), self.weight, self.scale).view(*x.shape[:-1], -1)
         dtype = self.compute_dtype or x.dtype
         xc = x.to(dtype)
-        if x.device.type == "cuda" and not torch.compiler.is_compiling() and int8_mm_works(x.device, dtype):
-            # torch's weight-only int8 kernel reads the int8 bytes once; the expression below
-            # would write and read a widened copy (5 bytes a weight against bf16's 2).
-            y = torch.ops.aten._weight_int8pack_mm(xc.reshape(rows, -1), self.weight, self.scale_as(dtype))
-            return y.view(*x.shape[:-1], -1).to(x.dtype)
         if torch.compiler.is_compiling() or x.device.type != "cpu":
             # One expression that Inductor (or a GPU) fuses: the widened copy never reaches memory.
             return (F.linear(xc, self.weight.to(dtype)) * self.scale.to(dtype)).to(x.dtype)
@@ -183,41 +176,8 @@ class Int8Linear(nn.Module):
             out[..., start:end] = F.linear(xc, wide) * self.scale[start:end].to(dtype)
         return out
 
-    def scale_as(self, dtype: torch.dtype) -> torch.Tensor:
-        """``scale`` in ``dtype`` (what torch's int8 kernel takes), made once and kept until ``scale`` changes."""
-        key = (dtype, self.scale.data_ptr(), self.scale._version)
-        if getattr(self, "_scale_key", None) != key:
-            self._scale_cast, self._scale_key = self.scale.to(dtype), key
-        return self._scale_cast
-
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row scales"
-
-
-_INT8_MM: dict[tuple[str, torch.dtype], bool] = {}  # (device type, dtype) -> torch's int8 kernel runs there
-
-
-def int8_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``torch.ops.aten._weight_int8pack_mm`` (x [M, K] @ int8 w [N, K].T * scales [N]) runs
-    on ``device`` for activations of ``dtype``, and gives that product: tried once on a small case
-    (older torch builds have no CUDA kernel for it), then remembered. ``LLAMA_INT8_GPU_KERNEL=dequant``
-    says no (``Int8Linear`` then widens the weights for ``F.linear``)."""
-    key = (device.type, dtype)
-    if key not in _INT8_MM:
-        ok = os.environ.get("LLAMA_INT8_GPU_KERNEL", "") != "dequant"
-        if ok:
-            try:
-                g = torch.Generator(device).manual_seed(0)
-                x = torch.randn(3, 64, generator=g, device=device).to(dtype)
-                w = torch.randint(-127, 128, (40, 64), generator=g, device=device, dtype=torch.int8)
-                s = torch.rand(40, generator=g, device=device).to(dtype)
-                y = torch.ops.aten._weight_int8pack_mm(x, w, s).double()
-                want = (x.double() @ w.double().T) * s.double()
-                ok = bool(((y - want).abs().max() <= 0.02 * want.abs().max()).item())
-            except (NotImplementedError, RuntimeError):
-                ok = False
-        _INT8_MM[key] = ok
-    return _INT8_MM[key]
 
 
 def is_quantized_key(key: str, keep_output: bool = False) -> bool:
