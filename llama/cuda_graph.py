@@ -31,6 +31,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from llama.devices import record_cuda_graph
+
 
 def enabled(device: torch.device, world_size: int = 1) -> bool:
     """Whether ``Llama`` decodes through a CUDA graph: a CUDA device, one rank, ``LLAMA_CUDA_GRAPH`` not 0."""
@@ -54,20 +56,10 @@ Capture = Callable[[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], torch.
 def capture_cuda_graph(
     run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], tokens: torch.Tensor, start_pos: torch.Tensor
 ) -> Captured:
-    """Record ``run(tokens, start_pos)`` into a ``torch.cuda.CUDAGraph``.
-
-    Warm-up first on a side stream, as CUDA graphs require: lazily created state (cuBLAS handles
-    and workspaces, the caching allocator's blocks) must exist before capture, when nothing may
-    be allocated outside the graph's pool or synchronised with the host.
-    """
-    stream = torch.cuda.Stream(tokens.device)
-    stream.wait_stream(torch.cuda.current_stream(tokens.device))
-    with torch.cuda.stream(stream):
-        run(tokens, start_pos)
-    torch.cuda.current_stream(tokens.device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        logits = run(tokens, start_pos)
+    """Record ``run(tokens, start_pos)`` into a ``torch.cuda.CUDAGraph`` (``llama.devices.record_cuda_graph``:
+    a warm-up run on a side stream first, then the capture)."""
+    with torch.cuda.device(tokens.device):
+        graph, logits = record_cuda_graph(lambda: run(tokens, start_pos))
     return Captured(graph, tokens, start_pos, logits)
 
 

@@ -10,10 +10,11 @@ import functools
 import os
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, TypeVar
 
 import torch
 
+T = TypeVar("T")
 # Every dtype name the library accepts, from the command line or the API (one table for all tools).
 DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -134,6 +135,25 @@ def compile_decode_step(model: torch.nn.Module, device: torch.device) -> Callabl
         options = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
         return torch.compile(model, fullgraph=True, dynamic=False, options=options)
     return torch.compile(model, fullgraph=True, dynamic=False)
+
+
+def record_cuda_graph(fn: Callable[[], T]) -> tuple["torch.cuda.CUDAGraph", T]:
+    """``fn``'s CUDA kernels recorded in a ``torch.cuda.CUDAGraph``: (graph, what the recorded call returned).
+
+    ``fn`` runs once first on a side stream, as graphs require: lazily made state (cuBLAS handles and
+    workspaces, Triton's compiled kernels, the allocator's blocks) must exist before the capture,
+    during which nothing may be allocated outside the graph's pool or synchronised with the host.
+    The capture itself runs nothing; ``graph.replay()`` does.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
 
 
 def cache_root() -> Path:

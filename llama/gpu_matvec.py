@@ -17,7 +17,8 @@ torch's product up to the order of the float32 additions.
 Which product runs: ``apply_gpu_matvec(model)`` (``llama.fast.speed_up`` on a CUDA GPU, one rank)
 groups the model's linear layers by weight shape and dtype and, for each group, times torch's
 product and each kernel configuration (``CONFIGS``) over the group's own weights (all its layers
-in turn: more bytes than the L2 cache holds, as in decoding), for one row; the fastest kernel
+in turn: more bytes than the L2 cache holds, as in decoding; replayed from a CUDA graph, as
+decoding replays them), for one row; the fastest kernel
 configuration is then timed for ``MAX_ROWS`` rows too. A layer gets the kernel (``matvec``, for up
 to ``matvec_rows`` rows) only where it beat torch; a configuration that fails to compile, or whose
 output differs from torch's by more than rounding, is never used. Under ``torch.compile`` the
@@ -31,6 +32,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from llama.devices import record_cuda_graph
 
 MAX_ROWS = 8
 VERDICTS: list[str] = []  # one line per weight group ``choose`` decided, with the timings (benchmarks print them)
@@ -112,8 +115,11 @@ def _seconds(fn: Callable[[], object], reps: int = 3) -> float:
 
 
 def _group_seconds(fn: Callable, x: torch.Tensor, weights: list[tuple[torch.Tensor, Optional[torch.Tensor]]]) -> float:
-    """Seconds for ``fn`` to multiply ``x`` by every weight of the group in turn (int8 ones with their scales)."""
-    return _seconds(lambda: [fn(x, w) if s is None else fn(x, w, s) for w, s in weights])
+    """Seconds of GPU time for ``fn`` to multiply ``x`` by every weight of the group in turn (int8 ones
+    with their scales), replayed from a CUDA graph as decoding replays it: timed from Python, the
+    launches (~10-20 us each) would hide the kernels of small products."""
+    graph, _ = record_cuda_graph(lambda: [fn(x, w) if s is None else fn(x, w, s) for w, s in weights])
+    return _seconds(graph.replay)
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> bool:

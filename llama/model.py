@@ -254,6 +254,12 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+def local_out_features(linear: nn.Module) -> int:
+    """Output features of this rank's slice of a linear layer: its weight's rows ([out, in]). A layer
+    that stores its weight in another layout (packed int4, ``llama.quantize.int4``) says it itself."""
+    return getattr(linear, "local_out_features", None) or linear.weight.shape[0]
+
+
 class Transformer(nn.Module):
     """Token ids [B, S] -> float32 logits [B, S, vocab] (or [B, 1, vocab] with ``last_only``)."""
 
@@ -284,7 +290,7 @@ class Transformer(nn.Module):
         hd = self.args.head_dim
         for layer in self.layers:
             # Local KV heads from the (possibly sharded) wk weight: [n_kv_local * hd, dim].
-            n_kv_local = layer.attention.wk.weight.shape[0] // hd
+            n_kv_local = local_out_features(layer.attention.wk) // hd
             layer.attention.cache = KVCache(max_batch_size, max_seq_len, n_kv_local, hd, weight.device, weight.dtype, zeros)
         freqs = rope_frequencies(self.args, device=weight.device)
         self._rope_cos, self._rope_sin = rope_cos_sin(freqs, torch.arange(max_seq_len, device=weight.device))

@@ -193,3 +193,19 @@ def test_scales_and_zeros_layout():
     sz = scales_and_zeros(s, z)
     assert sz.shape == (3, 16, 2) and sz.is_contiguous()
     assert torch.equal(sz[2, 7], torch.stack([s[7, 2], z[7, 2]]))
+
+
+def test_cache_heads_counted_whatever_the_packed_layout():
+    """setup_cache counts a rank's KV heads from wk's output features: a packed int4 weight's tensor
+    shape is not [out, in] (CUDA's layout: [out / 8, ...]), so its rows would give the wrong count."""
+    from llama.model import ModelArgs, Transformer, local_out_features
+    from llama.quantize.int4 import Int4Linear
+
+    args = ModelArgs(dim=256, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=64)
+    model = Transformer(args, dtype=torch.float32)
+    wk = Int4Linear.from_float(model.layers[0].attention.wk.weight.detach())
+    wk.weight = torch.zeros(16, 2, 32, 4, dtype=torch.int32)  # a layout whose first dimension is not 128
+    model.layers[0].attention.wk = wk
+    assert local_out_features(wk) == 128
+    model.setup_cache(1, 8)
+    assert model.layers[0].attention.cache.k.shape == (1, 2, 8, 64)

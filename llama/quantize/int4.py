@@ -201,6 +201,11 @@ class Int4Linear(nn.Module):
         layer.weight, layer.scales_and_zeros = quantize_packed(weight, group)
         return layer
 
+    @property
+    def local_out_features(self) -> int:
+        """Output features, whatever the layout of ``weight`` (``llama.model.local_out_features``): one rank only."""
+        return self.out_features
+
     def pack(self) -> "Int4Linear":
         """Repack the nibbles for the kernel of the device they are on (CPU, CUDA; others keep them)."""
         if self.layout != "nibbles":
