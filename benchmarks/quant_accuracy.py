@@ -1,5 +1,9 @@
-"""What int8 weights (llama/quantize.py) cost in accuracy on a real model: the demo model
-(SmolLM2-135M-Instruct), bf16 against int8 with and without the output layer quantized.
+"""What quantized weights cost in accuracy on a real model: the demo model (SmolLM2-135M-Instruct),
+bf16 against int8 (llama/quantize/) with and without the output layer quantized, int4
+(llama/quantize/int4.py: only the layers whose shapes torch's int4 kernels take, here w2 and the
+output layer: the model's width, 576, is not a multiple of the group of 128) and FP8 (llama/fp8.py:
+Meta's recipe, w1 w3 w2 of every layer but the first and the last, activations rounded to FP8 per
+row; multiplied on the CPU by torch's _scaled_mm, where torch 2.13 takes row-wise scales).
 
 Prints the perplexity of a fixed English text of at least 2,000 tokens (this repository's own
 docs, written by us: docs/download.md, docs/models.md, docs/parallel.md, docs/tokenizer.md, in
@@ -7,7 +11,7 @@ that order, cut at 2,048 tokens), computed two ways: 512-token windows at once (
 torch's matmuls) and the same windows one token a step (the decode path: our kernels on x86-64),
 and the greedy answers to the example dialogs.
 
-    python benchmarks/int8_accuracy.py
+    python benchmarks/quant_accuracy.py
 """
 
 import math
@@ -15,8 +19,11 @@ from pathlib import Path
 
 import torch
 
-from llama.generation import Llama
+from llama import fp8
 from llama.demo import default_checkpoint
+from llama.fast import speed_up
+from llama.generation import Llama
+from llama.quantize import quantize_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["docs/download.md", "docs/models.md", "docs/parallel.md", "docs/tokenizer.md"]
@@ -62,14 +69,14 @@ def main() -> None:
     text = "\n\n".join((ROOT / d).read_text() for d in DOCS)
     rows = []
     answers: dict[str, list[str]] = {}
-    for name, quantize, keep_output in (("bf16", None, False), ("int8", "int8", False), ("int8, output bf16", "int8", True)):
-        llama = Llama.build(str(ckpt), max_seq_len=600, max_batch_size=1, quantize=None if keep_output else quantize, verify=False)
-        if keep_output:
-            from llama.fast import speed_up
-            from llama.quantize import quantize_model
-
+    for name in ("bf16", "int8", "int8, output bf16", "int4", "fp8"):
+        quantize = {"int8": "int8", "int4": "int4"}.get(name)
+        llama = Llama.build(str(ckpt), max_seq_len=600, max_batch_size=1, quantize=quantize, verify=False)
+        if name == "int8, output bf16":
             quantize_model(llama.model, keep_output=True)
             speed_up(llama.model)
+        elif name == "fp8":  # quantize="fp8" is for GPUs that multiply FP8; the same arithmetic here
+            fp8.quantize_feed_forward(llama.model)
         ids = llama.tokenizer.encode(text, bos=True, eos=False)[:TOKENS]
         assert len(ids) == TOKENS, f"the docs hold only {len(ids)} tokens"
         rows.append((name, perplexity(llama, ids), decode_perplexity(llama, ids)))
