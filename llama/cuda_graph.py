@@ -13,7 +13,9 @@ device: attention over the whole cache with a position mask, ``llama.model``), a
 stream (it writes the step's keys and values at ``start_pos``, the same values the real step
 writes there), then the capture, which runs nothing; every call then copies its inputs into the
 graph's own and replays it. The logits are the graph's output tensor, overwritten by the next
-replay of that graph: read them before the next step (the generation loop does).
+replay of that graph: read them before the next step (the generation loop does). A model whose
+step cannot be captured (a layer that synchronises with the host) is said so once on stderr and
+decodes with the same static-shape step, eagerly.
 
 Graphs are per batch size, each with its own memory pool: a step's activations are small (the
 8B shape: ~1 MiB of logits and temporaries per row). A graph records the addresses of everything
@@ -25,6 +27,7 @@ would have to be captured too, untested here).
 """
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -71,6 +74,7 @@ class GraphedDecodeStep:
         self.capture = capture or capture_cuda_graph
         self.graphs: dict[int, Captured] = {}
         self.cache_ids: list[int] = []  # the KV cache objects the graphs write into
+        self.failed: Optional[str] = None  # why a capture failed: then every step runs eagerly
 
     def _run(self, tokens: torch.Tensor, start_pos: torch.Tensor) -> torch.Tensor:
         return self.model(tokens, start_pos, last_only=True)  # S = 1: the last position is the only one
@@ -87,10 +91,18 @@ class GraphedDecodeStep:
         if cache_ids != self.cache_ids:  # setup_cache made new tensors: the graphs point at freed ones
             self.graphs.clear()
             self.cache_ids = cache_ids
+        if self.failed is not None:  # this model cannot be captured: the same step, eager
+            return self._run(tokens, start_pos)
         captured = self.graphs.get(bsz)
         if captured is None:
             # Inputs of its own: the caller's tensors may be freed or reused after this call.
-            captured = self.capture(self._run, tokens.clone(), start_pos.clone())
+            try:
+                captured = self.capture(self._run, tokens.clone(), start_pos.clone())
+            except RuntimeError as e:  # a layer that synchronises with the host, say: decode eagerly
+                self.failed = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                print(f"note: decoding without a CUDA graph (the step could not be captured: {self.failed})",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                return self._run(tokens, start_pos)
             self.graphs[bsz] = captured
         else:
             captured.tokens.copy_(tokens)

@@ -10,9 +10,11 @@ faster where it matters (benchmarks/README.md has the numbers):
 - ``DecodeAttention`` (each ``Attention``): one-token steps as two small matmuls with K/V heads
   shared (``grouped_attention``), in float32 when the weights are multiplied in float32, or
   through a kernel that reads a bf16 cache in place; longer inputs keep the model's SDPA.
-``speed_up`` then joins each block's [wq; wk; wv] and [w1; w3] where that is faster
-(``llama.fused_projections``). ``speed_up`` picks them for a device and dtype, measuring on CPUs which path is faster
-(``prompt_compute_dtype``, ``matvec_rows``); fairscale's layers (several ranks) are left alone.
+``speed_up`` picks them for a device and dtype, measuring on CPUs which path is faster
+(``prompt_compute_dtype``, ``matvec_rows``); then joins each block's [wq; wk; wv] and [w1; w3]
+where that is faster (``llama.fused_projections``), and on a GPU gives each weight shape the
+products that measured faster there (``llama.gpu_matvec``). fairscale's layers (several ranks)
+are left alone.
 """
 
 import copy

@@ -161,6 +161,7 @@ def choose(layers: list[nn.Module], int8: bool, log: Optional[Callable[[str], No
         rows = MAX_ROWS if _group_seconds(best, x8, weights) < _group_seconds(ref, x8, weights) else 1
     shape = f"{len(layers)} x {tuple(w0.shape)} {str(w0.dtype).removeprefix('torch.')}"
     us = ", ".join(f"{k}: {v / len(layers) * 1e6:.1f} us" for k, v in timings.items())
+    del VERDICTS[:-63]  # the last builds' only
     VERDICTS.append(f"{shape}: {us} -> {'kernel ' + str(best_config) + ' for up to ' + str(rows) + ' row(s)' if best else 'torch'}")
     if log is not None:
         log(f"gpu_matvec {VERDICTS[-1]}")

@@ -106,3 +106,20 @@ def test_enabled_only_for_one_cuda_process(monkeypatch):
     assert not cuda_graph.enabled(torch.device("cuda"), world_size=2)
     monkeypatch.setenv("LLAMA_CUDA_GRAPH", "0")
     assert not cuda_graph.enabled(torch.device("cuda"))
+
+
+def test_a_step_that_cannot_be_captured_runs_eagerly(tokenizer, capsys):
+    """A capture that fails (a layer synchronising with the host, say) is said once, and every step
+    then runs the same static-shape step eagerly: the same tokens as eager decoding."""
+    model = make_model()
+    expected = Llama(model, tokenizer).generate([[1, 2, 3]], 8, temperature=0)
+
+    def refuse(run, tokens, start_pos):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    llm = Llama(model, tokenizer)
+    llm.decode_step = GraphedDecodeStep(model, capture=refuse)
+    assert llm.generate([[1, 2, 3]], 8, temperature=0) == expected
+    assert llm.generate([[1, 2, 3]], 8, temperature=0) == expected
+    err = capsys.readouterr().err
+    assert err.count("decoding without a CUDA graph") == 1 and "not permitted when stream is capturing)" in err
