@@ -6,7 +6,8 @@ times: when the first new token of every row was known (prefill) and when the la
 
 - ``ours``: ``llama.Llama`` eager; ``ours-int8``: the int8 folder ``python -m llama.quantize`` writes
   (made once, in the workdir beside the transformers copy); ``ours-int8-load``: ``quantize="int8"`` on the 16-bit folder
-  (the same model, quantized while loading: a higher peak RSS); ``ours-compile``: ``Llama.build(..., compile=True)``;
+  (the same model, quantized while loading: a higher peak RSS); ``ours-int4``: ``quantize="int4"``
+  (torch's int4 kernels; layers of widths that are not multiples of 128 stay 16-bit); ``ours-compile``: ``Llama.build(..., compile=True)``;
   ``ours-torch``: eager with ``LLAMA_NATIVE=0``, i.e. torch's kernels instead of the native bf16
   kernels (llama/native.py), to show what they buy on the same run.
 - ``hf``: transformers ``LlamaForCausalLM`` with its default (dynamic) cache and SDPA attention;
@@ -32,7 +33,7 @@ from llama.convert import meta_to_hf
 from llama.model import ModelArgs
 from llama.params import to_dict
 
-ENGINES = ("ours", "ours-int8", "ours-int8-load", "ours-compile", "ours-torch", "hf", "hf-compile", "llamacpp-bf16", "llamacpp-q8")
+ENGINES = ("ours", "ours-int8", "ours-int8-load", "ours-int4", "ours-compile", "ours-torch", "hf", "hf-compile", "llamacpp-bf16", "llamacpp-q8")
 # llama.cpp engines: (GGUF type written by our exporter, llama/gguf_export.py). They run in their own
 # venv (scripts/setup_llamacpp.sh) through benchmarks/llamacpp_worker.py, not through load_engine.
 LLAMACPP = {"llamacpp-bf16": "bf16", "llamacpp-q8": "q8_0"}
@@ -236,8 +237,9 @@ def load_engine(
         return Ours(ckpt_dir, device, dtype, max_batch, max_seq_len, compile=False)
     if name == "ours-int8":  # the int8 folder `python -m llama.quantize` writes, beside the checkpoint
         return Ours(ensure_int8_folder(ckpt_dir, hf_dir.parent / "int8"), device, dtype, max_batch, max_seq_len, compile=False)
-    if name == "ours-int8-load":  # the 16-bit folder quantized while loading
-        return Ours(ckpt_dir, device, dtype, max_batch, max_seq_len, compile=False, quantize="int8")
+    if name in ("ours-int8-load", "ours-int4"):  # the 16-bit folder quantized while loading
+        quantize = "int8" if name == "ours-int8-load" else "int4"
+        return Ours(ckpt_dir, device, dtype, max_batch, max_seq_len, compile=False, quantize=quantize)
     if name in ("ours", "ours-compile"):
         return Ours(ckpt_dir, device, dtype, max_batch, max_seq_len, compile=name == "ours-compile")
     if name in ("hf", "hf-compile"):
