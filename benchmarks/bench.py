@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 if "--worker" in sys.argv and sys.argv[sys.argv.index("--worker") + 1].startswith("ours"):
     # Our engines import llama before torch, as a program using it does: llama sets OpenMP's wait
@@ -157,22 +157,24 @@ def bandwidth(
     ``x``: the tensor to read (``read_tensor``), made here when None."""
     x = read_tensor(device, gib) if x is None else x
     y = torch.empty_like(x) if copy else None
-
-    def best(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        return min(times)
-
     nbytes = x.numel() * 4
-    return nbytes / best(lambda: x.sum()) / GB, (2 * nbytes / best(lambda: y.copy_(x)) / GB if copy else 0.0)
+    read = nbytes / best_seconds(lambda: x.sum(), device, repeats) / GB
+    return read, (2 * nbytes / best_seconds(lambda: y.copy_(x), device, repeats) / GB if copy else 0.0)
+
+
+def best_seconds(fn: Callable[[], object], device: str, repeats: int = 10) -> float:
+    """The best of ``repeats`` wall times of ``fn`` (after one untimed call), synchronised on CUDA."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return min(times)
 
 
 def read_tensor(device: str, gib: float = 1.0) -> torch.Tensor:

@@ -38,8 +38,9 @@ from typing import Callable, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import bandwidth  # noqa: E402  (the read bandwidth bench.py's floors use)
+from bench import bandwidth, best_seconds  # noqa: E402  (the read bandwidth bench.py's floors use)
 from llama import fp8, gpu_matvec  # noqa: E402
+from llama.devices import record_cuda_graph  # noqa: E402
 from llama.fast import speed_up  # noqa: E402
 from llama.generation import Llama  # noqa: E402
 from llama.model import ModelArgs, Transformer  # noqa: E402
@@ -193,7 +194,9 @@ def run_variant(name: str, opts, tok: Tokenizer, bw: float, reference: Optional[
 
 def gemv_table(bw: float, device: str) -> str:
     """One-row products of the 8B shape's weights, separate and fused, bf16 (``F.linear``) and int8
-    (torch's kernel): GB/s of weight bytes over ~2 GB of copies (nothing stays in L2)."""
+    (torch's ``_weight_int8pack_mm``): GB/s of weight bytes over ~2 GB of copies (nothing stays in
+    L2), the kernels' own time (``kernel_seconds``). Our Triton kernel's times per shape are in the
+    lines each variant prints (``llama.gpu_matvec``'s probe)."""
     shapes = {"wq, wo": (4096, 4096), "wk, wv": (1024, 4096), "wq|wk|wv": (6144, 4096), "w1, w3": (14336, 4096),
               "w1|w3": (28672, 4096), "w2": (4096, 14336), "output": (128256, 4096)}  # fmt: skip
     lines = ["| product (1 row) | bf16 us | bf16 GB/s | bf16 % of read | int8 us | int8 GB/s |", "|---|---|---|---|---|---|"]
@@ -207,7 +210,7 @@ def gemv_table(bw: float, device: str) -> str:
         for mats, run, size in ((ws, lambda w: torch.nn.functional.linear(x, w), 2),
                                 (qs, lambda q: torch.ops.aten._weight_int8pack_mm(x, q, scale), 1)):  # fmt: skip
             try:
-                seconds = best_time(lambda: [run(m) for m in mats], device) / copies
+                seconds = kernel_seconds(lambda: [run(m) for m in mats], device) / copies
                 cells += [f"{seconds * 1e6:.1f}", f"{n * k * size / seconds / 1e9:.0f}"]
                 if size == 2:
                     cells.append(f"{100 * n * k * size / seconds / 1e9 / bw:.0f}%")
@@ -218,18 +221,13 @@ def gemv_table(bw: float, device: str) -> str:
     return "\n".join(lines)
 
 
-def best_time(fn: Callable[[], object], device: str, reps: int = 10) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return min(times)
+def kernel_seconds(fn: Callable[[], object], device: str) -> float:
+    """GPU time of ``fn``'s kernels: replayed from a CUDA graph (from Python, each launch's ~10-20 us
+    would be timed instead of the kernels of small products); wall time on the CPU."""
+    if device != "cuda":
+        return best_seconds(fn, device)
+    graph, _ = record_cuda_graph(fn)
+    return best_seconds(graph.replay, device)
 
 
 def table(results: list[dict], batches: list[int], bw: float) -> str:
