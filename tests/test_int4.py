@@ -127,6 +127,7 @@ def test_int4_model_close_to_float_and_formula(tmp_path):
     assert ((out - ref).norm() / ref.norm()).item() < 0.45
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dim", [256, 192])  # 192: all but w2 stay bf16 (in % 128)
 def test_memory_plan_equals_built_model_bytes(tmp_path, meta_tokenizer_path, dim):
     args = ModelArgs(dim=dim, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=128)
@@ -142,6 +143,7 @@ def test_memory_plan_equals_built_model_bytes(tmp_path, meta_tokenizer_path, dim
     assert plan.weight_bytes == planned
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_build_int4_generates_on_cpu_and_is_not_fused(tmp_path, meta_tokenizer_path):
     args = small_args(128256)
@@ -173,6 +175,7 @@ def test_bad_input(tmp_path, meta_tokenizer_path):
         Int4Linear.from_float(torch.randn(20, 256))
 
 
+@pytest.mark.slow
 def test_int4_refused_for_int8_folders(tmp_path, meta_tokenizer_path):
     import subprocess
     import sys
