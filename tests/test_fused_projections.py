@@ -1,9 +1,10 @@
 """Fused projections (llama/fused_projections.py): [wq; wk; wv] and [w1; w3] joined into one product each.
 
-Each output row is the same dot product of the same weight row with the same input, and on this
-CPU torch computes it in the same order whatever the matrix's height, so the fused model's logits
-equal the plain model's bit for bit (float32, bf16 and int8; prefill, eager and static-shape
-decode). Were a BLAS to block a taller matrix differently, these would need a tolerance.
+Each output row is the same dot product of the same weight row with the same input: on the CPUs
+tried torch computes it in the same order whatever the matrix's height, and the fused model's
+logits equal the plain model's bit for bit (float32, bf16 and int8; prefill, eager and
+static-shape decode). The tests allow last-bit differences (``assert_same``), which another
+CPU's BLAS could make, and nothing more.
 """
 
 import gc
@@ -52,9 +53,13 @@ def run(m: Transformer) -> list[torch.Tensor]:
     return out
 
 
-def assert_same(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+def assert_same(a: list[torch.Tensor], b: list[torch.Tensor], rel: float = 1e-5) -> None:
+    """Equal up to ``rel`` of the largest logit: bit for bit on the CPUs tried, but a BLAS may block a
+    taller matrix differently on another CPU (last-bit differences, which bf16 rounding between layers
+    can grow to a bf16 unit). A wrong join (gate and up swapped, a row offset) is off by far more."""
     for i, (x, y) in enumerate(zip(a, b)):
-        assert torch.equal(x, y), f"call {i}: fused logits differ by up to {(x - y).abs().max().item()}"
+        err = (x.double() - y.double()).abs().max().item()
+        assert err <= rel * y.abs().max().item(), f"call {i}: fused logits differ by up to {err}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -62,7 +67,7 @@ def test_logits_equal_the_unfused_model(dtype):
     plain, joined = model(dtype), model(dtype)
     assert fuse_projections(joined) == 2 * ARGS.n_layers
     assert isinstance(joined.layers[0].attention, FusedQKV) and isinstance(joined.layers[0].feed_forward, FusedGateUp)
-    assert_same(run(plain), run(joined))
+    assert_same(run(plain), run(joined), 1e-5 if dtype == torch.float32 else 2e-2)
 
 
 def test_int8_logits_equal_the_unfused_int8_model():
@@ -84,13 +89,13 @@ def test_fast_paths_keep_working_and_stay_fused():
     assert isinstance(attention, DecodeAttention) and isinstance(attention, FusedQKV)
     assert isinstance(attention.wqkv, FastLinear) and attention.wqkv.compute_dtype == torch.float32
     expected = run(plain)
-    assert_same(expected, run(joined))
+    assert_same(expected, run(joined), 2e-2)  # bf16 weights
     apply_fast_paths(joined, torch.float32)  # again: the classes keep their fused mixins
     attention = joined.layers[0].attention
     assert isinstance(attention, DecodeAttention) and isinstance(attention, FusedQKV)
     assert isinstance(attention.wqkv, FastLinear) and isinstance(attention.wqkv, fused_projections.Joined)
     assert list(joined.state_dict()) == list(plain.state_dict())
-    assert_same(expected, run(joined))
+    assert_same(expected, run(joined), 2e-2)  # bf16 weights
 
 
 @pytest.mark.parametrize("int8", [False, True])
