@@ -30,6 +30,7 @@ from llama.model import Transformer
 from llama.parallel import parallelize, setup_model_parallel
 from llama.quantize import int8_transform
 from llama.quantize.int4 import int4_transform, pack_model
+from llama.quantize.int4 import unsupported as int4_unsupported
 from llama.sampling import all_finite, check_temperature, check_top_p, sample_next
 from llama.tokenizer import Tokenizer
 
@@ -135,6 +136,8 @@ class Llama:
                 f"quantize='fp8' multiplies in FP8, which needs a CUDA GPU of compute capability 8.9 or more "
                 f"(Ada, Hopper), not {device}; Meta's FP8 folders load on any device without it (as {dtype})"
             )
+        if quantize == "int4" and (why := int4_unsupported(device)) is not None:
+            raise ValueError(f"quantize='int4' cannot run on {device}: {why}; quantize='int8' runs everywhere")
 
         if not Path(ckpt_dir).is_dir():  # before the tokenizer, whose default path is inside it
             raise FileNotFoundError(f"checkpoint folder not found: {ckpt_dir}")

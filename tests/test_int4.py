@@ -212,3 +212,18 @@ def test_cache_heads_counted_whatever_the_packed_layout():
     assert local_out_features(wk) == 128
     model.setup_cache(1, 8)
     assert model.layers[0].attention.cache.k.shape == (1, 2, 8, 64)
+
+
+def test_devices_without_the_kernels_are_refused_before_loading(monkeypatch, tmp_path):
+    """A GPU older than Ampere (torch's CUDA int4 kernel needs compute capability 8.0) or a torch
+    without the CPU kernel: one clear error from Llama.build, before the checkpoint is opened."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(int4, "cuda_kernel_available", lambda: True)
+    why = int4.unsupported(torch.device("cuda"))
+    assert why is not None and "compute capability 8.0" in why and "7.5" in why
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert int4.unsupported(torch.device("cuda")) is None
+    assert int4.unsupported(torch.device("cpu")) is None  # this torch has the CPU kernel
+    monkeypatch.setattr(int4, "cpu_kernel_available", lambda: False)
+    with pytest.raises(ValueError, match="quantize='int4' cannot run on cpu: this torch build has no CPU int4 kernel"):
+        Llama.build(str(tmp_path / "never-read"), device="cpu", quantize="int4")

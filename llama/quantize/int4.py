@@ -180,6 +180,21 @@ def cuda_kernel_available() -> bool:
     return hasattr(torch.ops.aten, "_weight_int4pack_mm") and hasattr(torch.ops.aten, "_convert_weight_to_int4pack")
 
 
+def unsupported(device: torch.device) -> Optional[str]:
+    """Why ``quantize="int4"`` cannot run on ``device`` (None: it can). torch's CUDA int4 kernel is
+    written for Ampere's tensor cores (compute capability 8.0 and later); elsewhere the build's
+    kernels must exist. (Other devices, such as mps, multiply a dequantized copy: slow, but they run.)"""
+    if device.type == "cuda":
+        if not cuda_kernel_available():
+            return "this torch build has no CUDA int4 kernel (aten._weight_int4pack_mm)"
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 0):
+            return f"torch's CUDA int4 kernel needs a GPU of compute capability 8.0 or more (Ampere), not {major}.{minor}"
+    elif device.type == "cpu" and not cpu_kernel_available():
+        return "this torch build has no CPU int4 kernel (aten._weight_int4pack_mm_for_cpu; torch >= 2.6 has it)"
+    return None
+
+
 class Int4Linear(nn.Module):
     """A bias-free linear layer with int4 weights: y = x @ ((q - 8) * scale + zero).T, in x's dtype.
 
