@@ -127,14 +127,18 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
     return bool(((got.float() - want.float()).abs().max() <= 1e-2 * want.float().abs().max() + 1e-6).item())
 
 
-def choose(layers: list[nn.Module], int8: bool, log: Optional[Callable[[str], None]] = None) -> tuple[Optional[Callable], int]:
+def choose(
+    layers: list[nn.Module], int8: bool, log: Optional[Callable[[str], None]] = None, x_dtype: Optional[torch.dtype] = None
+) -> tuple[Optional[Callable], int]:
     """(matvec, rows) for a group of layers with one weight shape and dtype: the kernel and how many
-    rows it takes (1 or ``MAX_ROWS``), or (None, 0) where torch's product was as fast."""
+    rows it takes (1 or ``MAX_ROWS``), or (None, 0) where torch's product was as fast. ``x_dtype``:
+    the activations' (default: a 16-bit weight's own dtype; bf16 for int8 weights)."""
     weights = [(m.weight, m.scale) if int8 else (m.weight, None) for m in layers]
     ref = _torch_product(int8)
     w0, s0 = weights[0]
     g = torch.Generator(w0.device).manual_seed(0)
-    x1 = torch.randn(1, w0.shape[1], device=w0.device, generator=g).to(torch.bfloat16 if int8 else w0.dtype)
+    x_dtype = x_dtype or (torch.bfloat16 if int8 else w0.dtype)
+    x1 = torch.randn(1, w0.shape[1], device=w0.device, generator=g).to(x_dtype)
     x8 = torch.randn(MAX_ROWS, w0.shape[1], device=w0.device, generator=g).to(x1.dtype)
 
     def call(fn: Callable, x: torch.Tensor) -> torch.Tensor:
@@ -185,10 +189,12 @@ def apply_gpu_matvec(model: nn.Module, linear_types: tuple[type, ...], log: Opti
         if w.device.type != "cuda" or not w.is_contiguous() or w.dtype not in (torch.bfloat16, torch.float16, torch.int8):
             continue
         groups.setdefault((tuple(w.shape), w.dtype, int8), []).append(module)
+    embedding = getattr(model, "tok_embeddings", None)  # the activations' dtype: the model's (fp16 on GPUs without bf16)
+    x_dtype = embedding.weight.dtype if embedding is not None and embedding.weight.is_floating_point() else None
     given = 0
     with torch.inference_mode():
         for (_, _, int8), layers in groups.items():
-            kernel, rows = choose(layers, int8, log)
+            kernel, rows = choose(layers, int8, log, x_dtype if int8 else None)
             for m in layers:
                 m.matvec, m.matvec_rows = kernel, rows
                 given += kernel is not None
