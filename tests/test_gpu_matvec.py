@@ -35,6 +35,17 @@ def test_bf16_product_matches_float64(config, rows):
     assert ((y.double() - ref).abs() <= ROUNDING * ref.abs() + 1e-3).all()
 
 
+@pytest.mark.parametrize("rows", [1, 5])
+def test_fp16_product_matches_float64(rows):
+    """fp16 weights and activations (GPUs without bf16): fp16's finer rounding bounds the error."""
+    g = torch.Generator().manual_seed(20 + rows)
+    w, x = torch.randn(29, 300, generator=g).half(), torch.randn(rows, 300, generator=g).half()
+    y = gpu_matvec.matvec(x.to(DEVICE), w.to(DEVICE)).cpu()
+    ref = x.double() @ w.double().T
+    assert y.dtype == torch.float16
+    assert ((y.double() - ref).abs() <= ROUNDING * ref.abs() + 1e-3).all()
+
+
 @pytest.mark.parametrize("config", gpu_matvec.CONFIGS[:2])
 @pytest.mark.parametrize("rows", [1, 5])
 def test_int8_product_matches_float64(config, rows):
