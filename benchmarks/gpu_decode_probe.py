@@ -2,8 +2,8 @@
 
     python benchmarks/gpu_decode_probe.py [--layers 32] [--variants reduce-overhead,ours]
 
-1. cuBLAS matrix-vector products (``F.linear`` with one row) for each weight shape of the model,
-   rotating over enough copies that nothing stays in L2: GB/s against the measured read bandwidth.
+1. One-row products for each weight shape of the model, separate and joined (gpu_bench.py's table,
+   timed from a CUDA graph over enough copies that nothing stays in L2): GB/s against the read bandwidth.
 2. The model's one-token step (context 512 of a 640-position cache), eager and compiled like
    ``Llama(compile=True)`` (``compile_decode_step``: static shapes, CUDA graphs, coordinate-descent
    tuning) and with torch.compile's plain modes;
@@ -17,16 +17,12 @@ import argparse
 import statistics
 
 import torch
-import torch.nn.functional as F
 
 from bench import bandwidth  # the read bandwidth bench.py's floors use
+from gpu_bench import COMMON, SHAPES, fill, gemv_table  # the same weights and product table as gpu_bench.py
 from llama.devices import compile_decode_step
 from llama.fast import speed_up
 from llama.model import ModelArgs, Transformer
-
-ARGS_8B = dict(dim=4096, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024, ffn_dim_multiplier=1.3,
-               norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True)  # fmt: skip
-
 
 def median_ms(fn, reps: int = 50, warmup: int = 5) -> float:
     for _ in range(warmup):
@@ -42,35 +38,11 @@ def median_ms(fn, reps: int = 50, warmup: int = 5) -> float:
     return statistics.median(times)
 
 
-def gemv_table(bw: float) -> list[str]:
-    rows = []
-    shapes = {"wq, wo": (4096, 4096), "wk, wv": (1024, 4096), "w1, w3": (14336, 4096), "w2": (4096, 14336),
-              "output": (128256, 4096)}  # fmt: skip
-    for name, (n, k) in shapes.items():
-        copies = max(2, int(2e9 // (n * k * 2)))  # ~2 GB of weights: far beyond L2
-        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-
-        def run():
-            for w in ws:
-                F.linear(x, w)
-
-        ms = median_ms(run, reps=10) / copies
-        rows.append(f"| F.linear 1 x {k} by {n} x {k} ({name}) | {ms * 1e3:.1f} us | {n * k * 2 / ms / 1e6:.0f} GB/s "
-                    f"| {100 * n * k * 2 / ms / 1e6 / bw:.0f}% |")  # fmt: skip
-        del ws
-    return rows
-
-
 def random_model(n_layers: int) -> Transformer:
-    args = ModelArgs(n_layers=n_layers, **ARGS_8B)
-    model = Transformer(args, device="meta", dtype=torch.bfloat16).to_empty(device="cuda")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.02)
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
+    """The 8B shape with ``n_layers`` layers, gpu_bench.py's random bf16 weights, as ``Llama.build`` runs it."""
+    args = ModelArgs(**{**SHAPES["8b"], "n_layers": n_layers}, **COMMON)
+    model = Transformer(args, device="meta", dtype=torch.bfloat16)
+    fill(model, "", "cuda")
     model.setup_cache(1, 640)
     return speed_up(model).eval()  # the modules Llama.build runs
 
@@ -90,8 +62,7 @@ def main() -> None:
     torch.manual_seed(0)
     bw = bandwidth("cuda")[0]  # GB/s
     print(f"{torch.cuda.get_device_name()}: read bandwidth {bw:.0f} GB/s", flush=True)
-    lines = ["| what | time | GB/s | % of read bandwidth |", "|---|---|---|---|"] + gemv_table(bw)
-    print("\n".join(lines), flush=True)
+    print(gemv_table(bw, "cuda"), flush=True)
 
     model = random_model(opts.layers)
     streamed = sum(p.numel() * 2 for n, p in model.named_parameters() if "tok_embeddings" not in n)

@@ -6,9 +6,10 @@ An eager decode step on a GPU is bound by the host, not the GPU: the Llama 3 8B 
 one call. Unlike ``compile=True`` (Inductor: minutes of compilation before the first token), the
 graph runs the model's own eager kernels and is captured in well under a second.
 
-``GraphedDecodeStep(model)`` is called like ``model(tokens, start_pos)`` with the static-shape
-inputs the compiled step takes (tokens [B, 1], ``start_pos`` a 0-d long tensor on the model's
-device: attention over the whole cache with a position mask, ``llama.model``), and returns logits
+``GraphedDecodeStep(model)`` is called like ``model(tokens, start_pos)`` for one token a row
+(tokens [B, 1], ``start_pos`` an int or a 0-d tensor) and runs the static-shape step the compiled
+step runs (``start_pos`` a 0-d long tensor on the model's device: attention over the whole cache
+with a position mask, ``llama.model``); it returns logits
 [B, 1, vocab]. The first call for a batch size B captures a graph for it: a warm-up run on a side
 stream (it writes the step's keys and values at ``start_pos``, the same values the real step
 writes there), then the capture, which runs nothing; every call then copies its inputs into the
@@ -79,11 +80,12 @@ class GraphedDecodeStep:
     def _run(self, tokens: torch.Tensor, start_pos: torch.Tensor) -> torch.Tensor:
         return self.model(tokens, start_pos, last_only=True)  # S = 1: the last position is the only one
 
-    def __call__(self, tokens: torch.Tensor, start_pos: torch.Tensor, last_only: bool = True) -> torch.Tensor:
-        """Logits [B, 1, vocab] of the one-token step at ``start_pos`` (tokens [B, 1]); see the class."""
-        if tokens.dim() != 2 or tokens.shape[1] != 1 or not isinstance(start_pos, torch.Tensor) or start_pos.dim() != 0:
+    def __call__(self, tokens: torch.Tensor, start_pos: int | torch.Tensor, last_only: bool = True) -> torch.Tensor:
+        """Logits [B, 1, vocab] of the one-token step at ``start_pos`` (an int, or a 0-d tensor on the
+        model's device) for tokens [B, 1] (a view is fine: it is copied); see the class."""
+        if tokens.dim() != 2 or tokens.shape[1] != 1 or (isinstance(start_pos, torch.Tensor) and start_pos.dim() != 0):
             raise ValueError(
-                f"a graphed decode step takes tokens [B, 1] and a 0-d start_pos tensor, got tokens "
+                f"a graphed decode step takes tokens [B, 1] and an int or 0-d tensor start_pos, got tokens "
                 f"{tuple(tokens.shape)} and start_pos {start_pos!r:.40}"
             )
         bsz = tokens.shape[0]
@@ -91,22 +93,24 @@ class GraphedDecodeStep:
         if cache_ids != self.cache_ids:  # setup_cache made new tensors: the graphs point at freed ones
             self.graphs.clear()
             self.cache_ids = cache_ids
-        if self.failed is not None:  # this model cannot be captured: the same step, eager
-            return self._run(tokens, start_pos)
         captured = self.graphs.get(bsz)
-        if captured is None:
-            # Inputs of its own: the caller's tensors may be freed or reused after this call.
-            try:
-                captured = self.capture(self._run, tokens.clone(), start_pos.clone())
-            except RuntimeError as e:  # a layer that synchronises with the host, say: decode eagerly
-                self.failed = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                print(f"note: decoding without a CUDA graph (the step could not be captured: {self.failed})",
-                      file=sys.stderr, flush=True)  # fmt: skip
-                return self._run(tokens, start_pos)
-            self.graphs[bsz] = captured
-        else:
+        if captured is not None:
             captured.tokens.copy_(tokens)
-            captured.start_pos.copy_(start_pos)
+            captured.start_pos.fill_(start_pos)
+            captured.graph.replay()
+            return captured.logits
+        # Inputs of its own, made once: the caller's tensors may be views, freed or reused.
+        pos = torch.tensor(start_pos, dtype=torch.long, device=tokens.device)
+        if self.failed is not None:  # this model cannot be captured: the same static-shape step, eager
+            return self._run(tokens, pos)
+        try:
+            captured = self.capture(self._run, tokens.clone(), pos)
+        except RuntimeError as e:  # a layer that synchronises with the host, say: decode eagerly
+            self.failed = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            print(f"note: decoding without a CUDA graph (the step could not be captured: {self.failed})",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            return self._run(tokens, pos)
+        self.graphs[bsz] = captured
         captured.graph.replay()
         return captured.logits
 

@@ -315,7 +315,9 @@ class Llama:
             for cur in range(min_len, total):
                 if threads is not None:
                     threads.adjust()
-                if self.decode_step is not None and cur - prev == 1:  # total <= max_seq_len: in bounds
+                if isinstance(self.decode_step, GraphedDecodeStep) and cur - prev == 1:
+                    logits = self.decode_step(tokens[:, prev:cur], prev)  # copies into the graph's own inputs
+                elif self.decode_step is not None and cur - prev == 1:  # total <= max_seq_len: in bounds
                     step_tokens.copy_(tokens[:, prev:cur])
                     logits = self.decode_step(step_tokens, start_pos.fill_(prev), last_only=not logprobs)
                 else:

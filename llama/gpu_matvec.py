@@ -75,29 +75,24 @@ def matvec(
     return y
 
 
-def _kernel_for(config: tuple[int, int, int], int8: bool) -> Callable[..., torch.Tensor]:
-    """The layer's ``matvec`` callable: (x, weight) for 16-bit layers, (x, q, scale) for int8 ones."""
-    if int8:
+def torch_product(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """torch's product, the reference the kernel is checked and timed against: ``F.linear``, int8
+    weights (with their ``scale``) widened to x's dtype first."""
+    if scale is None:
+        return F.linear(x, weight)
+    return F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
 
-        def int8_product(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-            if torch.compiler.is_compiling():  # Inductor makes its own kernels
-                return (F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)).to(x.dtype)
-            return matvec(x, q, scale, config)
 
-        return int8_product
+def _kernel_for(config: tuple[int, int, int]) -> Callable[..., torch.Tensor]:
+    """A layer's ``matvec``: (x, weight) for 16-bit layers, (x, q, scale) for int8 ones, with the kernel in
+    ``config``; torch's product under ``torch.compile`` (Inductor makes its own kernels)."""
 
-    def product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def product(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            return F.linear(x, weight)
-        return matvec(x, weight, None, config)
+            return torch_product(x, weight, scale)
+        return matvec(x, weight, scale, config)
 
     return product
-
-
-def _torch_product(int8: bool) -> Callable[..., torch.Tensor]:
-    if int8:
-        return lambda x, q, scale: F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
-    return F.linear
 
 
 def _seconds(fn: Callable[[], object], reps: int = 3) -> float:
@@ -118,7 +113,7 @@ def _group_seconds(fn: Callable, x: torch.Tensor, weights: list[tuple[torch.Tens
     """Seconds of GPU time for ``fn`` to multiply ``x`` by every weight of the group in turn (int8 ones
     with their scales), replayed from a CUDA graph as decoding replays it: timed from Python, the
     launches (~10-20 us each) would hide the kernels of small products."""
-    graph, _ = record_cuda_graph(lambda: [fn(x, w) if s is None else fn(x, w, s) for w, s in weights])
+    graph, _ = record_cuda_graph(lambda: [fn(x, w, s) for w, s in weights])
     return _seconds(graph.replay)
 
 
@@ -133,23 +128,19 @@ def choose(
     """(matvec, rows) for a group of layers with one weight shape and dtype: the kernel and how many
     rows it takes (1 or ``MAX_ROWS``), or (None, 0) where torch's product was as fast. ``x_dtype``:
     the activations' (default: a 16-bit weight's own dtype; bf16 for int8 weights)."""
-    weights = [(m.weight, m.scale) if int8 else (m.weight, None) for m in layers]
-    ref = _torch_product(int8)
+    weights = [(m.weight, m.scale if int8 else None) for m in layers]
     w0, s0 = weights[0]
     g = torch.Generator(w0.device).manual_seed(0)
     x_dtype = x_dtype or (torch.bfloat16 if int8 else w0.dtype)
     x1 = torch.randn(1, w0.shape[1], device=w0.device, generator=g).to(x_dtype)
     x8 = torch.randn(MAX_ROWS, w0.shape[1], device=w0.device, generator=g).to(x1.dtype)
 
-    def call(fn: Callable, x: torch.Tensor) -> torch.Tensor:
-        return fn(x, w0, s0) if int8 else fn(x, w0)
-
-    timings = {"torch": _group_seconds(ref, x1, weights)}
+    timings = {"torch": _group_seconds(torch_product, x1, weights)}
     best, best_time, best_config = None, timings["torch"], None
     for config in CONFIGS:
-        kernel = _kernel_for(config, int8)
+        kernel = _kernel_for(config)
         try:
-            if not _close(call(kernel, x1), call(ref, x1)) or not _close(call(kernel, x8), call(ref, x8)):
+            if not all(_close(kernel(x, w0, s0), torch_product(x, w0, s0)) for x in (x1, x8)):
                 timings[str(config)] = float("nan")  # wrong: never used
                 continue
             timings[str(config)] = _group_seconds(kernel, x1, weights)
@@ -162,7 +153,7 @@ def choose(
             best, best_time, best_config = kernel, timings[str(config)], config
     rows = 0
     if best is not None:
-        rows = MAX_ROWS if _group_seconds(best, x8, weights) < _group_seconds(ref, x8, weights) else 1
+        rows = MAX_ROWS if _group_seconds(best, x8, weights) < _group_seconds(torch_product, x8, weights) else 1
     shape = f"{len(layers)} x {tuple(w0.shape)} {str(w0.dtype).removeprefix('torch.')}"
     us = ", ".join(f"{k}: {v / len(layers) * 1e6:.1f} us" for k, v in timings.items())
     del VERDICTS[:-63]  # the last builds' only

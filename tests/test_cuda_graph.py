@@ -91,11 +91,12 @@ def test_inputs_are_copied_not_kept():
 
 
 @pytest.mark.parametrize(
-    "tokens, pos", [(torch.tensor([[1, 2]]), torch.tensor(0)), (torch.tensor([1]), torch.tensor(0)), (torch.tensor([[1]]), 0)]
+    "tokens, pos",
+    [(torch.tensor([[1, 2]]), torch.tensor(0)), (torch.tensor([1]), torch.tensor(0)), (torch.tensor([[1]]), torch.tensor([0]))],
 )
 def test_step_shapes_are_checked(tokens, pos):
     step = GraphedDecodeStep(make_model(), capture=fake_capture(make_model(), []))
-    with pytest.raises(ValueError, match="tokens \\[B, 1\\] and a 0-d start_pos"):
+    with pytest.raises(ValueError, match="tokens \\[B, 1\\] and an int or 0-d tensor start_pos"):
         step(tokens, pos)
 
 

@@ -87,8 +87,8 @@ def test_the_rule_keeps_the_fastest_correct_kernel(monkeypatch):
     seconds = {"torch": 10.0, wrong: 1.0, broken: 0.5, good: 5.0, slow: 7.0}
     eight_rows = {"torch": 10.0}
 
-    def kernel_for(config, int8):
-        def product(x, w):
+    def kernel_for(config):
+        def product(x, w, scale=None):
             if config == broken:
                 raise RuntimeError("does not compile")
             return F.linear(x, w) + (1.0 if config == wrong else 0.0)

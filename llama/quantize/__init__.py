@@ -115,7 +115,7 @@ class Int8Linear(nn.Module):
     """A bias-free linear layer with int8 weights: y = (x @ q.T) * scale, in x's dtype.
 
     Buffers ``weight`` (int8 [out, in], the checkpoint key's name) and ``scale`` (float32 [out]).
-    ``matvec``, when set (``llama.cpu``), multiplies up to ``matvec_rows`` rows with a kernel that
+    ``matvec``, when set (``llama.fast``, ``llama.gpu_matvec``), multiplies up to ``matvec_rows`` rows with a kernel that
     streams the int8 bytes (``llama.native`` on CPUs, ``llama.gpu_matvec`` on GPUs: torch's own
     weight-only int8 kernel streamed 3-5% of an H200's bandwidth); otherwise the product is computed
     in ``compute_dtype``
@@ -161,7 +161,8 @@ class Int8Linear(nn.Module):
         dtype = self.compute_dtype or x.dtype
         xc = x.to(dtype)
         if torch.compiler.is_compiling() or x.device.type != "cpu":
-            # One expression that Inductor (or a GPU) fuses: the widened copy never reaches memory.
+            # One expression: Inductor fuses it (the widened copy never reaches memory); on a GPU it
+            # is the prompt path (decoding runs llama.gpu_matvec's kernel), a widened temporary per layer.
             return (F.linear(xc, self.weight.to(dtype)) * self.scale.to(dtype)).to(x.dtype)
         out = torch.empty(*x.shape[:-1], self.out_features, dtype=x.dtype, device=x.device)  # [..., out]
         step = max(1, self.BLOCK // self.in_features)
