@@ -482,8 +482,8 @@ def fuse_projections_here(model: Transformer, world_size: int = 1) -> bool:
     GPU always (batch-1 steps are memory-bound, and one big matrix streams nearer to the bandwidth
     than several small ones: 8B shape on an H200, 7.43 -> 6.90 ms a step); on the CPU where the C step of
     ``llama.fused`` does not run (it reads the separate bf16 layers) and the weights are bf16 or
-    int8, where it measured faster. Measured on a 2-core AMD EPYC VM (Zen 4: AVX-512, avx512_bf16, no AMX; two Llama 3.2 1B-shaped blocks,
-    2 threads, ``LLAMA_FUSED=0``, best of 8 rounds): bf16 one-token step 7.67 -> 6.64 ms and
+    int8, where it measured faster. Measured on a 2-core AMD EPYC VM (Zen 4: AVX-512, avx512_bf16,
+    no AMX; two Llama 3.2 1B-shaped blocks, 2 threads, ``LLAMA_FUSED=0``, best of 8 rounds): bf16 one-token step 7.67 -> 6.64 ms and
     8.37 -> 7.01 ms (two runs), 128-token prefill 91.6 -> 90.3 ms; int8 step 3.94 -> 3.36 ms,
     prefill 97.2 -> 96.9 ms; float32 a wash (step 26.7 -> 25.8 ms, prefill 251 -> 256 ms), so
     float32 (and float16, not measured) CPU models stay unfused."""
