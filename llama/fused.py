@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from llama import native
+from llama.hooks import hook_dicts, hooked
 from llama.model import Transformer, TransformerBlock
 from llama.quantize import Int8Linear
 
@@ -126,6 +127,7 @@ class Plan:
             eps=block.attention_norm.eps,
         )  # fmt: skip
         self.alone = (LayerStruct * 1)(self.layer)  # the argument of a call for this block alone
+        self.hooks = hook_dicts(list(block.modules())[1:])  # the C call skips these modules' hooks (llama.hooks)
         # int8 blocks take every batch their layers give the kernel (``llama.fast``: 8): the
         # per-operator path runs the same int8 loop for those rows, so the C call is never the
         # slower product. Their kernel is part of what the plan assumes (``current``).
@@ -291,7 +293,7 @@ class FusedBlock(TransformerBlock):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos, mask=None) -> torch.Tensor:
         if self.workspace is not None and step_input(x, cos, start_pos) and cos.is_contiguous() and sin.is_contiguous():
             plan = self.current_plan()
-            if plan is not None and x.shape[0] <= plan.max_rows and x.shape[2] == plan.dim:
+            if plan is not None and x.shape[0] <= plan.max_rows and x.shape[2] == plan.dim and not hooked(plan.hooks):
                 return run(self.workspace, plan.alone, x, cos.data_ptr(), sin.data_ptr(), start_pos)
         return super().forward(x, cos, sin, start_pos, mask)
 
@@ -301,7 +303,7 @@ class FusedTransformer(Transformer):
     ``FusedBlock``s that can (one call instead of one per block: ~10 us of Python and ctypes a
     block saved, benchmarks/README.md); otherwise the plain forward, whose blocks decide each."""
 
-    _fused_layers: Optional[tuple[tuple[Plan, ...], ctypes.Array, int, Snapshot, list[type]]] = None
+    _fused_layers: Optional[tuple[tuple[Plan, ...], ctypes.Array, int, list[dict], Snapshot, list[type]]] = None
     _fused_head: Optional[tuple] = None  # (norm, output weight, scale, their pointers, HeadStruct or None, rows, views)
 
     def forward(self, tokens: torch.Tensor, start_pos=0, last_only: bool = False) -> torch.Tensor:
@@ -311,7 +313,9 @@ class FusedTransformer(Transformer):
                 h = self.tok_embeddings(tokens)  # [B, 1, dim]
                 cos, sin = self._rope_cos, self._rope_sin  # [max_seq_len, head_dim / 2] float32
                 fused = self._layers() if step_input(h, cos, start_pos) and cos.is_contiguous() else None
-                if fused is not None and bsz <= fused[2]:
+                # Not while a hook waits on a module the call skips (llama.hooks): the final norm and
+                # output are looked up each step, as _head does (either may have been swapped).
+                if fused is not None and bsz <= fused[2] and not hooked(fused[3] + hook_dicts((self.norm, self.output))):
                     start = start_pos * cos.stride(0) * cos.element_size()  # the position's row of angles
                     angles = (cos.data_ptr() + start, sin.data_ptr() + start)
                     head, head_rows = self._head()
@@ -320,14 +324,15 @@ class FusedTransformer(Transformer):
                     return out if head is not None else self.output(self.norm(out)).float()  # [B, 1, vocab]
         return super().forward(tokens, start_pos, last_only)
 
-    def _layers(self) -> Optional[tuple[tuple[Plan, ...], ctypes.Array, int]]:
-        """Every block's plan, their ``LayerStruct``s in one array (made again when a plan changes)
-        and the rows all of them take; None when a block is not a ``FusedBlock`` that can run."""
+    def _layers(self) -> Optional[tuple[tuple[Plan, ...], ctypes.Array, int, list[dict]]]:
+        """Every block's plan, their ``LayerStruct``s in one array (made again when a plan changes),
+        the rows all of them take, and the hook dictionaries of the blocks and their modules
+        (``llama.hooks``); None when a block is not a ``FusedBlock`` that can run."""
         cached = self._fused_layers
         # One check for the whole model while nothing changed: the same blocks, of the same class,
         # each made of what its plan points at (``Snapshot``); else block by block, re-planning.
-        if cached is not None and list(map(type, self.layers)) == cached[4] and cached[3].holds():
-            return cached[:3]
+        if cached is not None and list(map(type, self.layers)) == cached[5] and cached[4].holds():
+            return cached[:4]
         plans = []
         for block in self.layers:
             plan = block.current_plan() if type(block) is FusedBlock else None
@@ -342,8 +347,9 @@ class FusedTransformer(Transformer):
         blocks += [(self.layers._modules, name) for name in self.layers._modules]
         blocks += [(b.__dict__, name) for b in self.layers for name in ("workspace", "plan")]
         whole = Snapshot.join([p.snapshot for p in plans], blocks)
-        self._fused_layers = (tuple(plans), array, rows, whole, [FusedBlock] * len(plans))
-        return self._fused_layers[:3]
+        hooks = hook_dicts(self.layers.modules())
+        self._fused_layers = (tuple(plans), array, rows, hooks, whole, [FusedBlock] * len(plans))
+        return self._fused_layers[:4]
 
     def _head(self) -> tuple[Optional[HeadStruct], int]:
         """The final norm and output product for the C call, and up to how many rows it takes them;

@@ -24,6 +24,7 @@ from llama.devices import CpuThreads, check_device, compile_decode_step, default
 from llama.diagnose import NonFiniteLogitsError, nonfinite_logits_message
 from llama.family import AnyTokenizer, load_tokenizer
 from llama.fast import speed_up
+from llama.hooks import hook_dicts, hooked
 from llama.mapped_embedding import release_after_lookup
 from llama.memory import check_fits, plan_memory
 from llama.model import Transformer
@@ -311,13 +312,17 @@ class Llama:
         # On CPUs: fewer threads while other processes keep cores busy (llama.devices.CpuThreads). Not
         # with the compiled step: its graph is specialized for a thread count (a change recompiles).
         threads = CpuThreads() if self.device.type == "cpu" and self.decode_step is None else None
+        # The graphed or compiled step runs no module's hooks: while one is registered, the plain
+        # forward steps instead (llama.hooks; checked each step, a hook may come mid-answer).
+        hooks = hook_dicts(self.model.modules()) if self.decode_step is not None else []
         try:
             for cur in range(min_len, total):
                 if threads is not None:
                     threads.adjust()
-                if isinstance(self.decode_step, GraphedDecodeStep) and cur - prev == 1:
+                fast = self.decode_step is not None and cur - prev == 1 and not hooked(hooks)
+                if fast and isinstance(self.decode_step, GraphedDecodeStep):
                     logits = self.decode_step(tokens[:, prev:cur], prev)  # copies into the graph's own inputs
-                elif self.decode_step is not None and cur - prev == 1:  # total <= max_seq_len: in bounds
+                elif fast:  # total <= max_seq_len: in bounds
                     step_tokens.copy_(tokens[:, prev:cur])
                     logits = self.decode_step(step_tokens, start_pos.fill_(prev), last_only=not logprobs)
                 else:

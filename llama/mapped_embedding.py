@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from llama.checkpoint import byte_span, mappings, release_pages, whole_pages
+from llama.hooks import own
 
 
 def file_mapping(start: int, end: int) -> Optional[tuple[int, int]]:
@@ -56,5 +57,5 @@ def release_after_lookup(model: nn.Module) -> bool:
         if not torch.compiler.is_compiling():
             release_pages(module.weight, [mapping])  # a no-op for a weight no longer in the mapping
 
-    embedding.register_forward_hook(release)
+    embedding.register_forward_hook(own(release))  # not a user's hook: the fast steps need not step aside (llama.hooks)
     return True

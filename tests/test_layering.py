@@ -14,9 +14,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "llama"
 
 # Lowest first; a module may import modules of lower layers only (never its own layer or above).
 LAYERS = [
-    # the math, the machine, the vocabularies, types, progress lines, OpenMP settings, NaN hunting
+    # the math, the machine, the vocabularies, types, progress lines, OpenMP settings, NaN hunting, hooks
     {"model", "devices", "tokenizer", "datatypes", "sampling", "progress", "openmp", "diagnose", "fp8", "quantize", "hugepages",
-     "gpu_matvec_kernel"},
+     "gpu_matvec_kernel", "hooks"},
     # one command-line style for every entry point; params.json <-> ModelArgs; the Llama 2 tokenizer
     # int4 weights beside int8's (it imports llama.quantize's key rule and projection names)
     {"cli", "params", "sp_tokenizer", "quantize.int4"},
