@@ -255,6 +255,8 @@ class Tokenizer:
             return None if name is None else spec.special_tokens[name]
 
         self.spec = spec
+        self.pat_str: str = spec.pattern  # Meta's names for the split regex and the special-token count
+        self.num_reserved_special_tokens: int = len(spec.special_tokens)
         self.special_tokens: dict[str, int] = dict(spec.special_tokens)
         self.num_base_tokens = spec.num_base_tokens
         self.n_words: int = spec.vocab_size
@@ -417,10 +419,14 @@ def _check_ids(path: Path, ranks: dict[bytes, int], spec: TokenizerSpec) -> None
 
 
 def __getattr__(name: str):
-    """`from llama.tokenizer import ChatFormat`, as in Meta's llama3 (ours lives in chat_format.py;
-    imported lazily because chat_format imports this module)."""
+    """`from llama.tokenizer import ChatFormat` (and `Dialog`, `Message`, `Role`), as in Meta's llama3
+    (ours live in chat_format.py and datatypes.py; imported lazily because chat_format imports this module)."""
     if name == "ChatFormat":
         from .chat_format import ChatFormat
 
         return ChatFormat
+    if name in ("Dialog", "Message", "Role"):
+        from . import datatypes
+
+        return getattr(datatypes, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

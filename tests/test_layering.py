@@ -31,9 +31,10 @@ LAYERS = [
     {"demo", "generation"},  # the demo model; Llama: build and generate
     {"chat", "guard", "__init__", "quantize.__main__"},  # entry points; moderation on a built Llama
 ]
-# Upward imports allowed by name: Meta's `from llama.tokenizer import ChatFormat` (resolved lazily,
-# on first use, by tokenizer's module __getattr__; chat_format imports tokenizer).
-ALIASES = {("tokenizer", "chat_format")}
+# Upward imports allowed by name: Meta's `from llama.tokenizer import ChatFormat` and `Dialog`,
+# `Message`, `Role` (resolved lazily, on first use, by tokenizer's module __getattr__; chat_format
+# imports tokenizer).
+ALIASES = {("tokenizer", "chat_format"), ("tokenizer", "datatypes")}
 
 
 def imports(path: Path) -> tuple[set[str], set[str]]:

@@ -368,6 +368,8 @@ def test_meta_llama3_test_tokenizer_imports_and_ids(meta_tokenizer_path):
 
     tokenizer = Tokenizer(str(meta_tokenizer_path))
     chat = ChatFormat(tokenizer)
+    assert tokenizer.num_reserved_special_tokens == 256 and tokenizer.n_words == 128256  # Meta's class attributes
+    assert tokenizer.pat_str == tokenizer.model._pat_str  # the split regex tiktoken runs
     assert tokenizer.special_tokens["<|begin_of_text|>"] == 128000
     assert tokenizer.encode("This is a test sentence.", bos=True, eos=True) == [128000, 2028, 374, 264, 1296, 11914, 13, 128001]
     assert tokenizer.decode([128000, 2028, 374, 264, 1296, 11914, 13, 128001]) == (
@@ -390,6 +392,9 @@ def test_meta_type_names():
 
     assert llama.tokenizer.ChatFormat is llama.chat_format.ChatFormat is llama.ChatFormat
     assert llama.Dialog is llama.datatypes.Dialog and llama.Message is llama.datatypes.Message
+    from llama.tokenizer import Dialog, Message, Role  # meta-llama/llama3 defines them in tokenizer.py
+
+    assert (Dialog, Message, Role) == (llama.Dialog, llama.Message, llama.datatypes.Role)
     with pytest.raises(AttributeError, match="has no attribute 'Nope'"):
         llama.tokenizer.Nope  # noqa: B018
 
