@@ -258,14 +258,14 @@ class Llama:
                 for j, t in enumerate(p):  # 1.7 or "5" would be truncated or fail deep in torch; numpy ints are fine
                     if isinstance(t, bool) or not isinstance(t, numbers.Integral):
                         raise TypeError(f"prompt {i}, token {j}: {t!r} is a {type(t).__name__}; token ids must be ints")
-            if len(p) >= limits[1]:
+            if len(p) > limits[1] or (len(p) == limits[1] and max_gen_len != 0):
                 raise ValueError(
                     f"prompt {i} has {len(p)} tokens; it must be shorter than max_seq_len={limits[1]} "
                     f"to leave room for generation"
                 )
             if min(p) < 0 or max(p) >= self.tokenizer.n_words:
                 raise ValueError(f"prompt {i} has token ids outside 0..{self.tokenizer.n_words - 1}")
-        check_int("max_gen_len", max_gen_len, 1)
+        check_int("max_gen_len", max_gen_len, 0)  # 0: score the prompts only (_score)
         check_temperature(temperature)
         check_top_p(top_p)
 
@@ -365,12 +365,20 @@ class Llama:
 
         ``echo`` includes the prompt (its first token has logprob 0.0). Rows end at the first
         ``<|end_of_text|>``/``<|eot_id|>``/``<|eom_id|>``, after ``max_gen_len`` tokens, or at max_seq_len.
+        ``max_gen_len=0`` generates nothing, as in Meta's code: with ``logprobs`` and ``echo`` it
+        scores the prompts (each token's logprob given the tokens before it), a prompt may then
+        fill ``max_seq_len``.
         """
         out_tokens, out_logprobs, _ = self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
         return out_tokens, (out_logprobs if logprobs else None)
 
     def _generate(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo):
         """generate() plus the stop token of each row (None when it ran out of tokens)."""
+        if max_gen_len == 0:
+            self._check_request(prompt_tokens, max_gen_len, temperature, top_p)
+            tokens, lps = self._score(prompt_tokens, logprobs)
+            keep = (lambda row: row) if echo else (lambda row: [])
+            return [keep(t) for t in tokens], [keep(lp) for lp in lps], [None] * len(tokens)
         end, tokens, token_logprobs = 0, None, None
         stop_at: dict[int, tuple[int, int]] = {}
         for cur, tokens, _is_new, stopped_now, token_logprobs, values in self._steps(
@@ -392,6 +400,24 @@ class Llama:
             stops.append(stop[1] if stop else None)
         return rows_tokens, rows_logprobs, stops
 
+    @torch.inference_mode()
+    def _score(self, prompt_tokens: Sequence[Sequence[int]], logprobs: bool) -> tuple[list[list[int]], list[list[float]]]:
+        """Each prompt and, with ``logprobs``, its tokens' logprobs (the first 0.0) from one forward
+        over the batch; nothing is sampled (``max_gen_len=0``)."""
+        rows = [[int(t) for t in p] for p in prompt_tokens]
+        if not logprobs:
+            return rows, [[] for _ in rows]
+        total = max(map(len, rows))
+        tokens = torch.zeros((len(rows), total), dtype=torch.long, device=self.device)  # 0s after a short prompt:
+        for i, p in enumerate(rows):  # causal attention, so they change nothing before them
+            tokens[i, : len(p)] = torch.as_tensor(p, dtype=torch.long)
+        logits = self.model(tokens, 0)  # [B, total, V] float32
+        if not all_finite(logits):
+            raise NonFiniteLogitsError(nonfinite_logits_message(self.model, tokens, 0, total, self.ckpt_dir))
+        lps = torch.zeros((len(rows), total), dtype=torch.float32, device=self.device)
+        lps[:, 1:] = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, tokens[:, 1:, None])[..., 0]
+        return rows, [lp[: len(p)] for lp, p in zip(lps.tolist(), rows)]
+
     def generate_stream(
         self,
         prompt_tokens: list[list[int]],
@@ -406,6 +432,7 @@ class Llama:
         texts add up to ``tokenizer.decode`` of the row. A row's last event is its stop token
         (``is_stop``), if any.
         """
+        check_int("max_gen_len", max_gen_len, 1)  # a stream of nothing: generate(max_gen_len=0) scores
         decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in prompt_tokens]
         # The last position each row can generate: its budget or the end of the cache, whichever is first.
         ends = [min(self.model.max_seq_len, len(p) + max_gen_len) - 1 for p in prompt_tokens]

@@ -245,24 +245,33 @@ def test_5_meta_tokenizer_does_not_warn(meta_tokenizer_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. max_gen_len <= 0 is an error everywhere; 7. token ids must be ints; 17. wrong argument types
+# 6. max_gen_len < 1 is an error in every stream and < 0 everywhere (0 scores, as in Meta's
+# generate); 7. token ids must be ints; 17. wrong argument types
 
 DIALOG = [{"role": "user", "content": "Hi"}]
 
 
 @pytest.mark.parametrize("max_gen_len", [0, -3])
 def test_6_max_gen_len_not_positive(llm, max_gen_len):
-    message = rf"^max_gen_len={max_gen_len} must be at least 1$"
-    calls = {
+    streams = {
         "text_stream": lambda: llm.text_stream("Hello", max_gen_len=max_gen_len),
         "chat_stream": lambda: llm.chat_stream(DIALOG, max_gen_len=max_gen_len),
+        "generate_stream": lambda: llm.generate_stream([[128000, 9906]], max_gen_len=max_gen_len),
+    }
+    for name, call in streams.items():
+        with pytest.raises(ValueError, match=rf"^max_gen_len={max_gen_len} must be at least 1$"):
+            next(iter(call()))  # text_stream and chat_stream raise at the call, before any token
+    calls = {
         "text_completion": lambda: llm.text_completion(["Hello"], max_gen_len=max_gen_len),
         "chat_completion": lambda: llm.chat_completion([DIALOG], max_gen_len=max_gen_len),
         "generate": lambda: llm.generate([[128000, 9906]], max_gen_len=max_gen_len),
     }
     for name, call in calls.items():
-        with pytest.raises(ValueError, match=message):
-            call()  # the streams raise at the call, before any token
+        if max_gen_len == 0:  # Meta's scoring call: nothing generated
+            assert call() in ([{"generation": ""}], [{"generation": {"role": "assistant", "content": "", "stop_reason": "out_of_tokens", "tool_calls": []}}], ([[]], None)), name
+            continue
+        with pytest.raises(ValueError, match=rf"^max_gen_len={max_gen_len} must be at least 0$"):
+            call()
 
 
 @pytest.mark.parametrize("token,kind", [(1.7, "float"), ("5", "str"), (True, "bool")])

@@ -110,6 +110,22 @@ def test_logprobs_equal_full_forward(generator, full_model):
         assert torch.allclose(torch.tensor(lps[row][1:]), want, atol=1e-4)
 
 
+def test_max_gen_len_0_scores_the_prompts(generator, full_model):
+    """Meta's scoring call: nothing generated, each prompt token's logprob given those before it
+    (rows of different lengths in one batch; a prompt may fill max_seq_len then)."""
+    batch = prompts(4, 11, MAX_SEQ_LEN, seed=5)
+    tokens, lps = generator.generate(batch, max_gen_len=0, temperature=0.6, logprobs=True, echo=True)
+    assert tokens == batch
+    for row, p in enumerate(batch):
+        want = torch.log_softmax(full_logits(full_model, p)[:-1], -1).gather(-1, torch.tensor(p[1:])[:, None])[:, 0]
+        assert lps[row][0] == 0.0 and len(lps[row]) == len(p)
+        assert torch.allclose(torch.tensor(lps[row][1:]), want, atol=1e-4)
+    assert generator.generate(batch, max_gen_len=0, logprobs=True) == ([[], [], []], [[], [], []])  # no echo: nothing
+    assert generator.generate(batch[:2], max_gen_len=0, echo=True) == (batch[:2], None)
+    (done,) = generator.text_completion(["Hello"], max_gen_len=0, logprobs=True, echo=True)
+    assert done["generation"] == "<|begin_of_text|>Hello" and done["logprobs"][0] == 0.0 and len(done["logprobs"]) == 2
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_any_nonfinite_logit_stops_generation(generator, value):
     """One NaN, inf or -inf anywhere in a row's logits (first, middle or last position, any row)
@@ -283,7 +299,7 @@ REQUEST_ERRORS = [
     ({"temperature": -0.1}, "temperature=-0.1 must be >= 0"),
     ({"top_p": 0.0}, r"top_p=0.0 must be in \(0, 1\]"),
     ({"top_p": 1.5}, r"top_p=1.5 must be in \(0, 1\]"),
-    ({"max_gen_len": 0}, "max_gen_len=0 must be at least 1"),
+    ({"max_gen_len": -1}, "max_gen_len=-1 must be at least"),  # 0 scores (generate), a stream needs 1
 ]
 
 
