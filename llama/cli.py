@@ -28,7 +28,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 # The dtype names every CLI accepts: the short ones the tools print, and torch's own.
 DTYPE_CHOICES = ("bf16", "fp16", "fp32", "bfloat16", "float16", "float32")
-# Errors a user can fix (a path, a value, the disk, the memory); anything else is a bug.
+# Errors a user can fix (a path, a value, the disk, the memory, and any exception whose class says
+# ``user_error = True``, such as llama.diagnose's corrupt-checkpoint error); anything else is a bug.
 USER_ERRORS = (ValueError, OSError, MemoryError, ImportError)
 DEBUG_ENV = "LLAMA_DEBUG"
 
@@ -201,7 +202,9 @@ def user_errors(prog: str, hint: str = "") -> Iterator[None]:
         if is_main_rank():
             print(f"\n{prog}: interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
-    except USER_ERRORS as e:
+    except Exception as e:
+        if not isinstance(e, USER_ERRORS) and not getattr(e, "user_error", False):
+            raise  # a bug: the traceback is what a report needs
         if is_main_rank():
             print(f"{prog}: error: {_message(e)}", file=sys.stderr)
             print(f"hint: {hint or f'{prog} --help lists the flags'}; {DEBUG_ENV}=1 shows the traceback", file=sys.stderr)

@@ -15,6 +15,8 @@ from torch import nn
 class NonFiniteLogitsError(RuntimeError):
     """The model produced NaN/inf logits: a corrupt checkpoint, or overflow in float16."""
 
+    user_error = True  # the command-line tools print its message and hint, not a traceback (llama.cli)
+
 
 def first_nonfinite_module(model: nn.Module, tokens: torch.Tensor, start_pos: int) -> Optional[str]:
     """Re-run ``model(tokens, start_pos)`` and return the name of the first module whose output is not finite.

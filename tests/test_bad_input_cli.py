@@ -457,3 +457,18 @@ def test_help_describes_every_flag(argv, words):
     assert "Optional[" not in result.stdout and "Type:" not in result.stdout
     for word in words:
         assert word in result.stdout, f"{word!r} missing from:\n{result.stdout}"
+
+
+def test_corrupt_weights_found_while_generating_are_one_line(capsys):
+    """NaN/inf logits (a corrupt checkpoint, fp16 overflow) end a command with its message, no
+    traceback; other RuntimeErrors stay bugs and keep theirs."""
+    from llama.cli import user_errors
+    from llama.diagnose import NonFiniteLogitsError
+
+    with pytest.raises(SystemExit) as exit_:
+        with user_errors("prog"):
+            raise NonFiniteLogitsError("the model produced non-finite logits (NaN/inf) for position 3")
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err.startswith("prog: error: the model produced non-finite logits")
+    with pytest.raises(RuntimeError, match="a bug"), user_errors("prog"):
+        raise RuntimeError("a bug")
