@@ -9,6 +9,7 @@ answering stops that reply, not the session. When the dialog outgrows ``max_seq_
 turns are dropped (the system prompt stays). One process only: it reads stdin, so no torchrun.
 """
 
+import os
 import sys
 from typing import Optional
 
@@ -52,6 +53,11 @@ def main(
     quantize: Optional[str] = None,
 ) -> None:
     """Chat with a model; see the module docstring for the commands."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # ranks would wait on each other's stdin
+        raise ValueError(
+            f"python -m llama.chat runs in one process, not under torchrun ({os.environ['WORLD_SIZE']} ranks): "
+            f"run it with python; for several ranks use example_chat_completion.py"
+        )
     system = None if system is None else str(system)  # fire reads --system 42 as a number
     from llama.demo import default_checkpoint, generation_settings
 

@@ -24,8 +24,11 @@ DTYPES: dict[str, torch.dtype] = {
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    """``torch.bfloat16`` from "bf16" / "bfloat16" (and so on for fp16 and fp32); a dtype is returned as is."""
+    """``torch.bfloat16`` from "bf16" / "bfloat16" (and so on for fp16 and fp32); a torch dtype is
+    returned as is when it is one of those three (the model computes in no other)."""
     if isinstance(name, torch.dtype):
+        if name not in DTYPES.values():
+            raise ValueError(f"dtype {name} is not one the model computes in: use torch.bfloat16, torch.float16 or torch.float32")
         return name
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; use one of {sorted(DTYPES)}")

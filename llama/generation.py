@@ -18,7 +18,7 @@ from llama import cuda_graph, fp8, hugepages, sampling
 from llama.chat_format import ChatFormat
 from llama.chat_format_llama2 import Llama2ChatFormat
 from llama.cuda_graph import GraphedDecodeStep
-from llama.checkpoint import int8_folder, load_params, load_transformer, verify_checkpoint
+from llama.checkpoint import check_layout, find_shards, int8_folder, load_params, load_transformer, verify_checkpoint
 from llama.datatypes import ChatPrediction, CompletionPrediction, Dialog
 from llama.devices import CpuThreads, check_device, compile_decode_step, default_device, resolve_dtype
 from llama.diagnose import NonFiniteLogitsError, nonfinite_logits_message
@@ -177,6 +177,7 @@ class Llama:
         # quantize="int8" quantizes each weight as it is read (the peak is the int8 model);
         # quantize="fp8" after loading (the peak is the 16-bit model).
         planned = "fp8" if keep_fp8 else "int8" if quantize == "int8" or int8 else "int4" if quantize == "int4" else None
+        check_layout(args, len(find_shards(ckpt_dir)), world_size)  # a rank count that cannot split it: before verifying
         plan = plan_memory(args, max_seq_len, max_batch_size, dtype, world_size, quantize=planned)
         check_fits(plan, device)
         if rank == 0:  # before the load, which can take minutes: what it will take, and where

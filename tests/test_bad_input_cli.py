@@ -6,6 +6,7 @@ exit code, that the message names the problem (a flag, a key, a file, a number),
 mistake prints no traceback, and that nothing was written or overwritten.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -372,6 +373,8 @@ def test_19_ctrl_c_prints_one_line(script, ckpt):
 @pytest.mark.slow
 def test_20_torchrun_on_ranks_that_do_not_divide_the_heads(tmp_path, meta_tokenizer_path):
     write_random_checkpoint(tmp_path / "nine", NINE_HEADS, tokenizer_path=meta_tokenizer_path)
+    files = sorted((tmp_path / "nine").glob("*.pth"))  # a checklist: refused before the minutes of hashing
+    (tmp_path / "nine" / "checklist.chk").write_text("".join(f"{hashlib.md5(f.read_bytes()).hexdigest()}  {f.name}\n" for f in files))
     from test_examples import free_port
 
     result = run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
@@ -380,6 +383,7 @@ def test_20_torchrun_on_ranks_that_do_not_divide_the_heads(tmp_path, meta_tokeni
     ours = [x for x in result.stderr.splitlines() if "example_text_completion.py: error:" in x]
     assert len(ours) == 1, result.stderr  # printed once, by rank 0
     assert "M=2 ranks" in ours[0] and "n_heads=9" in ours[0] and "Rank counts that work: 1, 3" in ours[0]
+    assert "Verifying" not in result.stderr
     # No traceback from our code on the ranks (torchrun's own summary follows, with frames of
     # torch's files, which live under REPO/.venv in CI).
     ours = [line for line in result.stderr.splitlines() if f'File "{REPO}' in line and "/.venv/" not in line]
@@ -472,3 +476,10 @@ def test_corrupt_weights_found_while_generating_are_one_line(capsys):
     assert capsys.readouterr().err.startswith("prog: error: the model produced non-finite logits")
     with pytest.raises(RuntimeError, match="a bug"), user_errors("prog"):
         raise RuntimeError("a bug")
+
+
+def test_chat_refuses_torchrun_before_loading(ckpt):
+    """llama.chat reads stdin in one process: under torchrun its ranks would hang on each other."""
+    result = run(["-m", "llama.chat", "--ckpt_dir", str(ckpt)], WORLD_SIZE="2", RANK="0")
+    user_error(result, 1, "not under torchrun (2 ranks)", "example_chat_completion.py")
+    assert "Memory plan" not in result.stderr

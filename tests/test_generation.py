@@ -377,6 +377,9 @@ def test_dtypes(monkeypatch):
     assert resolve_dtype(torch.float16, torch.device("cpu")) == torch.float16
     with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
         resolve_dtype("fp8", torch.device("cpu"))
+    for other in (torch.int8, torch.complex64, torch.float8_e4m3fn, torch.float64):  # failed deep in load or generate
+        with pytest.raises(ValueError, match=rf"^dtype {other} is not one the model computes in"):
+            resolve_dtype(other, torch.device("cpu"))
     # One table of names for every entry point: the short, the torch and the C spellings.
     spellings = {torch.bfloat16: ("bf16", "bfloat16"), torch.float16: ("fp16", "float16", "half"),
                  torch.float32: ("fp32", "float32", "float")}  # fmt: skip
