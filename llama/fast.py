@@ -466,7 +466,9 @@ def speed_up(model: Transformer, world_size: int = 1) -> Transformer:
     if kernels is None:
         apply_fast_paths(model, compute_dtype)
     else:
-        apply_fast_paths(model, compute_dtype, kernels.matvec, rows, kernels.attention, kernels.int8_matvec)
+        # The int8 kernel takes float32 or bf16 rows; a float16 model's int8 layers widen in torch.
+        int8_matvec = kernels.int8_matvec if weight.dtype in (torch.float32, torch.bfloat16) else None
+        apply_fast_paths(model, compute_dtype, kernels.matvec, rows, kernels.attention, int8_matvec)
         if bf16 and fused.enabled():  # whole blocks of a decode step in C, bf16 or int8 (llama.fused)
             fused.apply_fused(model, (nn.Linear, FastLinear), rows)
     if fuse_projections_here(model, world_size):

@@ -235,6 +235,26 @@ def test_fast_paths_use_the_int8_kernel_for_decode(tmp_path):
 
 @needs_kernels
 @torch.no_grad()
+def test_a_float16_int8_model_on_the_cpu_decodes_in_torch(tmp_path):
+    """The int8 kernel takes float32 or bf16 rows: a float16 model (--dtype fp16 --quantize int8 on
+    a CPU) keeps torch's widening product instead of failing at its first decode step."""
+    args = tiny_args()
+    write_random_checkpoint(tmp_path, args, seed=4, dtype=torch.bfloat16)
+    model = load_transformer(tmp_path, "cpu", torch.float16)
+    quantize_model(model)
+    model.setup_cache(1, 16)
+    tokens = torch.randint(0, args.vocab_size, (1, 11), generator=torch.Generator().manual_seed(0))
+    plain = model(tokens[:, 10:11], 10)[:, -1]
+    speed_up(model)
+    int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    assert int8 and all(m.matvec is None for m in int8)
+    model(tokens[:, :10], 0)
+    step = model(tokens[:, 10:11], 10)[:, -1]
+    assert torch.isfinite(step).all() and step.dtype == torch.float32 and step.shape == plain.shape
+
+
+@needs_kernels
+@torch.no_grad()
 def test_bf16_kernel_runs_for_few_rows_whatever_the_compute_dtype():
     """The rule of llama/fast.py: our kernel takes up to matvec_rows rows even where torch
     multiplies bf16 natively (compute_dtype None); more rows go to torch."""
