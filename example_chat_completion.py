@@ -13,7 +13,7 @@ from typing import Optional
 import fire
 
 from llama import Dialog, Llama
-from llama.cli import COMMON_HELP, check_flags, user_errors
+from llama.cli import COMMON_HELP, check_fit, check_flags, user_errors
 
 
 def main(
@@ -62,6 +62,9 @@ def main(
             {"role": "user", "content": "How do I make a cup of tea?"},
         ],
     ]
+    # Every dialog checked before the first reply streams: an error names the dialog, not a half-printed answer.
+    lengths = [len(generator.formatter.encode_dialog_prompt(d)) for d in dialogs]
+    check_fit("dialog", lengths, max_seq_len)
     for dialog in dialogs:
         if generator.is_main_process:
             for message in dialog:

@@ -13,7 +13,7 @@ from typing import Optional
 import fire
 
 from llama import Llama
-from llama.cli import COMMON_HELP, check_flags, user_errors
+from llama.cli import COMMON_HELP, check_fit, check_flags, user_errors
 
 
 def main(
@@ -60,6 +60,8 @@ Canada =>""",
 good morning => guten Morgen
 thank you =>""",
     ]
+    # Every prompt checked before the first completion streams (BOS included, as text_stream encodes it).
+    check_fit("prompt", [len(generator.tokenizer.encode(p, bos=True, eos=False)) for p in prompts], max_seq_len)
     for prompt in prompts:
         if generator.is_main_process:
             print(prompt, end="", flush=True)

@@ -211,6 +211,17 @@ def user_errors(prog: str, hint: str = "") -> Iterator[None]:
         sys.exit(1)
 
 
+def check_fit(what: str, lengths: Sequence[int], max_seq_len: int) -> None:
+    """Raise, naming the first of ``lengths`` (prompt tokens, one per ``what``) that leaves no room
+    for an answer in ``max_seq_len``, and the --max_seq_len that fits them all."""
+    for i, n in enumerate(lengths):
+        if n >= max_seq_len:
+            raise ValueError(
+                f"{what} {i} has {n} tokens, which leaves no room for an answer in --max_seq_len {max_seq_len}: "
+                f"use --max_seq_len {max(lengths) + 1} or more (more tokens for longer answers)"
+            )
+
+
 def check_flags(
     fn: Callable[..., Any],
     help: dict[str, str],

@@ -483,3 +483,13 @@ def test_chat_refuses_torchrun_before_loading(ckpt):
     result = run(["-m", "llama.chat", "--ckpt_dir", str(ckpt)], WORLD_SIZE="2", RANK="0")
     user_error(result, 1, "not under torchrun (2 ranks)", "example_chat_completion.py")
     assert "Memory plan" not in result.stderr
+
+
+@pytest.mark.parametrize("script, what", [("example_chat_completion.py", "dialog 1 has"), ("example_text_completion.py", "prompt 2 has")])
+def test_examples_check_every_prompt_before_the_first_answer(ckpt, script, what):
+    """One error naming the prompt that does not fit (not "prompt 0"), and no half-printed answer
+    before it: the second dialog and the third text prompt are the first over these lengths."""
+    seq = {"example_chat_completion.py": "40", "example_text_completion.py": "14"}[script]
+    result = run([script, "--ckpt_dir", str(ckpt), "--device", "cpu", "--max_seq_len", seq, "--max_gen_len", "2"])
+    user_error(result, 1, what, f"--max_seq_len {seq}", "use --max_seq_len")
+    assert result.stdout == ""
