@@ -19,10 +19,13 @@ else is a bug and keeps its traceback; ``LLAMA_DEBUG=1`` shows the traceback of 
 import argparse
 import contextlib
 import difflib
+import hashlib
 import inspect
 import math
 import os
 import sys
+import tempfile
+import time
 import typing
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -205,10 +208,41 @@ def user_errors(prog: str, hint: str = "") -> Iterator[None]:
     except Exception as e:
         if not isinstance(e, USER_ERRORS) and not getattr(e, "user_error", False):
             raise  # a bug: the traceback is what a report needs
-        if is_main_rank():
-            print(f"{prog}: error: {_message(e)}", file=sys.stderr)
+        message = _message(e)
+        if first_to_report(message):
+            rank = "" if is_main_rank() else f"rank {os.environ['RANK']}: "
+            print(f"{prog}: error: {rank}{message}", file=sys.stderr)
             print(f"hint: {hint or f'{prog} --help lists the flags'}; {DEBUG_ENV}=1 shows the traceback", file=sys.stderr)
         sys.exit(1)
+
+
+def first_to_report(message: str, wait: float = 0.5) -> bool:
+    """Whether this process should print ``message``: always in one process; under torchrun, the
+    first of this machine's ranks to report that very message (a file made exclusively in the temp
+    folder, keyed by the launcher's pid and the message). So an error every rank hits (a bad flag,
+    a rank count that cannot split the model) prints once, and one that only rank 3 hits (its
+    truncated shard) is printed by rank 3, where before only rank 0 spoke and it said nothing.
+    Ranks other than 0 wait ``wait`` seconds first, so a shared error comes from rank 0."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return True
+    if not is_main_rank():
+        time.sleep(wait)
+    key = hashlib.sha256(f"{os.getppid()}\0{message}".encode()).hexdigest()[:20]
+    path = os.path.join(tempfile.gettempdir(), f"llama-error-{key}")
+    for _ in range(2):
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return True
+        except FileExistsError:  # another rank said it; or a launcher long gone whose pid came back
+            try:
+                if time.time() - os.stat(path).st_mtime < 60:
+                    return False
+                os.unlink(path)
+            except OSError:
+                return False
+        except OSError:  # no writable temp folder: rank 0 speaks, as it always did
+            return is_main_rank()
+    return False
 
 
 def check_fit(what: str, lengths: Sequence[int], max_seq_len: int) -> None:

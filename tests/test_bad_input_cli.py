@@ -493,3 +493,24 @@ def test_examples_check_every_prompt_before_the_first_answer(ckpt, script, what)
     result = run([script, "--ckpt_dir", str(ckpt), "--device", "cpu", "--max_seq_len", seq, "--max_gen_len", "2"])
     user_error(result, 1, what, f"--max_seq_len {seq}", "use --max_seq_len")
     assert result.stdout == ""
+
+
+def test_torchrun_ranks_report_their_own_errors_once(tmp_path):
+    """Under torchrun (WORLD_SIZE > 1) an error every rank hits is printed once, and one that only
+    rank 1 hits (its own shard) is printed by rank 1, named so; before, only rank 0 spoke."""
+    code = "import sys; from llama.cli import user_errors\nwith user_errors('prog'):\n    raise ValueError(sys.argv[1])"
+    tag = f"{tmp_path.name}-{time.time()}"  # a message no earlier run of this test made
+
+    def ranks(*messages: str) -> list[str]:
+        procs = [
+            subprocess.Popen([PY, "-c", code, m], cwd=REPO, stderr=subprocess.PIPE, text=True,
+                             env=child_env(WORLD_SIZE=str(len(messages)), RANK=str(rank)))
+            for rank, m in enumerate(messages)
+        ]  # fmt: skip
+        errs = [p.communicate(timeout=60)[1] for p in procs]
+        assert [p.returncode for p in procs] == [1] * len(messages)
+        return [line for err in errs for line in err.splitlines() if ": error: " in line]
+
+    assert ranks(f"shared {tag}", f"shared {tag}") == [f"prog: error: shared {tag}"]
+    lines = ranks(f"fine {tag}", f"consolidated.01.pth is truncated {tag}")
+    assert sorted(lines) == sorted([f"prog: error: fine {tag}", f"prog: error: rank 1: consolidated.01.pth is truncated {tag}"])
