@@ -21,7 +21,13 @@ from typing import Any, Sequence
 
 from .datatypes import Dialog, Message
 from .tokenizer import Tokenizer
-from .tool_calls import TOOL_PROMPT_FORMATS, decode_assistant_message, format_custom_tool_calls, is_builtin_tool
+from .tool_calls import (
+    TOOL_PROMPT_FORMATS,
+    decode_assistant_message,
+    format_custom_tool_calls,
+    format_tool_call,
+    is_builtin_tool,
+)
 
 LLAMA3_ROLES = ("system", "user", "assistant", "ipython")
 CHATML_ROLES = ("system", "user", "assistant")
@@ -93,11 +99,17 @@ class ChatFormat:
     def encode_message(self, message: Message, tool_prompt_format: str = "json") -> list[int]:
         """Header, stripped content, tool call(s) (if any) and the closing token of one message.
 
-        An assistant message with a built-in tool call (one per message) ends
-        `<|python_tag|>{call}<|eom_id|>`, as do custom tool calls on a message whose stop_reason
-        is "end_of_message"; other custom calls follow the content and end with `<|eot_id|>`,
-        written in `tool_prompt_format` ("json", "python_list", "function_tag"; several calls in
-        "json" are written as a python list, see `format_custom_tool_calls`).
+        Built-in tool calls are written after `<|python_tag|>`: one code_interpreter call, or
+        brave_search / wolfram_alpha / photogen calls, one per line (never mixed with custom
+        calls). Custom calls are tagged too on a message whose stop_reason is "end_of_message";
+        otherwise they follow the content, written in `tool_prompt_format` ("json",
+        "python_list", "function_tag"; several calls in "json" are written as a python list, see
+        `format_custom_tool_calls`).
+
+        The closing token is the message's own: `<|eom_id|>` for stop_reason "end_of_message",
+        `<|eot_id|>` for "end_of_turn", so a decoded message is re-encoded as it was generated.
+        Without either (a message written by hand, or "out_of_tokens"), tagged calls end with
+        `<|eom_id|>` as documented, everything else with `<|eot_id|>`.
         """
         role = self._role(message)
         tokens = self._header(role)
@@ -109,12 +121,14 @@ class ChatFormat:
             if calls:
                 raise ValueError("tool calls are not supported in the chatml format")
             return tokens + [special["<|im_end|>"], *self._text("\n")]
-        eom = message.get("stop_reason") == "end_of_message"
+        stop_reason = message.get("stop_reason")
+        eom = stop_reason == "end_of_message"
         if calls:
             builtin = [c["tool_name"] for c in calls if is_builtin_tool(c["tool_name"])]
-            if builtin and len(calls) > 1:
+            if builtin and len(calls) > 1 and (len(builtin) < len(calls) or "code_interpreter" in builtin):
                 raise ValueError(
-                    f"a built-in tool call ({builtin[0]}) must be the only call of its message, got {len(calls)}"
+                    f"a built-in tool call ({builtin[0]}) must be the only call of its message, got "
+                    f"{len(calls)} (only brave_search, wolfram_alpha and photogen calls may share one)"
                 )
             if tool_prompt_format not in TOOL_PROMPT_FORMATS:
                 raise ValueError(f"unknown tool_prompt_format {tool_prompt_format!r}; valid: {TOOL_PROMPT_FORMATS}")
@@ -126,8 +140,11 @@ class ChatFormat:
                 )
             if tagged:
                 tokens.append(self._required(self.tokenizer.python_tag_id, "python_tag"))
-            tokens += self._text(format_custom_tool_calls(calls, tool_prompt_format))
-            eom = tagged
+            if builtin:
+                tokens += self._text("\n".join(format_tool_call(c) for c in calls))
+            else:
+                tokens += self._text(format_custom_tool_calls(calls, tool_prompt_format))
+            eom = tagged and stop_reason != "end_of_turn"
         if eom:
             return tokens + [self._required(self.tokenizer.eom_id, "eom")]
         return tokens + [self._required(self.tokenizer.eot_id, "eot")]

@@ -1,8 +1,9 @@
 """Llama 3.1 tool calling: system-prompt helpers, tool-call text, and decoding assistant output.
 
 Built-in tools (`brave_search`, `wolfram_alpha`, `photogen`) are called as
-`<|python_tag|>brave_search.call(query="...")<|eom_id|>`; the code interpreter as
-`<|python_tag|>` + Python code + `<|eom_id|>`; custom tools as JSON
+`<|python_tag|>brave_search.call(query="...")<|eom_id|>`, the query raw text between the quotes
+(backslashes as written, both ways); the code interpreter as `<|python_tag|>` + code +
+`<|eom_id|>` (any text after the tag that is no call, kept as generated); custom tools as JSON
 `{"name": ..., "parameters": {...}}` ending with `<|eot_id|>`, as `<function=NAME>{...}</function>`,
 or (Llama 3.2) as a python list `[f(a=1), g(b="x")]` holding several calls. Tool results come back
 as `ipython` messages (Meta's newer name for the role: `tool`).
@@ -16,7 +17,7 @@ import re
 import uuid
 import warnings
 from datetime import date
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 from .datatypes import Message, StopReason, ToolCall
 
@@ -128,10 +129,12 @@ def custom_tools_prompt(functions: Sequence[Mapping[str, Any]], question: str = 
 
 
 def format_tool_call(call: ToolCall) -> str:
-    """Text of one tool call, without special tokens.
+    r"""Text of one tool call, without special tokens.
 
-    Built-in: `brave_search.call(query="x", b="y")` (Python literals; strings double-quoted);
-    code_interpreter: the code itself; custom: `{"name": ..., "parameters": {...}}`.
+    Built-in: `brave_search.call(query="x", n=3)`: string values are written as they are, between
+    double quotes, only `"` escaped as `\"` (a LaTeX query `\int x` stays `\int x`; this is the
+    form the decoder reads back, see `parse_tool_calls`); other values as Python literals.
+    code_interpreter: the code itself. Custom: `{"name": ..., "parameters": {...}}`.
     """
     name, args = call["tool_name"], call["arguments"]
     if name == "code_interpreter":
@@ -139,7 +142,7 @@ def format_tool_call(call: ToolCall) -> str:
             raise ValueError(f"code_interpreter call needs arguments {{'code': str}}, got {args!r}")
         return args["code"]
     if is_builtin_tool(name):
-        return f"{name}.call({_python_kwargs(args)})"
+        return f"{name}.call({_python_kwargs(args, _raw_quoted)})"
     return json.dumps({"name": name, "parameters": args}, ensure_ascii=False)
 
 
@@ -148,8 +151,9 @@ def format_custom_tool_calls(calls: Sequence[ToolCall], tool_prompt_format: str 
 
     "json": one call as `{"name": ..., "parameters": {...}}` (Llama 3.1); several calls have no
     JSON form, so they are written as Llama 3.2's python list. "python_list":
-    `[f(a=1), g(b="x")]` (Llama 3.2). "function_tag": `<function=f>{"a": 1}</function>` per call
-    (Llama 3.1's alternative custom-tool format).
+    `[f(a=1), g(b="x", l=["y"])]` (Llama 3.2; strings double-quoted with JSON escapes, which are
+    valid Python). "function_tag": `<function=f>{"a": 1}</function>` per call (Llama 3.1's
+    alternative custom-tool format).
     """
     if tool_prompt_format not in TOOL_PROMPT_FORMATS:
         raise ValueError(f"unknown tool_prompt_format {tool_prompt_format!r}; valid: {TOOL_PROMPT_FORMATS}")
@@ -161,17 +165,33 @@ def format_custom_tool_calls(calls: Sequence[ToolCall], tool_prompt_format: str 
     for c in calls:
         if not _NAME.fullmatch(c["tool_name"]):
             raise ValueError(f"tool name {c['tool_name']!r} is not a Python identifier: use the json format")
-    return "[" + ", ".join(f"{c['tool_name']}({_python_kwargs(c['arguments'])})" for c in calls) + "]"
+    return "[" + ", ".join(f"{c['tool_name']}({_python_kwargs(c['arguments'], _json_quoted)})" for c in calls) + "]"
 
 
-def _python_kwargs(args: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k}={_python_literal(v)}" for k, v in args.items())
+def _python_kwargs(args: Mapping[str, Any], quoted: Callable[[str], str]) -> str:
+    return ", ".join(f"{k}={_python_literal(v, quoted)}" for k, v in args.items())
 
 
-def _python_literal(value: Any) -> str:
-    # json.dumps gives a double-quoted string whose escapes are also valid in Python literals;
-    # containers use repr, which ast.literal_eval reads back.
-    return json.dumps(value, ensure_ascii=False) if isinstance(value, str) else repr(value)
+def _python_literal(value: Any, quoted: Callable[[str], str]) -> str:
+    """A Python literal for JSON-like `value`, its strings (nested ones too) written by `quoted`."""
+    if isinstance(value, str):
+        return quoted(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_python_literal(v, quoted) for v in value) + "]"
+    if isinstance(value, dict):
+        items = (f"{_python_literal(k, quoted)}: {_python_literal(v, quoted)}" for k, v in value.items())
+        return "{" + ", ".join(items) + "}"
+    return repr(value)  # numbers, True, False, None
+
+
+def _json_quoted(text: str) -> str:
+    # JSON's escapes (\" \\ \n \uXXXX) are all valid in Python literals: ast.literal_eval reads it back
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _raw_quoted(text: str) -> str:
+    # the text as written, between double quotes; only a quote needs escaping (see _raw_strings)
+    return '"' + text.replace('"', '\\"') + '"'
 
 
 # --- decoding ------------------------------------------------------------------------------------
@@ -180,44 +200,41 @@ _NAME = re.compile(r"[A-Za-z_]\w*")
 _CALL_START = re.compile(r"([A-Za-z_]\w*)\.call\(")
 _BUILTIN_CALL = re.compile(r"\b(?:" + "|".join(BUILTIN_TOOLS[:3]) + r")\.call\(")
 _FUNCTION_OPEN = re.compile(r"\s*<function=([A-Za-z_][\w.\-]*)>")
-_LIST_START = re.compile(r"\[\s*[A-Za-z_]\w*\s*\(")
-
-# _classify's verdicts: the text is tool calls / looks like a tool-call form but does not parse
-# (stays text, never code) / is none of the forms.
-_CALLS, _MALFORMED, _NONE = "calls", "malformed", "none"
+# After `\"`: the quote closes the string (the backslash ending the value) if the call ends there.
+_CALL_ENDS = re.compile(r"[ \t]*\)[ \t]*(?:[;\r\n]|$)")
+# The argument a built-in tool takes (what a call in a custom-tool form is mapped to).
+_BUILTIN_ARGUMENT = {"brave_search": "query", "wolfram_alpha": "query", "photogen": "query",
+                     "code_interpreter": "code"}  # fmt: skip
+_PARSE_ERRORS = (SyntaxError, ValueError, TypeError, MemoryError, RecursionError)
 
 
 def parse_tool_calls(text: str, *, after_python_tag: bool = False) -> list[ToolCall]:
-    """Tool calls written as the whole of `text` (surrounding whitespace aside), or [].
+    r"""Tool calls written as the whole of `text` (surrounding whitespace aside), or [].
 
     Forms, as in Meta's prompt-format documentation:
-    - Llama 3.1 built-ins `brave_search.call(query="...", k=literal)` (any `name.call(...)` after
-      `<|python_tag|>`; bare only for built-in names);
-    - JSON `{"name": ..., "parameters" | "arguments": {...}}`, optionally with
-      `"type": "function"`;
+    - Llama 3.1 built-ins `brave_search.call(query="...", k=literal)`, one or several (one per
+      line or separated by `;`). Any `name.call(...)` after `<|python_tag|>`; bare only for
+      built-in names. String values are raw text, as in Meta's format: backslashes are kept as
+      written (`"\int x"`, `"C:\new"`); only `\"` stands for a quote;
+    - JSON `{"name": ..., "parameters" | "arguments": {...}}` (other keys such as "type":
+      "function" or "description" ignored; "type", if present, must be "function");
     - `<function=NAME>ARGS</function>`, one or several, the last closing tag optional, ARGS a
       JSON object or a Python dict literal;
-    - Llama 3.2 python lists `[f(a=1), g(b="x")]` (keyword arguments, literal values);
-    - after `<|python_tag|>`, any other text that parses as Python is code for
-      `code_interpreter` (prose that does not parse stays text).
-    Text that starts like one of the structured forms but does not parse gives [] even after
-    `<|python_tag|>`: it is never executed as code. Literals are read with `ast.literal_eval` and
-    `json.loads` only; nothing is evaluated.
+    - Llama 3.2 python lists `[f(a=1), g(b="x")]` (keyword arguments, Python literal values);
+    - after `<|python_tag|>`, any other non-blank text is code for `code_interpreter`, exactly as
+      generated (whitespace included), whether or not it parses as Python here: the interpreter
+      answers with its own error, and the dialog goes on.
+    A built-in tool called in a custom form with one string argument under another name
+    (`{"name": "brave_search", "parameters": {"q": "x"}}`) gets its own argument name ("query";
+    "code" for code_interpreter). Literals are read with `ast.literal_eval` and `json.loads`
+    only; nothing is evaluated.
     """
-    verdict, calls = _classify(text.strip(), after_python_tag)
-    if verdict == _CALLS:
+    calls = _calls(text.strip(), after_python_tag)
+    if calls:
         return calls
-    if verdict == _NONE and after_python_tag and _is_python(text.strip()):
-        return [make_tool_call("code_interpreter", {"code": text.strip()})]
+    if after_python_tag and text.strip():
+        return [make_tool_call("code_interpreter", {"code": text})]
     return []
-
-
-def _is_python(code: str) -> bool:
-    """Non-empty text that parses as Python: only that may go to the code interpreter."""
-    try:
-        return bool(code) and _ast_parse(code, "exec") is not None
-    except (SyntaxError, ValueError, MemoryError, RecursionError):
-        return False
 
 
 def parse_tool_call(text: str, *, after_python_tag: bool = False) -> Optional[ToolCall]:
@@ -230,59 +247,63 @@ def split_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
     """(content, calls) for text generated without `<|python_tag|>`.
 
     The whole text may be a call (any form of `parse_tool_calls` except code), or prose followed
-    by `<function=...>` calls or by a built-in `name.call(...)` ending the message: the prose is
-    the content. JSON and python lists after prose stay text (prose often quotes them).
+    by `<function=...>` calls or by built-in `name.call(...)` calls ending the message: the prose
+    is the content. JSON and python lists after prose stay text (prose often quotes them).
     """
     stripped = text.strip()
-    verdict, calls = _classify(stripped, False)
-    if verdict == _CALLS:
+    if calls := _calls(stripped, False):
         return "", calls
     starts = [stripped.find("<function=")] + [m.start() for m in _BUILTIN_CALL.finditer(stripped)]
     for start in sorted(s for s in starts if s > 0):
-        verdict, calls = _classify(stripped[start:], False)
-        if verdict == _CALLS:
+        if calls := _calls(stripped[start:], False):
             return stripped[:start].strip(), calls
     return text, []
 
 
-def _classify(s: str, after_python_tag: bool) -> tuple[str, list[ToolCall]]:
-    """Which tool-call form the stripped text `s` is, and its calls."""
+def _calls(s: str, after_python_tag: bool) -> Optional[list[ToolCall]]:
+    """The calls written as the whole of the stripped text `s`, or None."""
     try:
         if s.startswith("<function="):
             return _function_tags(s)
         if s.startswith("{"):
             call = _json_call(s)
-            return (_CALLS, [call]) if call else (_MALFORMED, [])
+            return [call] if call else None
         if s.startswith("["):
             return _python_list(s)
-        if match := _CALL_START.match(s):
-            call = _dot_call(s)
-            if is_builtin_tool(match.group(1)):
-                return (_CALLS, [call]) if call else (_MALFORMED, [])
-            if after_python_tag and call:
-                return _CALLS, [call]
-    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
-        return _MALFORMED, []
-    return _NONE, []
+        if _CALL_START.match(s):
+            return _dot_calls(s, any_name=after_python_tag)
+    except _PARSE_ERRORS:
+        pass
+    return None
 
 
-def _function_tags(s: str) -> tuple[str, list[ToolCall]]:
+def _decoded_call(name: str, args: dict[str, Any]) -> ToolCall:
+    """A decoded call; a built-in's one string argument is put under the built-in's own name."""
+    own = _BUILTIN_ARGUMENT.get(name)
+    if own and len(args) == 1 and own not in args:
+        [value] = args.values()
+        if isinstance(value, str):
+            args = {own: value}
+    return make_tool_call(name, args)
+
+
+def _function_tags(s: str) -> Optional[list[ToolCall]]:
     """`<function=f>{...}</function><function=g>{...}` (the last closing tag optional)."""
     calls, pos = [], 0
     while pos < len(s):
         match = _FUNCTION_OPEN.match(s, pos)
         if not match:
-            return _MALFORMED, []
+            return None
         end = s.find("</function>", match.end())
         body = s[match.end() : end if end >= 0 else len(s)]
         args = _dict_literal(body)
         if args is None:
-            return _MALFORMED, []
-        calls.append(make_tool_call(match.group(1), args))
+            return None
+        calls.append(_decoded_call(match.group(1), args))
         pos = len(s) if end < 0 else end + len("</function>")
         while pos < len(s) and s[pos].isspace():
             pos += 1
-    return _CALLS, calls
+    return calls
 
 
 def _dict_literal(text: str) -> Optional[dict[str, Any]]:
@@ -292,7 +313,7 @@ def _dict_literal(text: str) -> Optional[dict[str, Any]]:
     if value is None:
         try:
             value = ast.literal_eval(_ast_parse(text, "eval"))
-        except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
+        except _PARSE_ERRORS:
             return None
     if isinstance(value, dict) and all(isinstance(k, str) for k in value):
         return value
@@ -300,52 +321,95 @@ def _dict_literal(text: str) -> Optional[dict[str, Any]]:
 
 
 def _json_call(s: str) -> Optional[ToolCall]:
-    """`{"name": ..., "parameters" | "arguments": {...}}`, optionally `"type": "function"`."""
+    """`{"name": ..., "parameters" | "arguments": {...}, ...}`; "type", if any, is "function"."""
     obj = _json_value(s)
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
-    if obj.get("type", "function") != "function" or set(obj) - {"type", "name", "parameters", "arguments"}:
+    if obj.get("type", "function") != "function":
         return None
-    if ("parameters" in obj) == ("arguments" in obj):  # neither, or both (which one?)
-        return None
-    args = obj.get("parameters", obj.get("arguments"))
-    return make_tool_call(obj["name"], args) if isinstance(args, dict) else None
+    args = obj["parameters"] if "parameters" in obj else obj.get("arguments")
+    return _decoded_call(obj["name"], args) if isinstance(args, dict) else None
 
 
-def _python_list(s: str) -> tuple[str, list[ToolCall]]:
+def _python_list(s: str) -> Optional[list[ToolCall]]:
     """`[f(a=1), g(b="x")]`: a non-empty list of calls of plain names with literal keywords."""
-    try:
-        node = _ast_parse(s, "eval").body
-    except SyntaxError:
-        # `[f(...` that does not parse is a broken call list; other brackets are not calls
-        return (_MALFORMED if _LIST_START.match(s) else _NONE), []
+    node = _ast_parse(s, "eval").body
     shaped = isinstance(node, ast.List) and node.elts and all(
         isinstance(e, ast.Call) and isinstance(e.func, ast.Name) for e in node.elts
     )
     if not shaped:
-        return _NONE, []
+        return None
     calls = []
     for e in node.elts:
         if e.args or any(kw.arg is None for kw in e.keywords):
-            return _MALFORMED, []  # positional or **kwargs: not the documented form
-        calls.append(make_tool_call(e.func.id, {kw.arg: ast.literal_eval(kw.value) for kw in e.keywords}))
-    return _CALLS, calls
+            return None  # positional or **kwargs: not the documented form
+        calls.append(_decoded_call(e.func.id, {kw.arg: ast.literal_eval(kw.value) for kw in e.keywords}))
+    return calls
 
 
-def _dot_call(s: str) -> Optional[ToolCall]:
-    """`name.call(k=literal, ...)` -> ToolCall; anything else (positional args, code) -> None."""
-    node = _ast_parse(s, "eval").body
-    ok = (
-        isinstance(node, ast.Call)
-        and isinstance(node.func, ast.Attribute)
-        and node.func.attr == "call"
-        and isinstance(node.func.value, ast.Name)
-        and not node.args
-        and all(kw.arg is not None for kw in node.keywords)
-    )
-    if not ok:
+def _dot_calls(s: str, any_name: bool) -> Optional[list[ToolCall]]:
+    """`name.call(k=literal, ...)`, one per statement; anything else (positional args, code) -> None.
+
+    Only built-in names unless `any_name`. String values are raw (see `_raw_strings`).
+    """
+    source = _raw_strings(s)
+    if source is None:
         return None
-    return make_tool_call(node.func.value.id, {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords})
+    calls = []
+    for statement in _ast_parse(source, "exec").body:
+        node = statement.value if isinstance(statement, ast.Expr) else None
+        ok = (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "call"
+            and isinstance(node.func.value, ast.Name)
+            and (any_name or is_builtin_tool(node.func.value.id))
+            and not node.args
+            and all(kw.arg is not None for kw in node.keywords)
+        )
+        if not ok:
+            return None
+        calls.append(_decoded_call(node.func.value.id, {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}))
+    return calls or None
+
+
+def _raw_strings(source: str) -> Optional[str]:
+    r"""`source` with each string literal replaced by a Python literal of its raw text, or None.
+
+    Meta's built-in call format puts the query between quotes as written, so a backslash is
+    just a character (`"\int x"`, `"C:\new"`): Python's escapes would turn `\n` into a newline
+    and `\a` into a bell, and reject `\x`, `\u`, `\N` outright. Here a string runs from its
+    quote to the next unescaped same quote, `\"` (or `\'`) stands for the quote itself, and
+    every other character is kept. One exception: `\"` followed by the end of the call closes
+    the string, so a value ending with a backslash (`"C:\"`) reads back when it is the last
+    argument. Prefixed strings (`r"..."`, `f"..."`) and unterminated ones give None.
+    """
+    out, start, i, n = [], 0, 0, len(source)
+    while i < n:
+        quote = source[i]
+        if quote == "#":  # a comment runs to the end of its line, quotes and all
+            end = source.find("\n", i)
+            i = n if end < 0 else end
+            continue
+        if quote not in "\"'":
+            i += 1
+            continue
+        if i and (source[i - 1].isalnum() or source[i - 1] == "_"):
+            return None
+        chars, j = [], i + 1
+        while j < n and source[j] != quote:
+            if source[j] == "\\" and source.startswith(quote, j + 1) and not _CALL_ENDS.match(source, j + 2):
+                chars.append(quote)
+                j += 2
+            else:
+                chars.append(source[j])
+                j += 1
+        if j >= n:
+            return None
+        out += [source[start:i], " ", repr("".join(chars)), " "]
+        i = start = j + 1
+    out.append(source[start:])
+    return "".join(out)
 
 
 def _ast_parse(source: str, mode: str) -> ast.AST:
@@ -371,9 +435,10 @@ def decode_assistant_message(
     if generation stopped on one (anything after the first stop token is ignored):
     `<|eom_id|>` -> "end_of_message", another stop token (`<|eot_id|>`, `<|end_of_text|>`)
     -> "end_of_turn", none -> "out_of_tokens". With `<|python_tag|>`, the text before it is the
-    content and the text after it the call(s) (`parse_tool_calls` with `after_python_tag`);
-    without, see `split_tool_calls`. Call text is not repeated in the content; text that is no
-    call stays content (the tag itself dropped).
+    content and the text after it the call(s) (`parse_tool_calls` with `after_python_tag`: code
+    for the interpreter unless it is another call); without, see `split_tool_calls`. Call text
+    is not repeated in the content; when there is no call (untagged text that is none, or
+    nothing after the tag), all the text is the content (the tag itself dropped).
     """
     tokens = list(tokens)
     stop_reason: StopReason = "out_of_tokens"
