@@ -134,10 +134,9 @@ class ChatFormat:
                 raise ValueError(f"unknown tool_prompt_format {tool_prompt_format!r}; valid: {TOOL_PROMPT_FORMATS}")
             tagged = eom or bool(builtin)
             if not tagged and content.strip():
-                raise ValueError(
-                    "a custom tool call cannot follow content in one message unless it is tagged "
-                    "(stop_reason 'end_of_message' puts it after <|python_tag|>)"
-                )
+                # Calls after prose: only <function=...> tags read back as calls there (JSON or a
+                # list after prose stays text, see split_tool_calls), so a decoded message replays.
+                tool_prompt_format = "function_tag"
             if tagged:
                 tokens.append(self._required(self.tokenizer.python_tag_id, "python_tag"))
             if builtin:

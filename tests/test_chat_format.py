@@ -195,8 +195,20 @@ def test_bad_messages(fmt: ChatFormat) -> None:
         fmt.encode_message({"role": "user", "content": None})  # type: ignore[typeddict-item]
     with pytest.raises(ValueError, match="tool call 0 must be"):
         fmt.encode_message({"role": "assistant", "content": "", "tool_calls": [{"name": "f"}]})
-    with pytest.raises(ValueError, match="a custom tool call cannot follow content"):
-        fmt.encode_message({"role": "assistant", "content": "Sure.", "tool_calls": [call]})
+
+
+def test_custom_calls_after_prose_replay(tok: Tokenizer, fmt: ChatFormat) -> None:
+    """Prose then <function=...> calls (a form the decoder finds) re-encodes token for token, in
+    every tool_prompt_format: after prose only function tags read back as calls."""
+    header = "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    generated = 'Let me check. <function=get_weather>{"city": "Paris"}</function>'
+    tokens = tok.encode(generated, bos=False, eos=False) + [tok.eot_id]
+    message = fmt.decode_assistant_message(tokens)
+    assert message["content"] == "Let me check." and message["tool_calls"][0]["tool_name"] == "get_weather"
+    for tool_prompt_format in ("json", "python_list", "function_tag"):
+        encoded = fmt.encode_message(message, tool_prompt_format)
+        assert tok.decode(encoded) == header + 'Let me check.<function=get_weather>{"city": "Paris"}</function><|eot_id|>'
+        assert fmt.decode_assistant_message(encoded[len(tok.encode(header, bos=False, eos=False, allowed_special="all")):])["tool_calls"][0]["arguments"] == {"city": "Paris"}
 
 
 def test_several_custom_calls(tok: Tokenizer, fmt: ChatFormat) -> None:
