@@ -30,8 +30,10 @@ Zeros = Callable[..., Tensor]  # torch.zeros's signature: (shape, device=, dtype
 class ModelArgs:
     """The architecture, mirroring ``params.json`` key for key (read and checked by ``llama.params``).
 
-    ``rope_scale_factor`` is ours (Meta hard-codes 8; Llama 3.2 1B/3B were trained with 32). Runtime
-    knobs (max_seq_len, max_batch_size) are not architecture: see ``Transformer.setup_cache``.
+    ``rope_scale_factor`` is ours (Meta hard-codes 8; Llama 3.2 1B/3B were trained with 32). The
+    cache size (max_batch_size, max_seq_len) is not architecture (``Transformer.setup_cache``), but
+    Meta's ModelArgs carries it, so it may be given here too: then ``Transformer(args)`` allocates
+    its cache when built, as Meta's does (params.json and ``Llama.build`` leave both None).
     """
 
     dim: int
@@ -45,6 +47,8 @@ class ModelArgs:
     rope_theta: float = 500000.0
     use_scaled_rope: bool = False
     rope_scale_factor: float = 8.0
+    max_batch_size: int | None = None
+    max_seq_len: int | None = None
     # What loading params.json should tell the user (a factor chosen, a key ignored): llama.params sets it.
     notes: ClassVar[Sequence[str]] = ()
 
@@ -276,11 +280,13 @@ class Transformer(nn.Module):
         # RoPE tables for every cache position, made by setup_cache: [max_seq_len, head_dim/2] fp32.
         self._rope_cos: Tensor | None = None
         self._rope_sin: Tensor | None = None
+        if args.max_batch_size is not None and args.max_seq_len is not None:  # Meta's way: sized by its args
+            self.setup_cache(args.max_batch_size, args.max_seq_len)
 
     @property
     def params(self) -> SimpleNamespace:
         """Meta's ``model.params``: a read-only copy of ``args`` plus the cache's max_seq_len and max_batch_size."""
-        return SimpleNamespace(**asdict(self.args), max_seq_len=self.max_seq_len, max_batch_size=self.max_batch_size)
+        return SimpleNamespace(**{**asdict(self.args), "max_seq_len": self.max_seq_len, "max_batch_size": self.max_batch_size})
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int, zeros: Zeros = torch.zeros) -> None:
         """Allocate the KV cache (and RoPE tables) on the model's device and dtype; ``zeros(shape,

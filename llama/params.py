@@ -180,7 +180,7 @@ def from_dict(params: dict[str, Any], source: str = "params", vocab_size: Option
         if vocab_size is None:
             raise ValueError(f"{source}: vocab_size is -1 (Llama 2: the tokenizer decides); give the tokenizer's size")
         params["vocab_size"] = vocab_size
-    known = {f.name for f in fields(ModelArgs)}
+    known = {f.name for f in fields(ModelArgs)} - set(IGNORED_KEYS)  # the cache size: Llama.build's arguments
     notes = []
     for key in IGNORED_KEYS:
         if key in params:
@@ -245,7 +245,7 @@ def to_dict(args: ModelArgs) -> dict[str, Any]:
     A factor that the shape implies (32 for Llama 3.2 1B/3B) is written too: explicit is safer
     for a file that tools may edit (resharding changes n_kv_heads, and with it the shape).
     """
-    out = {f.name: getattr(args, f.name) for f in fields(args)}
+    out = {f.name: getattr(args, f.name) for f in fields(args) if f.name not in IGNORED_KEYS}  # no cache size
     if out["rope_scale_factor"] == DEFAULT_ROPE_SCALE_FACTOR and default_rope_scale_factor(args)[1] is None:
         del out["rope_scale_factor"]
     if not out["use_scaled_rope"]:

@@ -557,3 +557,27 @@ def test_model_params(ckpt):
     p = model.params
     assert (p.dim, p.n_layers, p.n_heads, p.n_kv_heads, p.vocab_size) == (64, 2, 4, 2, 128256)
     assert (p.max_seq_len, p.max_batch_size, p.rope_theta, p.norm_eps) == (48, 3, 500000.0, 1e-5)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_model_built_by_hand_as_in_metas_build(ckpt, meta_tokenizer_path):
+    """The body of meta-llama/llama3's Llama.build, which research code copies to load its own
+    weights: ModelArgs with the cache size, Transformer(args), load_state_dict(strict=False),
+    Llama(model, tokenizer). The same greedy tokens as Llama.build gives."""
+    import json
+
+    from llama.generation import Llama
+    from llama.model import Transformer
+    from llama.tokenizer import Tokenizer
+
+    params = json.loads((ckpt / "params.json").read_text())
+    model_args = ModelArgs(max_seq_len=32, max_batch_size=2, **params)
+    assert (model_args.max_seq_len, model_args.max_batch_size) == (32, 2)
+    model = Transformer(model_args)  # its cache made here, as in Meta's
+    checkpoint = torch.load(ckpt / "consolidated.00.pth", map_location="cpu", weights_only=True)
+    model.load_state_dict(checkpoint, strict=False)
+    generator = Llama(model, Tokenizer(model_path=str(meta_tokenizer_path)))
+    assert generator.model.params.max_seq_len == 32 and generator.model.params.max_batch_size == 2
+    ours = generator.text_completion(["Hello there"], temperature=0, max_gen_len=4)
+    built = Llama.build(str(ckpt), str(meta_tokenizer_path), 32, 2, device="cpu", dtype="fp32")
+    assert ours == built.text_completion(["Hello there"], temperature=0, max_gen_len=4)
