@@ -142,6 +142,13 @@ class Llama:
 
         if not Path(ckpt_dir).is_dir():  # before the tokenizer, whose default path is inside it
             raise FileNotFoundError(f"checkpoint folder not found: {ckpt_dir}")
+        folder = Path(ckpt_dir)
+        if not (folder / "params.json").exists() and (folder / "config.json").exists():  # before "no tokenizer.model"
+            original = " (its original/ subfolder holds Meta's files)" if (folder / "original" / "params.json").exists() else ""
+            raise ValueError(
+                f"{ckpt_dir} is a Hugging Face folder (config.json, no params.json){original}: use the Meta-format "
+                f"original/ folder, or convert it with python -m llama.convert hf-to-meta {ckpt_dir} OUT"
+            )
         tokenizer_file = Path(tokenizer_path) if tokenizer_path else Path(ckpt_dir) / "tokenizer.model"
         tokenizer = load_tokenizer(tokenizer_file)  # tiktoken (Llama 3) or SentencePiece (Llama 2), by content
         args = load_params(ckpt_dir, vocab_size=tokenizer.n_words)  # Llama 2's vocab_size -1: the tokenizer's

@@ -514,3 +514,9 @@ def test_torchrun_ranks_report_their_own_errors_once(tmp_path):
     assert ranks(f"shared {tag}", f"shared {tag}") == [f"prog: error: shared {tag}"]
     lines = ranks(f"fine {tag}", f"consolidated.01.pth is truncated {tag}")
     assert sorted(lines) == sorted([f"prog: error: fine {tag}", f"prog: error: rank 1: consolidated.01.pth is truncated {tag}"])
+
+
+def test_a_hugging_face_folder_is_named_as_one(hf):
+    """--ckpt_dir given a transformers folder: said so, with the two ways out, not "tokenizer.model not found"."""
+    result = run(["example_text_completion.py", "--ckpt_dir", str(hf), "--device", "cpu"])
+    user_error(result, 1, "is a Hugging Face folder", "original/", "llama.convert hf-to-meta")
