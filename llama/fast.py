@@ -256,34 +256,67 @@ def pick_bf16_loop(seconds: dict[str, float]) -> str:
     """The rule, from ``seconds[loop]`` (best times of ``native.MAX_ROWS`` rows through the probe's
     matrices, for "avx2" and "avx512bf16"): "avx512bf16" when it takes at most 0.9x avx2's time,
     else "avx2". A batch is compute-bound, so the race is decided by the CPU, not by the minute's
-    memory bandwidth. One row of up to 4096 runs the AVX2 loop in both (csrc/bf16_matvec.c,
-    ONE_ROW_AVX2); longer single rows (w2) run vdpbf16ps in "avx512bf16": memory-bound, they
-    measure the same in a slow minute and 1.25-1.35x in a fast one on Zen 4, so a probe of them
-    would flip with the minute (it did: 0.95-1.09x in three runs). (An int8 loop on the same dot
-    product, its weights made bf16, took 0.87-0.94x the integer loop's time at 8 rows on Zen 4: too
-    little to keep, benchmarks/README.md.)"""
+    memory bandwidth. For the bf16 loops, one row of up to 4096 runs the AVX2 loop in both
+    (csrc/bf16_matvec.c, ONE_ROW_AVX2); longer single rows (w2) run vdpbf16ps in "avx512bf16":
+    memory-bound, they measure the same in a slow minute and 1.25-1.35x in a fast one on Zen 4, so
+    a probe of them would flip with the minute (it did: 0.95-1.09x in three runs). The int8 loops
+    (``int8_loop``) follow the same rule: one row runs an integer loop in both."""
     return "avx512bf16" if seconds["avx512bf16"] <= 0.9 * seconds["avx2"] else "avx2"
+
+
+def race_loops(kernel: Callable, run: Callable[[], object], reps: int = 5) -> dict[str, float]:
+    """Best seconds of ``run()`` with ``kernel``'s loop set to "avx2" and to "avx512bf16"
+    (``use_variant``), in turn within each of ``reps`` rounds (the same minute for both). Leaves
+    ``kernel`` on the loop it ran before."""
+    before, seconds = kernel.variant, {"avx2": math.inf, "avx512bf16": math.inf}
+    try:
+        for round_ in range(reps + 1):  # round 0 warms up (threads, pages) and is not counted
+            for loop in seconds:
+                kernel.use_variant(loop)
+                start = time.perf_counter()
+                run()
+                if round_:
+                    seconds[loop] = min(seconds[loop], time.perf_counter() - start)
+    finally:
+        kernel.use_variant(before)
+    return seconds
 
 
 def measure_bf16_loop(matvec: MatVec, reps: int = 5) -> str:
     """``pick_bf16_loop`` on this CPU: both loops with ``native.MAX_ROWS`` rows over the probe's two
-    matrices of ``PROBE_SHAPE``, in turn within each of ``reps`` rounds (the same minute for both),
-    best times. Leaves ``matvec`` on the loop it ran before. ~0.1 s."""
+    matrices of ``PROBE_SHAPE`` (``race_loops``). ~0.1 s."""
     weights, rng = _probe_weights()
     x = torch.randn(native.MAX_ROWS, PROBE_SHAPE[1], generator=rng).to(torch.bfloat16)
-    before, seconds = matvec.variant, {"avx2": math.inf, "avx512bf16": math.inf}
-    try:
-        for round_ in range(reps + 1):  # round 0 warms up (threads, pages) and is not counted
-            for loop in seconds:
-                matvec.use_variant(loop)
-                start = time.perf_counter()
-                for w in weights:
-                    matvec(x, w)
-                if round_:
-                    seconds[loop] = min(seconds[loop], time.perf_counter() - start)
-    finally:
-        matvec.use_variant(before)
-    return pick_bf16_loop(seconds)
+    return pick_bf16_loop(race_loops(matvec, lambda: [matvec(x, w) for w in weights], reps))
+
+
+def measure_int8_loop(int8_matvec: Int8MatVec, reps: int = 5) -> str:
+    """``pick_bf16_loop``'s rule for the int8 loops: "avx2" (the integer loop) against "avx512bf16"
+    (the bf16 dot product from two rows on), ``native.MAX_ROWS`` bf16 rows over two matrices of the
+    probe's shape in int8 (made as int8: no 16-bit copy raises the build's peak memory). ~0.1 s."""
+    rng = torch.Generator().manual_seed(0)
+    layers = [(torch.randint(-127, 128, PROBE_SHAPE, generator=rng, dtype=torch.int8), torch.rand(PROBE_SHAPE[0], generator=rng))
+              for _ in range(2)]  # fmt: skip
+    x = torch.randn(native.MAX_ROWS, PROBE_SHAPE[1], generator=rng).to(torch.bfloat16)
+    return pick_bf16_loop(race_loops(int8_matvec, lambda: [int8_matvec(x, q, s) for q, s in layers], reps))
+
+
+def int8_loop(int8_matvec: Int8MatVec) -> str:
+    """Which int8 loop ``speed_up`` runs for a bf16 model's int8 layers: ``LLAMA_INT8_KERNEL``'s if
+    set (``native.int8_variant``); else "avx512bf16" where the CPU has it and
+    ``measure_int8_loop`` finds it faster; else "avx2". Its 2-8 rows multiply the bf16 activations
+    exactly (the integer loop rounds them to int16 blocks first) with the CPU's bf16 dot product on
+    weights made bf16 once per block of rows: 8 rows 1.4-1.6x the integer loop's speed on Zen 4
+    (benchmarks/README.md; session 7 had measured 1.06-1.15x for a version that made them bf16 for
+    fewer rows at a time). Kept beside ``matvec_rows``'s verdict, on the same terms."""
+    if os.environ.get("LLAMA_INT8_KERNEL") is not None or "avx512bf16" not in int8_matvec.variants:
+        return int8_matvec.variant
+    return _cached_int8_loop(int8_matvec, torch.get_num_threads())
+
+
+@functools.cache
+def _cached_int8_loop(int8_matvec: Int8MatVec, threads: int) -> str:
+    return _kept_verdict("int8-loop", [threads], lambda: measure_int8_loop(int8_matvec), lambda v: v in ("avx2", "avx512bf16"))
 
 
 def bf16_loop(matvec: MatVec, compute_dtype: Optional[torch.dtype]) -> str:
@@ -461,6 +494,8 @@ def speed_up(model: Transformer, world_size: int = 1) -> Transformer:
             if kernels is not None:
                 kernels.matvec.use_variant(bf16_loop(kernels.matvec, compute_dtype))  # for every model in the process
                 rows = matvec_rows(kernels.matvec, compute_dtype)
+                if int8:  # its batches on the bf16 dot product where faster (float32 rows keep the integer loop)
+                    kernels.int8_matvec.use_variant(int8_loop(kernels.int8_matvec))
         finally:
             threads.restore()
     if kernels is None:

@@ -44,7 +44,7 @@ MAX_ROWS = 8  # rows of x per matvec call; bf16_matvec.c's MAX_ROWS
 MatVec = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Int8MatVec = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, q, scale) -> y
-VARIANTS = {"avx2": 1, "avx512": 2, "avx512bf16": 3}  # the `variant` of bf16_matvec.c and int8_matvec.c (1, 2)
+VARIANTS = {"avx2": 1, "avx512": 2, "avx512bf16": 3}  # the `variant` of bf16_matvec.c and int8_matvec.c
 _LIBRARY: Optional[torch.library.Library] = None  # keeps the llama:: operator registrations alive
 
 
@@ -106,11 +106,11 @@ def load(path: Path) -> Kernels:
     """The kernels in ``path`` as torch functions (CPU tensors; sums in float32 in every case):
 
     - ``matvec(x, w) -> y = x @ w.T``: x [rows, K] float32 or bf16 with rows <= 8, w [N, K]
-      contiguous bf16, y [rows, N] in x's dtype; ``matvec.variant`` ("avx2" or "avx512", see
-      ``bf16_variant``) says which loop runs;
+      contiguous bf16, y [rows, N] in x's dtype; ``matvec.variant`` ("avx2", "avx512" or
+      "avx512bf16", see ``bf16_variant``) says which loop runs;
     - ``int8_matvec(x, q, scale) -> y = (x @ q.T) * scale``: x [rows, K] float32 or bf16 with
       rows <= 8, q [N, K] contiguous int8, scale [N] float32 (``llama.quantize``), y in x's dtype;
-      ``int8_matvec.variant`` ("avx2" or "avx512", see ``int8_variant``) says which loop runs,
+      ``int8_matvec.variant`` ("avx2", "avx512" or "avx512bf16", see ``int8_variant``) says which loop runs,
       ``int8_matvec.use_variant`` switches it (for the fused decode step too);
     - ``attention(q, k, v) -> out``: one query per head, q [B, Hq, hd] float32 or bf16, k and v
       [B, Hkv, T, hd] bf16 with equal strides and contiguous last dimensions (views of a KV cache),
@@ -211,21 +211,27 @@ def load(path: Path) -> Kernels:
         set_int8_range(VARIANTS[name])
         int8_matvec.variant = name
 
-    int8_matvec.variants = ["avx2"] + ["avx512"] * has_avx512
+    int8_matvec.variants = ["avx2"] + ["avx512"] * has_avx512 + ["avx512bf16"] * has_avx512_bf16
     int8_matvec.use_variant = use_int8_variant
-    use_int8_variant(int8_variant(has_avx512))
+    use_int8_variant(int8_variant(has_avx512, has_avx512_bf16))
     return Kernels(matvec, attention, int8_matvec)
 
 
-def int8_variant(has_avx512: bool) -> str:
-    """"avx2" on every CPU; ``LLAMA_INT8_KERNEL`` forces one ("avx512" where the CPU has AVX-512 F and BW).
+def int8_variant(has_avx512: bool, has_avx512_bf16: bool = False) -> str:
+    """"avx2" on every CPU; ``LLAMA_INT8_KERNEL`` forces one ("avx512" where the CPU has AVX-512 F
+    and BW, "avx512bf16" where it has AVX512-BF16 too).
 
-    Both multiply int8 weights by x rounded to int16 (vpmaddwd, llama/csrc/int8_matvec.c), AVX2
-    16 pairs of weights an instruction, AVX-512 32. On the one AVX-512 CPU measured (AMD Zen 4, 2
-    threads, 1 GiB of 1B-shape matrices, benchmarks/README.md) they ran at the same speed within
-    5% at 1-8 rows, one row at the speed of memory, so the default is the loop every x86-64 CPU
-    runs. Their float32 sums run in different orders (8 or 16 lanes): results differ in the last bits.
+    "avx2" and "avx512" multiply int8 weights by x rounded to int16 (vpmaddwd,
+    llama/csrc/int8_matvec.c), AVX2 16 pairs of weights an instruction, AVX-512 32. On the one
+    AVX-512 CPU measured (AMD Zen 4, 2 threads, 1 GiB of 1B-shape matrices, benchmarks/README.md)
+    they ran at the same speed within 5% at 1-8 rows, one row at the speed of memory, so the
+    default is the loop every x86-64 CPU runs. Their float32 sums run in different orders (8 or 16
+    lanes): results differ in the last bits. "avx512bf16" multiplies two to eight bf16 rows with
+    the CPU's bf16 dot product on weights made bf16 (exact), one row or float32 rows as "avx512";
+    ``llama.fast.int8_loop`` switches to it where a probe measures it faster.
     """
+    if os.environ.get("LLAMA_INT8_KERNEL") == "avx512bf16" and not has_avx512_bf16:
+        raise ValueError("LLAMA_INT8_KERNEL='avx512bf16' needs a CPU with AVX512-BF16")
     return _variant("LLAMA_INT8_KERNEL", has_avx512, "avx2")
 
 
@@ -257,7 +263,7 @@ def _variant(env: str, has_avx512: bool, default: str) -> str:
     forced = os.environ.get(env)
     if forced is None:
         return default
-    names = ("avx2", "avx512") + (("avx512bf16",) if env == "LLAMA_BF16_KERNEL" else ())
+    names = ("avx2", "avx512", "avx512bf16")  # avx512bf16 checked by the callers (it needs more than AVX-512)
     if forced not in names or (forced == "avx512" and not has_avx512):
         raise ValueError(f"{env}={forced!r}: use one of {list(names)} (avx512 needs an AVX-512 CPU)")
     return forced

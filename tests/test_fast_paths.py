@@ -36,6 +36,7 @@ from llama.model import (
     rope_cos_sin,
     rope_frequencies,
 )
+from llama.quantize import quantize_model
 
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32, use_scaled_rope=True)
 BF16_LOGPROB_TOL = 0.05  # nats; bf16 against float32 differs by up to ~0.02 on these weights
@@ -340,6 +341,44 @@ def test_bf16_loop_kept_forced_and_only_for_bf16_activations(tmp_path, monkeypat
     fast._cached_matvec_rows.cache_clear()
 
 
+class FakeInt8Loops(FakeLoops):
+    """FakeLoops with the int8 kernel's call (x, q, scale)."""
+
+    def __call__(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        assert q.dtype == torch.int8 and scale.shape == (q.shape[0],) and x.dtype == torch.bfloat16
+        return super().__call__(x, q)
+
+
+@pytest.mark.parametrize("avx2_s,bf16_s,expected", [(0.01, 0.006, "avx512bf16"), (0.01, 0.0095, "avx2")])
+def test_int8_loop_is_the_measured_faster_one_kept_and_forced(tmp_path, monkeypatch, avx2_s, bf16_s, expected):
+    """The int8 loops race as the bf16 ones (8 bf16 rows through the probe's matrices quantized, the
+    same 0.9x rule); the verdict is kept beside the kernels; LLAMA_INT8_KERNEL, or a CPU without the
+    loop, keep the loop the kernels loaded with."""
+    from llama import fast
+
+    monkeypatch.setattr(fast, "PROBE_SHAPE", (256, 64))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("LLAMA_INT8_KERNEL", raising=False)
+    monkeypatch.setattr(fast.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    loops = FakeInt8Loops({"avx2": avx2_s, "avx512bf16": bf16_s})
+    fast._cached_int8_loop.cache_clear()
+    try:
+        assert fast.int8_loop(loops) == expected and loops.variant == "avx2"
+        assert loops.calls == ([("avx2", 8)] * 2 + [("avx512bf16", 8)] * 2) * 6
+        assert len(list((tmp_path / "llama" / "native").glob("int8-loop-*.json"))) == 1
+        fast._cached_int8_loop.cache_clear()
+        monkeypatch.setattr(fast, "measure_int8_loop", lambda *a: pytest.fail("measured again"))
+        assert fast.int8_loop(loops) == expected
+        monkeypatch.setenv("LLAMA_INT8_KERNEL", "avx512")
+        loops.variant = "avx512"  # what native.int8_variant set at load
+        assert fast.int8_loop(loops) == "avx512"
+        monkeypatch.delenv("LLAMA_INT8_KERNEL")
+        loops.variants, loops.variant = ["avx2", "avx512"], "avx2"
+        assert fast.int8_loop(loops) == "avx2"
+    finally:
+        fast._cached_int8_loop.cache_clear()
+
+
 @pytest.mark.parametrize("measured,busy", [(None, False), (torch.float32, True)])
 def test_speed_up_takes_the_measured_prompt_path(monkeypatch, measured, busy):
     """bf16 weights on the CPU: the probe's verdict, whatever the CPU's bf16 flag says; the kernel's
@@ -355,13 +394,21 @@ def test_speed_up_takes_the_measured_prompt_path(monkeypatch, measured, busy):
     asked = []
     monkeypatch.setattr(fast, "matvec_rows", lambda matvec, dtype: asked.append((dtype, torch.get_num_threads(), matvec.variant)) or 3)
     monkeypatch.setattr(fast, "bf16_loop", lambda matvec, dtype: asked.append(("loop", dtype)) or "avx2")
+    monkeypatch.setattr(fast, "int8_loop", lambda int8_matvec: asked.append("int8 loop") or int8_matvec.variant)
     torch.set_num_threads(2)  # the module runs on one thread (one_thread)
     try:
         model = fast.speed_up(decisive_model(torch.bfloat16))
         assert torch.get_num_threads() == 2
+        quantized = decisive_model(torch.bfloat16)
+        quantize_model(quantized)
+        fast.speed_up(quantized)
     finally:
         torch.set_num_threads(1)
     expected_threads = 1 if busy else min(2, os.cpu_count() or 1)
+    if fast.native.kernels() is not None:  # only a model with int8 layers races the int8 loops
+        assert asked[2:] == [("loop", measured), (measured, expected_threads, "avx2"), "int8 loop"]
+        del asked[2:]
+    threads = threads[:1]
     assert threads == [expected_threads]
     assert all(m.compute_dtype == measured for m in model.modules() if isinstance(m, (FastLinear, DecodeAttention)))
     if fast.native.kernels() is not None:

@@ -441,18 +441,22 @@ def test_int8_threads_do_not_change_results(lib, calls):
     assert all(torch.equal(r, want) for r in results)
 
 
-def test_int8_variant_is_the_per_operator_kernels(lib, calls):
-    """With the AVX-512 int8 loop chosen (``int8_matvec.use_variant``), the fused step runs it too:
-    still the per-operator logits bit for bit, which differ from the AVX2 loop's."""
+@pytest.mark.parametrize("variant", ["avx512", "avx512bf16"])
+@pytest.mark.parametrize("bsz", [1, 2])
+def test_int8_variant_is_the_per_operator_kernels(lib, calls, variant, bsz):
+    """With another int8 loop chosen (``int8_matvec.use_variant``), the fused step runs it too:
+    still the per-operator logits bit for bit, which differ from the AVX2 loop's (the AVX512-BF16
+    loop's one row is the AVX-512 loop; its 2-8 rows the bf16 dot product)."""
     kernels = native.kernels()
-    if "avx512" not in kernels.int8_matvec.variants:
-        pytest.skip("no AVX-512 on this CPU")
+    if variant not in kernels.int8_matvec.variants:
+        pytest.skip(f"no {variant} loop on this CPU")
     args = ARGS["demo"]
-    tokens = torch.randint(0, args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(22))
-    avx2 = decode(int8_model(args, max_seq_len=16), tokens, 10)
-    before = kernels.int8_matvec.variant
-    kernels.int8_matvec.use_variant("avx512")
+    tokens = torch.randint(0, args.vocab_size, (bsz, 16), generator=torch.Generator().manual_seed(22))
+    before = kernels.int8_matvec.variant  # a process-wide setting (speed_up may have changed it)
     try:
+        kernels.int8_matvec.use_variant("avx2")
+        avx2 = decode(int8_model(args, max_seq_len=16), tokens, 10)
+        kernels.int8_matvec.use_variant(variant)
         got = decode(int8_model(args, max_seq_len=16), tokens, 10)
         want = decode(int8_model(args, fuse=False, max_seq_len=16), tokens, 10)
     finally:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.nn.modules.module import register_module_forward_hook
 
-from llama import fused, hooks
+from llama import hooks
 from llama.cuda_graph import GraphedDecodeStep
 from llama.generation import Llama
 

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 KERNELS = native.kernels()
 needs_kernels = pytest.mark.skipif(KERNELS is None, reason="native kernels unavailable (not x86-64 Linux with AVX2, or no compiler)")
-VARIANTS = ["avx2"] + (["avx512"] if {"avx512f", "avx512bw"} <= cpu_flags() else [])
+AVX512 = {"avx512f", "avx512bw"} <= cpu_flags()
+VARIANTS = ["avx2"] + ["avx512"] * AVX512 + ["avx512bf16"] * (AVX512 and "avx512_bf16" in cpu_flags())
 
 
 def reference_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,11 +123,13 @@ def reference_kernel(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("rows", range(1, 9))
 def test_int8_kernel_matches_float64(variant, rows, monkeypatch):
-    """Every row count and both variants present on this CPU (AVX2 forced on AVX-512 machines), with
+    """Every row count and every variant present on this CPU (AVX2 forced on AVX-512 machines), with
     N and K that leave tails (not multiples of the blocks), float32 and bf16 in/out: equal to the
     float64 formula of the documented scheme up to float32 summation, and within the stated bound
     of the exact product with x unrounded: half a step of each x's own 32-element block. One large
-    activation in the first block (Llama's residual stream has some) must not coarsen the others."""
+    activation in the first block (Llama's residual stream has some) must not coarsen the others.
+    The AVX512-BF16 loop's scheme for 2-8 bf16 rows is the exact product (nothing rounded before the
+    float32 sums); its one row and float32 rows are the int16 blocks'."""
     g = torch.Generator().manual_seed(rows)
     n, k = 37, 32 * 5 + 7
     q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
@@ -139,8 +142,11 @@ def test_int8_kernel_matches_float64(variant, rows, monkeypatch):
         x = x.to(dtype)
         y = KERNELS.int8_matvec(x, q, s)
         assert y.dtype == dtype and y.shape == (rows, n)
-        ref = reference_kernel(x, q, s)
+        dot = variant == "avx512bf16" and dtype == torch.bfloat16 and rows > 1
+        ref = (x.double() @ q.double().T) * s.double() if dot else reference_kernel(x, q, s)
         assert ((y.double() - ref).abs() / ref.abs().max()).max() < tol, (dtype, variant, rows)
+        if dot:  # float32 sums of exact products, then the bf16 output's rounding: within half its ulp
+            assert ((y.double() - ref).abs() <= ref.abs() * 2**-8 + 1e-6 * ref.abs().max()).all()
         if dtype == torch.float32:
             exact = (x.double() @ q.double().T) * s.double()
             _, step = reference_int16(x)
@@ -163,12 +169,16 @@ def test_int8_kernel_non_finite_and_zero_inputs(variant, monkeypatch):
     q = torch.randint(-127, 128, (9, 70), generator=g, dtype=torch.int8)
     s = torch.rand(9, generator=g)
     x = torch.randn(4, 70, generator=g)
-    clean = KERNELS.int8_matvec(x, q, s)
+    clean, clean_bf16 = KERNELS.int8_matvec(x, q, s), KERNELS.int8_matvec(x.bfloat16(), q, s)
     x[1, 40], x[2, 5], x[3] = float("nan"), float("inf"), 0.0
     y = KERNELS.int8_matvec(x, q, s)
     assert torch.equal(y[0], clean[0])
     assert torch.isnan(y[1]).all() and torch.isnan(y[2]).all()
     assert torch.equal(y[3], torch.zeros(9))
+    xb = x.bfloat16()  # bf16 rows (the AVX512-BF16 loop's dot product): non-finite, never a finite number
+    yb = KERNELS.int8_matvec(xb, q, s)
+    assert torch.equal(yb[0], clean_bf16[0])
+    assert not torch.isfinite(yb[1]).any() and not torch.isfinite(yb[2]).any() and torch.equal(yb[3], torch.zeros(9, dtype=torch.bfloat16))
 
 
 @needs_kernels

@@ -16,14 +16,17 @@ void llama_bf16_permute(const float *x, float *xp, int B, int64_t K);
 void llama_bf16_matvec_range(const uint16_t *w, int64_t K, const float *xp, const float *x, float *y, int64_t ldy,
                              int64_t n0, int64_t n1, int B);
 
-/* x [B, K] float32 -> `prepared`: the int16 blocks and steps the int8 loop multiplies (int8_matvec.c:
- * each 32-element block of x rounded to int16 with its own step), in B * K floats at most. */
+/* x [B, K] float32 -> `prepared`, what the int8 loop multiplies (int8_matvec.c): the int16 blocks and
+ * steps (each 32-element block of x rounded to int16 with its own step), or with the AVX512-BF16
+ * variant and B > 1, x in bf16 (x holds bf16 values: the fused step runs bf16 models); in B * K
+ * floats at most. */
 void llama_int8_prepare(const float *x, float *prepared, int B, int64_t K);
 
 /* Weight rows n0 <= n < n1 of y = (x @ q.T) * scale, in float32, by the calling thread alone (inside
  * the caller's parallel region): y[b * ldy + n] for b < B <= 8. q: int8 [N, K]; scale: float32 [N];
  * x: float32 [B, K] (the K % 32 tail is read from it); prepared: llama_int8_prepare of x. Results
- * equal llama_int8_matvec's (float32 output) bit for bit, with the variant llama/native.py set. */
+ * equal llama_int8_matvec's bit for bit (x given as bf16, float32 output), with the variant
+ * llama/native.py set. */
 void llama_int8_matvec_range(const int8_t *q, const float *scale, int64_t K, const float *prepared, const float *x,
                              float *y, int64_t ldy, int64_t n0, int64_t n1, int B);
 
