@@ -581,8 +581,9 @@ VERIFIED_RECORD = ".llama-verified"
 PROGRESS_EVERY_S = 5.0
 
 
-def read_checklist(path: Path) -> dict[str, str]:
-    """``checklist.chk`` (md5sum format: "md5  name" or "md5 *name") as {name: md5}."""
+def read_checklist(path: Path, skip: str = "verify=False") -> dict[str, str]:
+    """``checklist.chk`` (md5sum format: "md5  name" or "md5 *name") as {name: md5}; ``skip`` names
+    the way to skip verification in the error message (a tool's flag)."""
     listed: dict[str, str] = {}
     for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
         if not line.strip():
@@ -591,7 +592,7 @@ def read_checklist(path: Path) -> dict[str, str]:
         if m is None:
             raise ValueError(
                 f"{path}, line {lineno}: {line[:60]!r} is not an md5sum line (md5, two spaces, file name): "
-                f"re-download checklist.chk, or pass verify=False"
+                f"re-download checklist.chk, or pass {skip}"
             )
         listed[m.group(2)] = m.group(1).lower()
     return listed
@@ -616,6 +617,7 @@ def verify_checkpoint(
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
     rank: int = 0,
     world_size: int = 1,
+    skip: str = "verify=False",
 ) -> None:
     """Check the folder's files against its ``checklist.chk``; raise naming the first that differs.
 
@@ -624,6 +626,8 @@ def verify_checkpoint(
     hashed again). True: hash every listed file (an error without a checklist). False: nothing.
     Listed files that are absent are skipped (a tokenizer kept elsewhere), except shards and
     params.json. With several ranks, rank r hashes every world_size-th file. Progress goes to ``log``.
+    ``skip`` is how the caller's user skips the check (``--no_verify`` for the folder tools), named
+    in the messages.
     """
     if verify is False:
         return
@@ -633,7 +637,7 @@ def verify_checkpoint(
         if verify:
             raise FileNotFoundError(f"verify=True, but {ckpt_dir} has no checklist.chk to verify against")
         return
-    listed = read_checklist(chk)
+    listed = read_checklist(chk, skip)
     record = _read_record(ckpt_dir)
     todo: list[tuple[str, str, os.stat_result]] = []
     for name, md5 in listed.items():
@@ -651,7 +655,7 @@ def verify_checkpoint(
         return
     total = sum(st.st_size for _, _, st in mine)
     log(f"Verifying {len(mine)} file(s) of {ckpt_dir} against checklist.chk ({total / 1e9:.2f} GB; once: "
-        f"recorded in {VERIFIED_RECORD}; verify=False skips it)")  # fmt: skip
+        f"recorded in {VERIFIED_RECORD}; {skip} skips it)")  # fmt: skip
     start = last = time.monotonic()
     done = 0
     verified = {}
@@ -667,7 +671,7 @@ def verify_checkpoint(
         if h.hexdigest() != md5:
             raise ValueError(
                 f"{ckpt_dir / name} does not match checklist.chk: md5 {h.hexdigest()}, expected {md5} "
-                f"(a corrupt or incomplete download): re-download it, or pass verify=False to load it anyway"
+                f"(a corrupt or incomplete download): re-download it, or pass {skip} to load it anyway"
             )
         verified[name] = (st.st_size, st.st_mtime_ns, md5)
     log(f"Verified {len(mine)} file(s) in {time.monotonic() - start:.1f} s")
@@ -683,7 +687,7 @@ def verify_checkpoint(
         except OSError:
             pass
         log(f"note: cannot record the verification in {ckpt_dir} ({e.strerror}): it will be repeated next "
-            f"time; pass verify=False to skip it")  # fmt: skip
+            f"time; pass {skip} to skip it")  # fmt: skip
 
 
 def shard_state_dict(
