@@ -258,6 +258,30 @@ def test_14_disk_filling_up_mid_write_is_named(mount, tmp_path):
     assert list(small.iterdir()) == []
 
 
+def test_14_gguf_export_full_disk_and_read_only(mount, tmp_path, capsys):
+    """The export checks the room for the file before the work, and a read-only destination; a
+    write that still fills the disk (the estimate is short) is named too, and leaves nothing."""
+    from test_gguf import write_tiny_gguf
+
+    from llama.checkpoint import atomic_file
+    from llama.gguf import import_gguf
+
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    import_gguf(tmp_path / "tiny.gguf", tmp_path / "tiny")
+    small, ro = mount("64k"), mount("1m", "ro")
+    code, err = in_process("llama.gguf", ["export", str(tmp_path / "tiny"), str(small / "o.gguf")], capsys)
+    line = next(x for x in err.splitlines() if ": error: " in x)
+    assert code == 1 and "Traceback" not in err and "Verifying" not in err, err  # refused before the hashing
+    assert line.startswith(f"python -m llama.gguf export: error: no space left on {small} (need ")
+    assert "MB free) to write" in line and list(small.iterdir()) == []
+    code, err = in_process("llama.gguf", ["export", str(tmp_path / "tiny"), str(ro / "o.gguf")], capsys)
+    assert code == 1 and f"python -m llama.gguf export: error: cannot write in {ro}: read-only file system" in err
+    with pytest.raises(OSError, match=rf"no space left on {small} while writing {small / 'o.gguf'}"):
+        with atomic_file(small / "o.gguf") as path:
+            path.write_bytes(b"x" * 2**17)  # 128 KiB into 64 KiB
+    assert list(small.iterdir()) == []
+
+
 def test_14_free_space_check_in_process(monkeypatch, tmp_path):
     import llama.checkpoint as checkpoint
 
@@ -447,6 +471,7 @@ FOLDER_TOOLS = {
     "quantize": ("llama.quantize_folder", "python -m llama.quantize", lambda src, dst: [src, dst, "--int8"]),
     "reshard": ("llama.reshard", "python -m llama.reshard", lambda src, dst: [src, dst, "--mp", "2"]),
     "meta-to-hf": ("llama.convert", "python -m llama.convert", lambda src, dst: ["meta-to-hf", src, dst]),
+    "gguf-export": ("llama.gguf", "python -m llama.gguf export", lambda src, dst: ["export", src, dst + ".gguf"]),
 }
 
 
@@ -508,6 +533,7 @@ def test_written_folders_get_normal_permissions(ckpt, tmp_path):
         ("-m llama.reshard", ["--mp", "--dtype", "--no_verify"]),
         ("-m llama.quantize", ["src", "dst", "--int8", "per output row", "--no_verify", "checklist.chk"]),
         ("-m llama.gguf", ["out_dir", "--dtype", "default fp32"]),
+        ("-m llama.gguf export", ["src", "out", "--type", "q8_0", "--no_verify"]),
     ],
 )
 def test_help_describes_every_flag(argv, words):
