@@ -581,8 +581,9 @@ VERIFIED_RECORD = ".llama-verified"
 PROGRESS_EVERY_S = 5.0
 
 
-def read_checklist(path: Path) -> dict[str, str]:
-    """``checklist.chk`` (md5sum format: "md5  name" or "md5 *name") as {name: md5}."""
+def read_checklist(path: Path, skip: str = "verify=False") -> dict[str, str]:
+    """``checklist.chk`` (md5sum format: "md5  name" or "md5 *name") as {name: md5}; ``skip`` names
+    the way to skip verification in the error message (a tool's flag)."""
     listed: dict[str, str] = {}
     for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
         if not line.strip():
@@ -591,7 +592,7 @@ def read_checklist(path: Path) -> dict[str, str]:
         if m is None:
             raise ValueError(
                 f"{path}, line {lineno}: {line[:60]!r} is not an md5sum line (md5, two spaces, file name): "
-                f"re-download checklist.chk, or pass verify=False"
+                f"re-download checklist.chk, or pass {skip}"
             )
         listed[m.group(2)] = m.group(1).lower()
     return listed
@@ -616,6 +617,7 @@ def verify_checkpoint(
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
     rank: int = 0,
     world_size: int = 1,
+    skip: str = "verify=False",
 ) -> None:
     """Check the folder's files against its ``checklist.chk``; raise naming the first that differs.
 
@@ -624,6 +626,8 @@ def verify_checkpoint(
     hashed again). True: hash every listed file (an error without a checklist). False: nothing.
     Listed files that are absent are skipped (a tokenizer kept elsewhere), except shards and
     params.json. With several ranks, rank r hashes every world_size-th file. Progress goes to ``log``.
+    ``skip`` is how the caller's user skips the check (``--no_verify`` for the folder tools), named
+    in the messages.
     """
     if verify is False:
         return
@@ -633,7 +637,7 @@ def verify_checkpoint(
         if verify:
             raise FileNotFoundError(f"verify=True, but {ckpt_dir} has no checklist.chk to verify against")
         return
-    listed = read_checklist(chk)
+    listed = read_checklist(chk, skip)
     record = _read_record(ckpt_dir)
     todo: list[tuple[str, str, os.stat_result]] = []
     for name, md5 in listed.items():
@@ -651,7 +655,7 @@ def verify_checkpoint(
         return
     total = sum(st.st_size for _, _, st in mine)
     log(f"Verifying {len(mine)} file(s) of {ckpt_dir} against checklist.chk ({total / 1e9:.2f} GB; once: "
-        f"recorded in {VERIFIED_RECORD}; verify=False skips it)")  # fmt: skip
+        f"recorded in {VERIFIED_RECORD}; {skip} skips it)")  # fmt: skip
     start = last = time.monotonic()
     done = 0
     verified = {}
@@ -667,7 +671,7 @@ def verify_checkpoint(
         if h.hexdigest() != md5:
             raise ValueError(
                 f"{ckpt_dir / name} does not match checklist.chk: md5 {h.hexdigest()}, expected {md5} "
-                f"(a corrupt or incomplete download): re-download it, or pass verify=False to load it anyway"
+                f"(a corrupt or incomplete download): re-download it, or pass {skip} to load it anyway"
             )
         verified[name] = (st.st_size, st.st_mtime_ns, md5)
     log(f"Verified {len(mine)} file(s) in {time.monotonic() - start:.1f} s")
@@ -683,7 +687,7 @@ def verify_checkpoint(
         except OSError:
             pass
         log(f"note: cannot record the verification in {ckpt_dir} ({e.strerror}): it will be repeated next "
-            f"time; pass verify=False to skip it")  # fmt: skip
+            f"time; pass {skip} to skip it")  # fmt: skip
 
 
 def shard_state_dict(
@@ -712,7 +716,9 @@ def shard_state_dict(
 # A folder is written under a hidden sibling name (``.DST.partial-XXXX``) and renamed into place
 # when complete, so DST either does not exist or is finished. The partial folder holds an owner
 # file ("host pid") until the rename: a later run for the same DST removes partial folders whose
-# writer is gone (killed by kill -9 or a power cut), and leaves a live writer's alone.
+# writer is gone (killed by kill -9 or a power cut), and leaves a live writer's alone. A single
+# file (a GGUF export) is written the same way, inside such a folder (``atomic_file``); earlier
+# versions wrote it as a bare ``.DST.partial-XXXXXXXX`` file, which is removed the same way.
 
 PARTIAL_OWNER = ".partial-owner"
 
@@ -730,6 +736,14 @@ def _mount_point(path: Path) -> Path:
 
 def _partial_prefix(dst: Path) -> str:
     return f".{dst.name}.partial-"
+
+
+def _is_partial_file(path: Path, dst: Path) -> bool:
+    """Whether ``path`` is a partial file of ``dst`` left by an earlier version's GGUF export:
+    exactly ``tempfile.mkstemp``'s name for our prefix (8 of its characters), a plain file."""
+    suffix = path.name[len(_partial_prefix(dst)) :]
+    return (path.name.startswith(_partial_prefix(dst)) and re.fullmatch(r"[a-z0-9_]{8}", suffix) is not None
+            and path.is_file() and not path.is_symlink())  # fmt: skip
 
 
 def _writer_alive(folder: Path) -> Optional[str]:
@@ -750,11 +764,18 @@ def _writer_alive(folder: Path) -> Optional[str]:
 
 
 def remove_stale_partials(dst: str | Path, log: Callable[[str], None]) -> None:
-    """Delete hidden ``.DST.partial-*`` folders of ``dst`` whose writer is gone, saying so."""
+    """Delete hidden ``.DST.partial-*`` folders of ``dst`` whose writer is gone, and the partial
+    files of ``dst`` an earlier version's GGUF export left (they have no owner: as a folder without
+    an owner file, they count as gone), saying so."""
     dst = Path(dst)
     if not dst.parent.is_dir():
         return
     for folder in sorted(dst.parent.iterdir()):
+        if _is_partial_file(folder, dst):
+            size = folder.stat().st_size
+            folder.unlink(missing_ok=True)
+            log(f"removed {folder} ({_size(size)}), left by an interrupted run")
+            continue
         if not folder.name.startswith(_partial_prefix(dst)) or not folder.is_dir():
             continue
         writer = _writer_alive(folder)
@@ -791,7 +812,11 @@ def prepare_destination(
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OSError(e.errno, f"cannot create {parent}: {e.strerror}") from None
+        blocker = next((p for p in (parent, *parent.parents) if p.exists() and not p.is_dir()), None)
+        if blocker == parent:
+            raise OSError(e.errno, f"cannot write {dst}: {parent} is a file, not a folder") from None
+        why = f"{blocker} is a file, not a folder" if blocker is not None else e.strerror
+        raise OSError(e.errno, f"cannot create {parent}: {why}") from None
     if not os.access(parent, os.W_OK | os.X_OK):
         why = "read-only file system" if _read_only(parent) else "no write permission"
         raise OSError(errno.EROFS if why[0] == "r" else errno.EACCES, f"cannot write in {parent}: {why}")
@@ -822,7 +847,29 @@ def atomic_folder(
     folder gets the permissions of a normal new folder (``mkdtemp`` makes it private). A write that
     fails because the disk filled up is reported as ``OSError(ENOSPC)`` naming the filesystem.
     """
+    with _partial(Path(dst), need_bytes, replace_empty, log, file=False) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def atomic_file(dst: str | Path, need_bytes: int = 0, log: Optional[Callable[[str], None]] = None) -> Iterator[Path]:
+    """Yield a path to write the file ``dst`` at, renamed to ``dst`` only when the block succeeds.
+
+    As ``atomic_folder``: the path lies in a hidden partial folder of ``dst`` with an owner file,
+    so a run killed by kill -9 leaves a folder that the next run for ``dst`` removes (a running
+    writer's is left alone); the file gets the permissions of a normal new file.
+    """
     dst = Path(dst)
+    with _partial(dst, need_bytes, False, log, file=True) as tmp:
+        yield tmp / dst.name
+
+
+@contextlib.contextmanager
+def _partial(
+    dst: Path, need_bytes: int, replace_empty: bool, log: Optional[Callable[[str], None]], file: bool
+) -> Iterator[Path]:
+    """The partial folder of ``atomic_folder`` and ``atomic_file``; at the end, renames the folder
+    (or, with ``file``, the file ``dst.name`` in it) to ``dst``."""
     parent = prepare_destination(dst, need_bytes, replace_empty, log)
     tmp = Path(tempfile.mkdtemp(prefix=_partial_prefix(dst), dir=parent))
     try:
@@ -831,12 +878,14 @@ def atomic_folder(
         (tmp / PARTIAL_OWNER).unlink()
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
+        os.chmod(tmp / dst.name if file else tmp, (0o666 if file else 0o777) & ~umask)
         if dst.exists():
-            if not (replace_empty and dst.is_dir() and not any(dst.iterdir())):  # appeared meanwhile: keep theirs
+            if file or not (replace_empty and dst.is_dir() and not any(dst.iterdir())):  # appeared meanwhile: keep theirs
                 raise FileExistsError(f"{dst} appeared while writing it; refusing to overwrite it")
             dst.rmdir()
-        os.rename(tmp, dst)  # atomic within one filesystem
+        os.rename(tmp / dst.name if file else tmp, dst)  # atomic within one filesystem
+        if file:
+            tmp.rmdir()  # empty now; a kill before this leaves an ownerless folder, removed next time
     except BaseException as e:
         free = shutil.disk_usage(parent).free
         shutil.rmtree(tmp, ignore_errors=True)

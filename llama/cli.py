@@ -54,6 +54,9 @@ COMMON_HELP = {
     "kernels on CUDA and CPU); fp8: Meta's FP8 feed-forward, on GPUs of compute capability >= 8.9 (default: none)",
 }
 COMMON_CHOICES: dict[str, Sequence[str]] = {"dtype": DTYPE_CHOICES, "quantize": ("int8", "int4", "fp8")}
+# The folder tools (quantize, reshard, convert meta-to-hf, gguf export) check SRC as Llama.build does.
+NO_VERIFY_HELP = ("skip checking SRC against its checklist.chk (done by default when it has one, as Llama.build "
+                  "does; files verified before are not hashed again): a corrupt file is then written out unnoticed")  # fmt: skip
 
 
 def fail(message: str) -> argparse.ArgumentTypeError:

@@ -28,9 +28,10 @@ from llama.checkpoint import (
     prepare_destination,
     save_params,
     save_shards,
+    verify_checkpoint,
     write_checklist,
 )
-from llama.cli import Parser, integer, number, user_errors
+from llama.cli import NO_VERIFY_HELP, Parser, integer, number, user_errors
 from llama.devices import DTYPES
 from llama.model import ROPE_HIGH_FREQ_FACTOR, ROPE_LOW_FREQ_FACTOR, ROPE_ORIGINAL_CONTEXT, ModelArgs
 from llama.params import from_dict, to_dict
@@ -355,14 +356,21 @@ def hf_config(args: ModelArgs, params: dict[str, Any], dtype: torch.dtype, tied:
 
 
 def meta_to_hf(
-    src: str | Path, dst: str | Path, dtype: Optional[torch.dtype] = None, max_shard_bytes: int = 5 * 10**9
+    src: str | Path,
+    dst: str | Path,
+    dtype: Optional[torch.dtype] = None,
+    max_shard_bytes: int = 5 * 10**9,
+    verify: Optional[bool] = None,
+    skip: str = "verify=False",
 ) -> dict[str, Any]:
     """Convert a Meta-format folder (any number of shards) into a transformers folder ``dst``.
 
     Writes ``config.json`` and ``model.safetensors`` (or numbered shards plus
     ``model.safetensors.index.json`` above ``max_shard_bytes``); copies the tokenizer files to
     ``original/`` as Hugging Face repos do, and writes ``tokenizer.json`` / ``tokenizer_config.json``. When output equals the embedding bit for bit the
-    embeddings are written tied (no ``lm_head``). Returns the config written.
+    embeddings are written tied (no ``lm_head``). Returns the config written. ``verify`` as
+    ``Llama.build``'s: None checks ``src`` against its ``checklist.chk`` when it has one, True
+    always, False never; ``skip`` is how the messages tell the user to skip it.
     """
     from safetensors.torch import save_file
 
@@ -378,6 +386,7 @@ def meta_to_hf(
     # vocabularies; a Llama 2 SentencePiece tokenizer.model is copied as it is); read first to fail fast
     tok_file = src / "tokenizer.model"
     tokenizer = Tokenizer(tok_file) if tok_file.is_file() and tokenizer_kind(tok_file) == "tiktoken" else None
+    verify_checkpoint(src, verify, skip=skip)  # before reading the weights: a corrupt download is named as such
     state = load_state_dict(src, args, dtype=dtype)  # unsharded, memory-mapped
     tied = torch.equal(state["output.weight"], state["tok_embeddings.weight"])
     to_hf = {m: h for h, m in hf_to_meta_names(args.n_layers).items()}
@@ -436,6 +445,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     b.add_argument("dst", type=Path, help="Hugging Face folder to create (must not exist)")
     b.add_argument("--max_shard_size", "--max-shard-size", type=number(0.0, low_open=True), default=5.0,
                    help="GB per safetensors file, > 0 (default 5)")  # fmt: skip
+    b.add_argument("--no_verify", "--no-verify", dest="no_verify", action="store_true", help=NO_VERIFY_HELP)
     for p in (a, b):
         p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the weights: bf16, fp16 or fp32 (default: keep)")
     ns = parser.parse_args(argv)
@@ -445,7 +455,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             args = hf_to_meta(ns.src, ns.dst, dtype, ns.shards)
             print(f"wrote {ns.dst}: {json.dumps(to_dict(args))}")
         else:
-            meta_to_hf(ns.src, ns.dst, dtype, int(ns.max_shard_size * 10**9))
+            meta_to_hf(ns.src, ns.dst, dtype, int(ns.max_shard_size * 10**9), False if ns.no_verify else None, "--no_verify")
             print(f"wrote {ns.dst}")
 
 

@@ -14,10 +14,14 @@ The file holds what llama.cpp's own converter writes for a Llama 3 model:
   ids and the chat template.
 Weights are 2-D BF16 or Q8_0 (blocks of 32 values: an fp16 scale ``d = max|x| / 127`` and 32 int8
 ``round(x / d)``); norms and ``rope_freqs`` stay F32, as llama.cpp keeps them.
+
+As the other folder tools: SRC is checked against its ``checklist.chk`` first (``--no_verify``
+skips it); an existing OUT, a read-only or full disk are refused before that; the file is written
+in a hidden partial folder beside OUT and renamed into place when complete, and a partial left by a
+killed run is removed by the next export to the same OUT (``llama.checkpoint.atomic_file``).
 """
 
-import os
-import tempfile
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -25,7 +29,18 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from llama.checkpoint import expected_shapes, find_shards, load_params, load_state_dict, shard_dim
+from llama.checkpoint import (
+    atomic_file,
+    check_free_space,
+    expected_shapes,
+    find_shards,
+    load_params,
+    load_state_dict,
+    prepare_destination,
+    shard_dim,
+    verify_checkpoint,
+)
+from llama.cli import NO_VERIFY_HELP, Parser, user_errors
 from llama.hf_tokenizer import base_tokens, bpe_merges, chat_template
 from llama.model import ModelArgs, rope_frequencies
 from llama.params import to_dict
@@ -151,21 +166,45 @@ def _encode(t: torch.Tensor, qtype: Any) -> np.ndarray:
     return gguf.quants.quantize(t.to(torch.float32).contiguous().numpy(), qtype)
 
 
+def gguf_bytes(args: ModelArgs, out_type: str, vocabulary_bytes: int, tied: bool = False) -> int:
+    """Bytes of the GGUF file: the tensors (2-D BF16 2 a value or Q8_0 34 per 32, 1-D F32, the RoPE
+    divisors; no ``output`` when ``tied``) plus ``vocabulary_bytes`` for the tokens and merges."""
+    total = vocabulary_bytes + (2 * args.head_dim if args.use_scaled_rope else 0)
+    for key, shape in expected_shapes(args).items():
+        numel = int(np.prod(shape))
+        if key == "output.weight" and tied:
+            continue
+        total += 4 * numel if len(shape) == 1 else 2 * numel if out_type == "bf16" else numel // 32 * 34
+    return total
+
+
+# The tokens and merges of a GGUF vocabulary take about 3.6 times tokenizer.model's bytes (Llama 3's:
+# 2.2 MB -> 7.8 MB); the free-space check counts 4 times.
+VOCABULARY_PER_TOKENIZER_BYTE = 4
+
+
 def export_gguf(
-    src: str | Path, out: str | Path, out_type: str = "bf16", progress: Optional[Progress] = None
+    src: str | Path,
+    out: str | Path,
+    out_type: str = "bf16",
+    progress: Optional[Progress] = None,
+    verify: Optional[bool] = None,
+    skip: str = "verify=False",
+    log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
 ) -> ModelArgs:
     """Write the Meta-format folder ``src`` (any number of shards) as the GGUF file ``out``.
 
-    ``out_type`` is "bf16" or "q8_0". ``out`` must not exist; it is written under a temporary
-    name and renamed when complete. Returns the params of the model written.
+    ``out_type`` is "bf16" or "q8_0". ``out`` must not exist; it is written in a hidden partial
+    folder beside it and renamed when complete (``atomic_file``). ``verify`` as ``Llama.build``'s:
+    None checks ``src`` against its ``checklist.chk`` when it has one, True always, False never;
+    ``skip`` is how the messages tell the user to skip it. Returns the params of the model written.
     """
     import gguf
 
     src, out = Path(src), Path(out)
     if out_type not in EXPORT_TYPES:
         raise ValueError(f"unknown GGUF type {out_type!r}; choose one of {list(EXPORT_TYPES)}")
-    if out.exists():
-        raise FileExistsError(f"{out} already exists; refusing to overwrite it (remove it or choose another path)")
+    parent = prepare_destination(out, log=log)  # exists, unwritable: before reading anything; stale partials go
     if not src.is_dir():
         raise FileNotFoundError(f"checkpoint folder not found: {src}")
     if not (src / "tokenizer.model").is_file():
@@ -182,9 +221,16 @@ def export_gguf(
         widths = {"dim": args.dim, "FFN width": args.ffn_hidden_dim, "n_heads * head_dim": args.n_heads * args.head_dim}
         if bad := {k: v for k, v in widths.items() if v % block}:
             raise ValueError(f"Q8_0 needs rows that are multiples of {block} values; {bad} are not: export bf16")
+    vocabulary = VOCABULARY_PER_TOKENIZER_BYTE * (src / "tokenizer.model").stat().st_size
+    # Whether output is tied is known only once read: the smaller size now, the exact one below.
+    check_free_space(parent, gguf_bytes(args, out_type, vocabulary, tied=True), str(out))
+    verify_checkpoint(src, verify, log, skip=skip)
     state = full_tensors(src, args)
-    if torch.equal(state["output.weight"](), state["tok_embeddings.weight"]()):
-        del state["output.weight"]  # tied: llama.cpp uses token_embd when output is absent
+    tied = torch.equal(state["output.weight"](), state["tok_embeddings.weight"]())
+    if tied:
+        del state["output.weight"]  # llama.cpp uses token_embd when output is absent
+    need = gguf_bytes(args, out_type, vocabulary, tied)
+    check_free_space(parent, need, str(out))
     names = _gguf_names(args)
     tensors: dict[str, Callable[[], np.ndarray]] = {}
     if args.use_scaled_rope:
@@ -195,11 +241,7 @@ def export_gguf(
     for key, get in state.items():
         tensors[names[key]] = lambda get=get: _encode(get(), qtype)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.partial-", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_file(out, need, log=log) as tmp:
         writer = gguf.GGUFWriter(tmp, "llama")
         add_hyperparameters(writer, args, src.resolve().name, int(file_type))
         add_vocabulary(writer, tokenizer)
@@ -225,44 +267,28 @@ def export_gguf(
             if progress:
                 progress(n, len(order), name)
         writer.close()
-        if out.exists():
-            raise FileExistsError(f"{out} appeared while exporting; refusing to overwrite it")
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.rename(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return args
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def print_progress(n: int, total: int, name: str) -> None:
-    """A percentage on stderr, rewritten in place every 10%."""
-    import sys
-
-    if n == total or n * 10 // total != (n - 1) * 10 // total:
-        end = "\n" if n == total else ""
-        print(f"\r  writing: {100 * n // total:3d}% ({n}/{total} tensors)", end=end, file=sys.stderr, flush=True)
+    """A percentage on stderr: rewritten in place every 10% on a terminal, a plain line every 25% elsewhere."""
+    steps, tty = (10, True) if sys.stderr.isatty() else (4, False)
+    if n == total or n * steps // total != (n - 1) * steps // total:
+        end = "\n" if n == total or not tty else ""
+        start = "\r" if tty else ""
+        print(f"{start}  writing: {100 * n // total:3d}% ({n}/{total} tensors)", end=end, file=sys.stderr, flush=True)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """``python -m llama.gguf export SRC OUT.gguf [--type bf16|q8_0]``."""
-    import argparse
+    """``python -m llama.gguf export SRC OUT.gguf [--type bf16|q8_0]``; ``--help`` describes the flags."""
     import json
-    import sys
 
-    parser = argparse.ArgumentParser(prog="python -m llama.gguf export", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m llama.gguf export", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("src", type=Path, help="Meta-format checkpoint folder (params.json, consolidated.*.pth, tokenizer.model)")
     parser.add_argument("out", type=Path, help="the .gguf file to create (must not exist)")
     parser.add_argument("--type", choices=EXPORT_TYPES, default="bf16", help="weight type (default bf16)")
+    parser.add_argument("--no_verify", "--no-verify", dest="no_verify", action="store_true", help=NO_VERIFY_HELP)
     a = parser.parse_args(argv)
-    try:
-        args = export_gguf(a.src, a.out, a.type, progress=print_progress)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
-        sys.exit(f"error: {e}")
+    with user_errors(parser.prog):
+        args = export_gguf(a.src, a.out, a.type, print_progress, False if a.no_verify else None, "--no_verify")
     print(f"wrote {a.out} ({a.type}): {json.dumps(to_dict(args))}")

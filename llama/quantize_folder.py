@@ -11,7 +11,10 @@ Shard k is read as rank k of N reads it (``load_state_dict``: memory-mapped, eve
 checked, each weight quantized as it is taken and its 16-bit pages handed back), so one shard's
 int8 tensors are in memory at a time. DST is written beside itself under a hidden name and renamed
 into place when complete (``atomic_folder``): it either does not exist or is finished. An existing
-DST is refused before anything is read; so is too little free disk space.
+DST is refused before anything is read; so is too little free disk space. SRC is checked against
+its ``checklist.chk`` first (``verify_checkpoint``, as ``Llama.build`` does; ``--no_verify`` skips
+it), since DST gets a fresh checklist that would vouch for whatever was read; a NaN or infinite
+weight is refused by name either way (int8 would turn it into finite garbage).
 """
 
 import json
@@ -31,11 +34,13 @@ from llama.checkpoint import (
     load_params,
     load_shard_file,
     load_state_dict,
+    prepare_destination,
     save_params,
     shard_dim,
+    verify_checkpoint,
     write_checklist,
 )
-from llama.cli import Parser, user_errors
+from llama.cli import NO_VERIFY_HELP, Parser, user_errors
 from llama.model import ModelArgs
 
 # Copied verbatim when SRC has them (as llama.reshard does): the tokenizer travels with the weights.
@@ -62,8 +67,19 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def quantize_folder(src: str | Path, dst: str | Path, log: Callable[[str], None] = _log) -> Path:
-    """Write SRC (a 16/32-bit Meta-format folder) as an int8 folder at DST; returns DST."""
+def quantize_folder(
+    src: str | Path,
+    dst: str | Path,
+    log: Callable[[str], None] = _log,
+    verify: Optional[bool] = None,
+    skip: str = "verify=False",
+) -> Path:
+    """Write SRC (a 16/32-bit Meta-format folder) as an int8 folder at DST; returns DST.
+
+    ``verify`` as ``Llama.build``'s: None checks SRC against its ``checklist.chk`` when it has one
+    (files verified before are not hashed again), True always, False never; ``skip`` is how the
+    messages tell the user to skip it.
+    """
     src, dst = Path(src), Path(dst)
     if dst.exists():  # before reading anything
         raise FileExistsError(f"{dst} already exists; refusing to overwrite it (remove it or choose another path)")
@@ -78,12 +94,21 @@ def quantize_folder(src: str | Path, dst: str | Path, log: Callable[[str], None]
     del first
     copied = [src / name for name in COPIED_FILES if (src / name).is_file()]
     need = int8_folder_bytes(args, source_dtype, n) + sum(p.stat().st_size for p in copied)
+    prepare_destination(dst, need, log=log)  # a full or read-only disk, before the hashing
+    verify_checkpoint(src, verify, log, skip=skip)
 
     with atomic_folder(dst, need, log=log) as tmp:
         for k, path in enumerate(paths):
             log(f"quantizing {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+
+            def transform(key: str, t: torch.Tensor, **kw) -> dict[str, torch.Tensor]:
+                try:
+                    return quantize.int8_transform(key, t, **kw)
+                except ValueError as e:  # a NaN or inf weight: name the file too
+                    raise ValueError(f"{path}: {e}") from None
+
             # Rank k of n reads exactly file k; each projection is quantized as it is taken.
-            state = load_state_dict(src, args, k, n, transform=quantize.int8_transform)
+            state = load_state_dict(src, args, k, n, transform=transform)
             own = load_shard_file(path)["tok_embeddings.weight"]
             if n > 1 and own.shape != state["tok_embeddings.weight"].shape:  # Llama 2: the file's columns, as stored
                 state["tok_embeddings.weight"] = own
@@ -114,8 +139,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--int8", action="store_true",
                     help="required, the one format: every projection (wq wk wv wo w1 w2 w3, output) as int8 with a "
                          "float32 scale per output row (per-row symmetric); the rest unchanged")  # fmt: skip
+    ap.add_argument("--no_verify", "--no-verify", dest="no_verify", action="store_true", help=NO_VERIFY_HELP)
     a = ap.parse_args(argv)  # an unknown flag (--int4) is named first
     if not a.int8:
         ap.error("the format is required: --int8 (the one this version writes)")
     with user_errors(ap.prog):
-        quantize_folder(a.src, a.dst)
+        quantize_folder(a.src, a.dst, verify=False if a.no_verify else None, skip="--no_verify")

@@ -15,6 +15,8 @@ files are memory-mapped and only the needed slices read), so only one output sha
 at a time. Everything is written into a hidden folder beside DST and renamed into place at the
 end (``llama.checkpoint.atomic_folder``): DST either does not exist or is complete. An existing,
 non-empty DST is never touched; hidden folders left by a killed run are removed by the next one.
+SRC is first checked against its ``checklist.chk`` (``verify_checkpoint``, as ``Llama.build`` does;
+``--no_verify`` skips it): DST's fresh checklist would otherwise vouch for a corrupt download.
 """
 
 import json
@@ -31,13 +33,15 @@ from llama.checkpoint import (
     find_shards,
     load_params,
     load_state_dict,
+    prepare_destination,
     save_params,
     shard_dim,
     shard_state_dict,
     state_bytes,
+    verify_checkpoint,
     write_checklist,
 )
-from llama.cli import Parser, integer, user_errors
+from llama.cli import NO_VERIFY_HELP, Parser, integer, user_errors
 from llama.devices import DTYPES
 from llama.model import ModelArgs
 from llama.params import to_dict
@@ -47,8 +51,21 @@ from llama.params import to_dict
 COPIED_FILES = ("tokenizer.model", "tokenizer_spec.json")
 
 
-def reshard(src: str | Path, dst: str | Path, mp: int, dtype: Optional[torch.dtype] = None, log=print) -> Path:
-    """Write SRC as an M-shard checkpoint at DST (see the module docstring); returns DST."""
+def reshard(
+    src: str | Path,
+    dst: str | Path,
+    mp: int,
+    dtype: Optional[torch.dtype] = None,
+    log=print,
+    verify: Optional[bool] = None,
+    skip: str = "verify=False",
+) -> Path:
+    """Write SRC as an M-shard checkpoint at DST (see the module docstring); returns DST.
+
+    ``verify`` as ``Llama.build``'s: None checks SRC against its ``checklist.chk`` when it has one
+    (files verified before are not hashed again), True always, False never; ``skip`` is how the
+    messages tell the user to skip it.
+    """
     src, dst = Path(src), Path(dst)
     if mp < 1:
         raise ValueError(f"--mp must be at least 1, got {mp}")
@@ -71,6 +88,8 @@ def reshard(src: str | Path, dst: str | Path, mp: int, dtype: Optional[torch.dty
 
     # Disk needed: the source's size (its dtype) or the tensors in the new dtype, with duplicated KV heads.
     need = state_bytes(expected_shapes(out_args), dtype) if dtype else sum(p.stat().st_size for p in shards)
+    prepare_destination(dst, need, replace_empty=True, log=log)  # a full or read-only disk, before the hashing
+    verify_checkpoint(src, verify, log, skip=skip)
 
     embedding: Optional[torch.Tensor] = None
     with atomic_folder(dst, need, replace_empty=True, log=log) as tmp:
@@ -125,9 +144,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--mp", "--shards", dest="mp", type=integer(1), required=True,
                     help="number of shards (model-parallel ranks) to write, >= 1")  # fmt: skip
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the weights: bf16, fp16 or fp32 (default: keep)")
+    ap.add_argument("--no_verify", "--no-verify", dest="no_verify", action="store_true", help=NO_VERIFY_HELP)
     a = ap.parse_args(argv)
     with user_errors(ap.prog):
-        reshard(a.src, a.dst, a.mp, DTYPES[a.dtype] if a.dtype else None)
+        reshard(a.src, a.dst, a.mp, DTYPES[a.dtype] if a.dtype else None, verify=False if a.no_verify else None,
+                skip="--no_verify")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -259,6 +259,30 @@ def test_14_disk_filling_up_mid_write_is_named(mount, tmp_path):
     assert list(small.iterdir()) == []
 
 
+def test_14_gguf_export_full_disk_and_read_only(mount, tmp_path, capsys):
+    """The export checks the room for the file before the work, and a read-only destination; a
+    write that still fills the disk (the estimate is short) is named too, and leaves nothing."""
+    from test_gguf import write_tiny_gguf
+
+    from llama.checkpoint import atomic_file
+    from llama.gguf import import_gguf
+
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    import_gguf(tmp_path / "tiny.gguf", tmp_path / "tiny")
+    small, ro = mount("64k"), mount("1m", "ro")
+    code, err = in_process("llama.gguf", ["export", str(tmp_path / "tiny"), str(small / "o.gguf")], capsys)
+    line = next(x for x in err.splitlines() if ": error: " in x)
+    assert code == 1 and "Traceback" not in err and "Verifying" not in err, err  # refused before the hashing
+    assert line.startswith(f"python -m llama.gguf export: error: no space left on {small} (need ")
+    assert "MB free) to write" in line and list(small.iterdir()) == []
+    code, err = in_process("llama.gguf", ["export", str(tmp_path / "tiny"), str(ro / "o.gguf")], capsys)
+    assert code == 1 and f"python -m llama.gguf export: error: cannot write in {ro}: read-only file system" in err
+    with pytest.raises(OSError, match=rf"no space left on {small} while writing {small / 'o.gguf'}"):
+        with atomic_file(small / "o.gguf") as path:
+            path.write_bytes(b"x" * 2**17)  # 128 KiB into 64 KiB
+    assert list(small.iterdir()) == []
+
+
 def test_14_free_space_check_in_process(monkeypatch, tmp_path):
     import llama.checkpoint as checkpoint
 
@@ -421,6 +445,66 @@ def test_21_gguf_refuses_an_existing_destination_before_reading(tmp_path):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["mine.txt"]
 
 
+# --- a corrupt download: the folder tools check SRC's checklist.chk before writing ---------------
+
+
+def corrupt(ckpt: Path, tmp_path: Path) -> Path:
+    """A copy of ``ckpt`` with 4 KB of 0xff in the middle of its shard (NaNs in a weight), as a bad
+    download has it: checklist.chk no longer matches."""
+    src = tmp_path / "corrupt"
+    shutil.copytree(ckpt, src, ignore=shutil.ignore_patterns(".llama-verified"))
+    shard = src / "consolidated.00.pth"
+    with open(shard, "r+b") as f:
+        f.seek(shard.stat().st_size // 2)
+        f.write(b"\xff" * 4096)
+    return src
+
+
+def in_process(module: str, argv: list[str], capsys) -> tuple[int, str]:
+    """``python -m MODULE ARGV`` in this process (its ``main``): (exit code, stdout and stderr)."""
+    import importlib
+
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main(argv)
+        raise SystemExit(0)
+    out, err = capsys.readouterr()
+    return e.value.code, out + err
+
+
+FOLDER_TOOLS = {
+    "quantize": ("llama.quantize_folder", "python -m llama.quantize", lambda src, dst: [src, dst, "--int8"]),
+    "reshard": ("llama.reshard", "python -m llama.reshard", lambda src, dst: [src, dst, "--mp", "2"]),
+    "meta-to-hf": ("llama.convert", "python -m llama.convert", lambda src, dst: ["meta-to-hf", src, dst]),
+    "gguf-export": ("llama.gguf", "python -m llama.gguf export", lambda src, dst: ["export", src, dst + ".gguf"]),
+}
+
+
+@pytest.mark.parametrize("tool", FOLDER_TOOLS)
+def test_corrupt_source_is_refused_before_writing(tool, ckpt, tmp_path, capsys):
+    """Llama.build refuses a folder whose files do not match checklist.chk; so do the tools that
+    read one, before writing (quantize and reshard would write a fresh checklist vouching for it)."""
+    module, prog, argv = FOLDER_TOOLS[tool]
+    src = corrupt(ckpt, tmp_path)
+    code, err = in_process(module, argv(str(src), str(tmp_path / "out")), capsys)
+    assert code == 1 and "Traceback" not in err, err
+    line = next(x for x in err.splitlines() if ": error: " in x)
+    assert line.startswith(f"{prog}: error: {src / 'consolidated.00.pth'} does not match checklist.chk"), line
+    assert line.endswith("(a corrupt or incomplete download): re-download it, or pass --no_verify to load it anyway")
+    assert f"Verifying 3 file(s) of {src} against checklist.chk" in err  # the progress, as Llama.build shows it
+    assert [p.name for p in tmp_path.iterdir()] == ["corrupt"]  # nothing written, no partial
+
+
+def test_no_verify_skips_the_check_but_quantize_still_refuses_nan(ckpt, tmp_path, capsys):
+    src = corrupt(ckpt, tmp_path)
+    code, err = in_process("llama.reshard", [str(src), str(tmp_path / "mp2"), "--mp", "2", "--no_verify"], capsys)
+    assert code == 0 and "Verifying" not in err and (tmp_path / "mp2" / "checklist.chk").is_file()  # the user's choice
+    code, err = in_process("llama.quantize_folder", [str(src), str(tmp_path / "int8"), "--int8", "--no-verify"], capsys)
+    line = next(x for x in err.splitlines() if ": error: " in x)
+    assert code == 1 and line.startswith(f"python -m llama.quantize: error: {src / 'consolidated.00.pth'}: layers.0.")
+    assert "has a non-finite value (NaN or inf) in row" in line
+    assert not (tmp_path / "int8").exists() and not list(tmp_path.glob(".int8.partial-*"))
+
+
 # --- issue 16: folders get normal permissions; every CLI has real help ---------------------------
 
 
@@ -449,18 +533,20 @@ def test_written_folders_get_normal_permissions(ckpt, tmp_path):
         ("-m llama.chat", ["--ckpt_dir", "demo model", "--system", "default 2048"]),
         ("-m llama.memory", ["path", "--max_seq_len", "int4", "--world_size"]),
         ("-m llama.convert hf-to-meta", ["--shards", "--dtype", "bf16"]),
-        ("-m llama.convert meta-to-hf", ["--max_shard_size", "default 5"]),
-        ("-m llama.reshard", ["--mp", "--dtype"]),
-        ("-m llama.quantize", ["src", "dst", "--int8", "per output row"]),
+        ("-m llama.convert meta-to-hf", ["--max_shard_size", "default 5", "--no_verify"]),
+        ("-m llama.reshard", ["--mp", "--dtype", "--no_verify"]),
+        ("-m llama.quantize", ["src", "dst", "--int8", "per output row", "--no_verify", "checklist.chk"]),
         ("-m llama.gguf", ["out_dir", "--dtype", "default fp32"]),
+        ("-m llama.gguf export", ["src", "out", "--type", "q8_0", "--no_verify"]),
     ],
 )
 def test_help_describes_every_flag(argv, words):
     result = run(argv.split() + ["--help"])
     assert result.returncode == 0, result.stderr
     assert "Optional[" not in result.stdout and "Type:" not in result.stdout
+    text = " ".join(result.stdout.split())  # argparse wraps the help to the widest flag
     for word in words:
-        assert word in result.stdout, f"{word!r} missing from:\n{result.stdout}"
+        assert word in text, f"{word!r} missing from:\n{result.stdout}"
 
 
 def test_corrupt_weights_found_while_generating_are_one_line(capsys):

@@ -272,30 +272,152 @@ def test_llama_cpp_logits_match_ours(bf16_gguf: Path, meta_dir: Path, tokenizer)
 # --- errors come first, nothing is left behind ----------------------------------------------
 
 
+PROG = "python -m llama.gguf export"
+
+
+def export_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    """``python -m llama.gguf export ARGV`` in this process: (exit code, stderr)."""
+    with pytest.raises(SystemExit) as e:
+        main(["export", *argv])
+        raise SystemExit(0)
+    return e.value.code, capsys.readouterr().err
+
+
+def error_line(err: str) -> str:
+    """The one ``prog: error: ...`` line of a user's mistake (no traceback)."""
+    assert "Traceback" not in err, err
+    lines = [x for x in err.splitlines() if ": error: " in x]
+    assert len(lines) == 1 and lines[0].startswith(f"{PROG}: error: "), err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 262-token model (SmolLM's pre-tokenizer) with checklist.chk: exports in a few milliseconds."""
+    from test_gguf import write_tiny_gguf
+
+    root = tmp_path_factory.mktemp("tiny")
+    write_tiny_gguf(root / "tiny.gguf")
+    import_gguf(root / "tiny.gguf", root / "tiny")
+    return root / "tiny"
+
+
 def test_refuses_an_existing_output(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "x.gguf"
     out.write_bytes(b"keep")
-    with pytest.raises(SystemExit) as e:
-        main(["export", str(tmp_path), str(out)])
-    assert "already exists" in str(e.value) and out.read_bytes() == b"keep"
+    code, err = export_cli([str(tmp_path), str(out)], capsys)
+    assert code == 1 and "already exists" in error_line(err) and out.read_bytes() == b"keep"
 
 
-def test_q8_0_needs_rows_of_32(tmp_path: Path, meta_tokenizer_path: Path) -> None:
+def test_q8_0_needs_rows_of_32(tmp_path: Path, meta_tokenizer_path: Path, capsys: pytest.CaptureFixture) -> None:
     args = ModelArgs(dim=48, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=16)
     write_checkpoint(tmp_path / "m", random_state_dict(args), args)
     (tmp_path / "m" / "tokenizer.model").write_bytes(meta_tokenizer_path.read_bytes())
-    with pytest.raises(SystemExit) as e:
-        main(["export", str(tmp_path / "m"), str(tmp_path / "m.gguf"), "--type", "q8_0"])
-    assert "multiples of 32" in str(e.value) and "export bf16" in str(e.value)
+    code, err = export_cli([str(tmp_path / "m"), str(tmp_path / "m.gguf"), "--type", "q8_0"], capsys)
+    assert code == 1 and "multiples of 32" in error_line(err) and "export bf16" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no partial file
 
 
-def test_needs_a_tokenizer(tmp_path: Path) -> None:
+def test_needs_a_tokenizer(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     args = ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=96, multiple_of=32)
     write_checkpoint(tmp_path / "m", random_state_dict(args), args)
-    with pytest.raises(SystemExit) as e:
-        main(["export", str(tmp_path / "m"), str(tmp_path / "m.gguf")])
-    assert "no tokenizer.model" in str(e.value)
+    code, err = export_cli([str(tmp_path / "m"), str(tmp_path / "m.gguf")], capsys)
+    assert code == 1 and "no tokenizer.model" in error_line(err)
+
+
+def test_command_line_conventions(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """As the other tools: abbreviated flags refused (exit 2), one line naming the program (exit 1)."""
+    code, err = export_cli([str(tiny_dir), str(tmp_path / "o.gguf"), "--ty", "q8_0"], capsys)
+    assert code == 2 and "unknown flag --ty (did you mean --type?)" in error_line(err)
+    (tmp_path / "afile").write_text("keep")
+    code, err = export_cli([str(tiny_dir), str(tmp_path / "afile" / "o.gguf")], capsys)
+    assert code == 1 and f"{tmp_path / 'afile'} is a file, not a folder" in error_line(err)
+    code, err = export_cli([str(tiny_dir), str(tmp_path / "afile" / "sub" / "o.gguf")], capsys)
+    assert code == 1 and f"cannot create {tmp_path / 'afile' / 'sub'}: {tmp_path / 'afile'} is a file" in error_line(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    code, err = export_cli([str(tiny_dir), str(tmp_path / "o.gguf")], capsys)
+    assert code == 0 and (tmp_path / "o.gguf").stat().st_mode & 0o777 == 0o666 & ~_umask()  # a normal new file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "o.gguf"]
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_ctrl_c_prints_one_line_and_leaves_nothing(tiny_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    import llama.gguf_export
+
+    real = llama.gguf_export._encode
+    calls = []
+
+    def encode(t, qtype):  # Ctrl-C while the third tensor is written
+        calls.append(t)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(t, qtype)
+
+    monkeypatch.setattr(llama.gguf_export, "_encode", encode)
+    try:
+        code, err = export_cli([str(tiny_dir), str(tmp_path / "o.gguf")], capsys)
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped main: Python prints its traceback")
+    assert code == 130 and "Traceback" not in err and err.strip().splitlines()[-1] == f"{PROG}: interrupted"
+    assert list(tmp_path.iterdir()) == []  # no OUT, no partial
+
+
+def test_stale_partials_of_the_destination_are_removed(tiny_dir: Path, tmp_path: Path, capsys) -> None:
+    """A killed export leaves a hidden partial beside OUT: a file (earlier versions) or a folder
+    with an owner file (now). The next export to OUT removes those whose writer is gone, and
+    nothing else: a live writer's, another destination's, a name that is not exactly ours."""
+    import os
+    import subprocess
+    import sys
+
+    stale_file = tmp_path / ".o.gguf.partial-k3_x9zq1"  # tempfile.mkstemp's name, as earlier versions made it
+    stale_file.write_bytes(b"x" * 3000)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale_folder = tmp_path / ".o.gguf.partial-abcd1234"  # kill -9 while writing: owner gone
+    stale_folder.mkdir()
+    (stale_folder / ".partial-owner").write_text(f"{os.uname().nodename} {dead.stdout.strip()}\n")
+    (stale_folder / "o.gguf").write_bytes(b"x" * 5000)
+    live = tmp_path / ".o.gguf.partial-live0000"
+    live.mkdir()
+    (live / ".partial-owner").write_text(f"{os.uname().nodename} {os.getpid()}\n")  # this test process runs
+    kept = [live, tmp_path / ".other.gguf.partial-abcd1234", tmp_path / ".o.gguf.partial-abc",
+            tmp_path / ".o.gguf.partial-abcd1234.keep", tmp_path / "o.gguf.partial-abcd1234"]  # fmt: skip
+    for path in kept[1:]:
+        path.write_bytes(b"not ours")
+    code, err = export_cli([str(tiny_dir), str(tmp_path / "o.gguf")], capsys)
+    assert code == 0, err
+    assert f"removed {stale_file} (0.0 MB), left by an interrupted run" in err
+    assert f"removed {stale_folder} (0.0 MB), left by an interrupted run" in err
+    assert f"{live} is being written by process {os.getpid()}; left alone" in err
+    assert not stale_file.exists() and not stale_folder.exists() and all(p.exists() for p in kept)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["o.gguf", *(p.name for p in kept)])
+
+
+@pytest.mark.slow
+def test_kill_9_leaves_a_partial_the_next_run_removes(tiny_dir: Path, tmp_path: Path, capsys) -> None:
+    import subprocess
+    import sys
+
+    from child_env import REPO, child_env
+
+    out = tmp_path / "o.gguf"
+    code = ("import os, signal, sys; from llama.gguf_export import export_gguf; "
+            "export_gguf(sys.argv[1], sys.argv[2], progress=lambda n, total, name: n == 3 and os.kill(os.getpid(), signal.SIGKILL))")  # fmt: skip
+    killed = subprocess.run([sys.executable, "-c", code, str(tiny_dir), str(out)], cwd=REPO, env=child_env(),
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert killed.returncode == -9, killed.stderr
+    (partial,) = tmp_path.iterdir()
+    assert partial.name.startswith(".o.gguf.partial-") and (partial / "o.gguf").stat().st_size > 0
+    code, err = export_cli([str(tiny_dir), str(out)], capsys)
+    assert code == 0 and f"removed {partial}" in err and "left by an interrupted run" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["o.gguf"]
 
 
 @pytest.mark.slow

@@ -50,6 +50,23 @@ def test_quantize_matches_float64_formula():
     assert torch.all(err <= ref_s[:, None] / 2 * (1 + 1e-5))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_quantize_refuses_non_finite_weights_by_name(bad):
+    """int8 has no NaN: a NaN row used to get scale 1 and int8 zeros (finite garbage), an inf row an
+    inf scale. Refused, naming the tensor and the row, at load (quantize="int8") and in int8 folders."""
+    step = Int8Linear.BLOCK // 70  # rows quantized per block
+    w = torch.randn(2 * step + 5, 70, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    for row in (2 * step + 1, 3):  # in the last block, then (with it) in the first
+        w[row, 5] = bad
+        with pytest.raises(ValueError, match=rf"^layers\.0\.attention\.wq\.weight has a non-finite value \(NaN or inf\) in row {row}: .*re-download it$"):
+            quantize.int8_transform("layers.0.attention.wq.weight", w)
+    with pytest.raises(ValueError, match=r"^the weight has a non-finite value .* in row 3"):
+        quantize_int8(w)
+    norm = w[3]
+    passed = quantize.int8_transform("norm.weight", norm)  # not quantized: passed through, as it is
+    assert list(passed) == ["norm.weight"] and passed["norm.weight"] is norm
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_linear_torch_path_matches_float64(dtype):

@@ -63,14 +63,19 @@ Empty = Callable[[torch.Size, torch.dtype], torch.Tensor]  # an allocator: (shap
 
 
 def quantize_int8(
-    weight: torch.Tensor, done: Optional[Callable[[torch.Tensor], None]] = None, empty: Optional[Empty] = None
+    weight: torch.Tensor,
+    done: Optional[Callable[[torch.Tensor], None]] = None,
+    empty: Optional[Empty] = None,
+    name: str = "the weight",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """weight [out, in] (any float dtype) -> (q [out, in] int8, scale [out] float32), per-row symmetric.
 
     Computed in float32 from the weight's exact values, a block of rows at a time (the float32
     temporaries of a whole 128K-row output matrix would be 2 GB); an all-zero row gets scale 1.
     ``done``, if given, is called with each block of ``weight``'s rows once it is quantized;
-    ``empty``, if given, allocates q (a CPU weight's).
+    ``empty``, if given, allocates q (a CPU weight's). A NaN or infinity raises ``ValueError``
+    naming ``name`` and the row: int8 has no such value, and would turn a corrupt weight into
+    finite garbage.
     """
     if empty is not None and weight.device.type == "cpu":
         q = empty(weight.shape, torch.int8)
@@ -85,11 +90,17 @@ def quantize_int8(
         block = weight[start : start + step]
         w = buf[: block.numel()].view(block.shape).copy_(block)  # [step, in] float32, exact
         amax = torch.maximum(w.amax(dim=1), w.amin(dim=1).neg_())  # max |w| per row
-        s = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
+        s = torch.where(amax == 0, torch.ones_like(amax), amax / QMAX)  # a NaN or inf row keeps its NaN or inf
         q[start : start + step] = w.div_(s[:, None]).round_().clamp_(-QMAX, QMAX)
         scale[start : start + step] = s
         if done is not None:
             done(weight[start : start + step])
+    if not torch.isfinite(scale).all():  # one check (one GPU sync) per weight
+        row = int((~torch.isfinite(scale)).nonzero()[0])
+        raise ValueError(
+            f"{name} has a non-finite value (NaN or inf) in row {row}: a corrupt checkpoint cannot be quantized "
+            f"(int8 would hide it); re-download it"
+        )
     return q, scale
 
 
@@ -201,7 +212,7 @@ def int8_transform(
     Llama 3.2 1B shape, peak RSS of ``Llama.build(quantize="int8")``: 2.30 GB -> 1.61 GB."""
     if not is_quantized_key(key) or t.dtype == torch.int8:  # int8 already (an int8 folder): its scale comes with it
         return {key: t}
-    q, scale = quantize_int8(t, release, empty)
+    q, scale = quantize_int8(t, release, empty, name=key)
     return {key: q, scale_key(key): scale}
 
 
