@@ -582,20 +582,27 @@ PROGRESS_EVERY_S = 5.0
 
 
 def read_checklist(path: Path, skip: str = "verify=False") -> dict[str, str]:
-    """``checklist.chk`` (md5sum format: "md5  name" or "md5 *name") as {name: md5}; ``skip`` names
-    the way to skip verification in the error message (a tool's flag)."""
+    """``checklist.chk`` as {name: hex digest}: md5sum or sha256sum lines ("HASH  name" or "HASH
+    *name", a leading ``./`` allowed), md5 in Meta's Llama 3 links, sha256 in the ``llama`` CLI's
+    (Llama 3.1 on, 3.2, 3.3: shared/docs/download-layouts.md); the digest's length says which.
+    ``skip`` names the way to skip verification in the error message (a tool's flag)."""
     listed: dict[str, str] = {}
     for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
         if not line.strip():
             continue
-        m = re.fullmatch(r"([0-9a-fA-F]{32}) [ *](.+)", line.strip())
+        m = re.fullmatch(r"([0-9a-fA-F]{64}|[0-9a-fA-F]{32}) [ *](?:\./)?(.+)", line.strip())
         if m is None:
             raise ValueError(
-                f"{path}, line {lineno}: {line[:60]!r} is not an md5sum line (md5, two spaces, file name): "
-                f"re-download checklist.chk, or pass {skip}"
+                f"{path}, line {lineno}: {line[:60]!r} is not an md5sum or sha256sum line (hash, two spaces, "
+                f"file name): re-download checklist.chk, or pass {skip}"
             )
         listed[m.group(2)] = m.group(1).lower()
     return listed
+
+
+def _hash_for(digest: str) -> "hashlib._Hash":
+    """The hash a checklist digest was made with: sha256 for 64 hex digits, md5 for 32."""
+    return hashlib.sha256() if len(digest) == 64 else hashlib.md5()
 
 
 def _read_record(ckpt_dir: Path) -> dict[str, tuple[int, int, str]]:
@@ -622,7 +629,7 @@ def verify_checkpoint(
     """Check the folder's files against its ``checklist.chk``; raise naming the first that differs.
 
     ``verify`` None (auto): when a checklist is present, hash the files not verified before (the
-    record ``.llama-verified`` keeps size, mtime and md5 of each verified file; a changed file is
+    record ``.llama-verified`` keeps size, mtime and digest of each verified file; a changed file is
     hashed again). True: hash every listed file (an error without a checklist). False: nothing.
     Listed files that are absent are skipped (a tokenizer kept elsewhere), except shards and
     params.json. With several ranks, rank r hashes every world_size-th file. Progress goes to ``log``.
@@ -660,7 +667,7 @@ def verify_checkpoint(
     done = 0
     verified = {}
     for name, md5, st in mine:
-        h = hashlib.md5()
+        h = _hash_for(md5)
         with open(ckpt_dir / name, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
                 h.update(block)
@@ -670,7 +677,7 @@ def verify_checkpoint(
                     log(f"  {name}: {done / 1e9:.1f} of {total / 1e9:.1f} GB verified ({last - start:.0f} s)")
         if h.hexdigest() != md5:
             raise ValueError(
-                f"{ckpt_dir / name} does not match checklist.chk: md5 {h.hexdigest()}, expected {md5} "
+                f"{ckpt_dir / name} does not match checklist.chk: {h.name} {h.hexdigest()}, expected {md5} "
                 f"(a corrupt or incomplete download): re-download it, or pass {skip} to load it anyway"
             )
         verified[name] = (st.st_size, st.st_mtime_ns, md5)

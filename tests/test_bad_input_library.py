@@ -214,7 +214,7 @@ def test_4_verify_true_without_a_checklist(ckpt):
 
 def test_4_malformed_checklist_line(ckpt):
     (ckpt / "checklist.chk").write_text("<html><body>403 Forbidden</body></html>\n")
-    refused(ckpt, ValueError, rf"^{ckpt / 'checklist.chk'}, line 1: .* is not an md5sum line")
+    refused(ckpt, ValueError, rf"^{ckpt / 'checklist.chk'}, line 1: .* is not an md5sum or sha256sum line")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -349,6 +349,27 @@ def test_read_checklist_accepts_md5sum_formats(tmp_path):
                                    "a b.pth": "fedcba9876543210fedcba9876543210"}  # fmt: skip
 
 
+def test_sha256_checklists_of_llama_cli_links_verify(ckpt):
+    """The llama CLI's links (Llama 3.1 on, 3.2, 3.3) ship sha256 lines with a leading ./
+    (shared/docs/download-layouts.md, as tests/download_server.py serves them): read, checked with
+    sha256, and a corrupt file named; before, every such download was refused as "not md5sum"."""
+    from download_server import checklist
+
+    files = {f"m/{p.name}": p.read_bytes() for p in sorted(ckpt.iterdir()) if p.is_file() and p.name != "checklist.chk"}
+    (ckpt / "checklist.chk").write_bytes(checklist("C", "m", files))
+    assert all(len(d) == 64 for d in read_checklist(ckpt / "checklist.chk").values())
+    assert "./" not in "".join(read_checklist(ckpt / "checklist.chk"))
+    logs: list[str] = []
+    verify_checkpoint(ckpt, True, logs.append)
+    assert logs[0].startswith(f"Verifying {len(files)} file(s)")
+    shard = ckpt / "consolidated.00.pth"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"consolidated\.00\.pth does not match checklist\.chk: sha256 [0-9a-f]{64}, expected"):
+        verify_checkpoint(ckpt, None, logs.append)
+
+
 def test_verify_splits_files_across_ranks_and_merges_the_record(ckpt):
     logs: list[str] = []
     verify_checkpoint(ckpt, None, logs.append, rank=1, world_size=2)
@@ -378,5 +399,5 @@ def test_verify_in_a_read_only_folder_says_it_will_repeat(ckpt, monkeypatch):
 def test_verify_false_reads_nothing(ckpt):
     (ckpt / "checklist.chk").write_text("garbage\n")
     verify_checkpoint(ckpt, False)
-    with pytest.raises(ValueError, match="is not an md5sum line"):
+    with pytest.raises(ValueError, match="is not an md5sum or sha256sum line"):
         verify_checkpoint(ckpt, None)
