@@ -184,7 +184,8 @@ class Llama:
         # quantize="int8" quantizes each weight as it is read (the peak is the int8 model);
         # quantize="fp8" after loading (the peak is the 16-bit model).
         planned = "fp8" if keep_fp8 else "int8" if quantize == "int8" or int8 else "int4" if quantize == "int4" else None
-        check_layout(args, len(find_shards(ckpt_dir)), world_size)  # a rank count that cannot split it: before verifying
+        if world_size > 1:  # a rank count that cannot split the files: said before the minutes of verifying
+            check_layout(args, len(find_shards(ckpt_dir)), world_size)
         plan = plan_memory(args, max_seq_len, max_batch_size, dtype, world_size, quantize=planned)
         check_fits(plan, device)
         if rank == 0:  # before the load, which can take minutes: what it will take, and where
