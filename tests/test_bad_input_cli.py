@@ -564,6 +564,7 @@ def test_corrupt_weights_found_while_generating_are_one_line(capsys):
         raise RuntimeError("a bug")
 
 
+@pytest.mark.slow  # a child process: seconds
 def test_chat_refuses_torchrun_before_loading(ckpt):
     """llama.chat reads stdin in one process: under torchrun its ranks would hang on each other."""
     result = run(["-m", "llama.chat", "--ckpt_dir", str(ckpt)], WORLD_SIZE="2", RANK="0")
@@ -571,6 +572,7 @@ def test_chat_refuses_torchrun_before_loading(ckpt):
     assert "Memory plan" not in result.stderr
 
 
+@pytest.mark.slow  # a child process: seconds
 @pytest.mark.parametrize("script, what", [("example_chat_completion.py", "dialog 1 has"), ("example_text_completion.py", "prompt 2 has")])
 def test_examples_check_every_prompt_before_the_first_answer(ckpt, script, what):
     """One error naming the prompt that does not fit (not "prompt 0"), and no half-printed answer
@@ -581,6 +583,7 @@ def test_examples_check_every_prompt_before_the_first_answer(ckpt, script, what)
     assert result.stdout == ""
 
 
+@pytest.mark.slow  # a child process: seconds
 def test_torchrun_ranks_report_their_own_errors_once(tmp_path):
     """Under torchrun (WORLD_SIZE > 1) an error every rank hits is printed once, and one that only
     rank 1 hits (its own shard) is printed by rank 1, named so; before, only rank 0 spoke."""
@@ -602,6 +605,7 @@ def test_torchrun_ranks_report_their_own_errors_once(tmp_path):
     assert sorted(lines) == sorted([f"prog: error: fine {tag}", f"prog: error: rank 1: consolidated.01.pth is truncated {tag}"])
 
 
+@pytest.mark.slow  # a child process: seconds
 def test_a_hugging_face_folder_is_named_as_one(hf):
     """--ckpt_dir given a transformers folder: said so, with the two ways out, not "tokenizer.model not found"."""
     result = run(["example_text_completion.py", "--ckpt_dir", str(hf), "--device", "cpu"])
