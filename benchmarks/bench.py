@@ -38,7 +38,7 @@ from engines import (
 
 from llama import hugepages
 from llama.checkpoint import load_params
-from llama.devices import DTYPES, cpu_flags, runnable_elsewhere
+from llama.devices import DTYPES, busy_ticks, cpu_flags, runnable_elsewhere
 from llama.memory import GB, kv_cache_bytes, parameter_count
 from llama.model import ModelArgs
 from llama.tokenizer import Tokenizer
@@ -240,15 +240,6 @@ class Result:
     tokens: dict = field(default_factory=dict)
     profile: str = ""
     kernel_path: str = ""
-
-
-def busy_ticks(pid: Optional[int] = None) -> int:
-    """CPU time in clock ticks: of every core (``/proc/stat``), or of one process."""
-    if pid is None:
-        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
-        return user + nice + system + irq + softirq + steal
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime
 
 
 def settle(max_s: float = 2.0) -> None:

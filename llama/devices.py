@@ -182,6 +182,35 @@ def runnable_elsewhere() -> Optional[int]:
     return max(running - max(own, 1), 0)
 
 
+def busy_ticks(pid: Optional[int] = None) -> Optional[int]:
+    """CPU time in clock ticks: of every core (``/proc/stat``: user, nice, system, irq, softirq and
+    steal, the time a VM's host ran something else), or of one process (utime + stime); None where
+    /proc cannot tell (not Linux)."""
+    try:
+        if pid is None:
+            with open("/proc/stat") as f:
+                user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+            return user + nice + system + irq + softirq + steal
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def cores_used_elsewhere(fn: Callable[[], T]) -> tuple[T, Optional[float]]:
+    """``fn()``, and how many cores other processes (and the VM's host) used meanwhile, on average;
+    None where /proc cannot tell. A measurement taken beside another busy process says little
+    about this machine: its caller can then decline to keep it."""
+    before = (time.perf_counter(), busy_ticks(), busy_ticks(os.getpid()))
+    result = fn()
+    after = (time.perf_counter(), busy_ticks(), busy_ticks(os.getpid()))
+    if None in before or None in after or after[0] <= before[0]:
+        return result, None
+    others = (after[1] - before[1]) - (after[2] - before[2])
+    return result, max(others, 0) / os.sysconf("SC_CLK_TCK") / (after[0] - before[0])
+
+
 SAMPLES = 3  # readings of runnable_elsewhere per check (~0.1 ms each)
 FIRST_STEP_SPACING_S = 0.002  # between the first step's readings
 

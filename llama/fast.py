@@ -33,7 +33,7 @@ from torch import nn
 
 from llama import fused, gpu_matvec, native
 from llama.fused_projections import enabled as fuse_projections_enabled, fuse_projections, keep_fused
-from llama.devices import CpuThreads, cache_root, cpu_flags, default_compute_dtype
+from llama.devices import CpuThreads, cache_root, cores_used_elsewhere, cpu_flags, default_compute_dtype
 from llama.model import Attention, Transformer, causal_mask
 from llama.quantize import Int8Linear, Int8MatVec
 
@@ -429,7 +429,9 @@ def _cached_prompt_path(threads: int) -> str:
 def _kept_verdict(kind: str, key: list, measure: Callable[[], T], valid: Callable[[object], bool]) -> T:
     """``measure()``'s result, kept in ``~/.cache/llama/native/{kind}-{hash}.json`` per CPU (flags,
     and torch's ISA settings), torch version, build of our kernels (a changed loop is measured
-    again) and ``key``; not kept when the machine is busier than its cores (load average).
+    again) and ``key``; not kept when the machine is busier than its cores (load average), nor
+    when other processes used more than a fifth of a core while it measured (a probe beside
+    another process's work once kept the slower bf16 loop: benchmarks/README.md, session 10).
     A kept verdict that is not ``valid`` (a damaged file) is measured again."""
     isa = [os.environ.get(name) for name in TORCH_ISA_SETTINGS]
     full_key = json.dumps([platform.processor(), sorted(cpu_flags()), isa, torch.__version__, native.source_digest(), *key])
@@ -440,8 +442,8 @@ def _kept_verdict(kind: str, key: list, measure: Callable[[], T], valid: Callabl
             return kept
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    verdict = measure()
-    if os.getloadavg()[0] <= (os.cpu_count() or 1):
+    verdict, elsewhere = cores_used_elsewhere(measure)
+    if os.getloadavg()[0] <= (os.cpu_count() or 1) and (elsewhere is None or elsewhere < 0.2):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")

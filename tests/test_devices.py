@@ -1,5 +1,7 @@
 """Device and dtype policy (llama/devices.py): CPU features from /proc/cpuinfo, and what they decide."""
 
+import time
+
 import pytest
 import torch
 
@@ -93,3 +95,31 @@ def test_runnable_elsewhere_reads_proc_loadavg(tmp_path, monkeypatch):
     monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(fake if path == "/proc/loadavg" else path, *a, **k))
     # 3 running, the caller among them (its own running threads are not counted as others)
     assert devices.runnable_elsewhere() == 2
+
+
+def test_cores_used_elsewhere_counts_another_process_not_ours():
+    """A busy child process during the measurement shows as about one core used elsewhere; our own
+    busy loop does not count."""
+    import subprocess
+    import sys
+
+    from llama.devices import cores_used_elsewhere
+
+    def spin(seconds: float) -> int:
+        end, n = time.perf_counter() + seconds, 0
+        while time.perf_counter() < end:
+            n += 1
+        return n
+
+    result, ours = cores_used_elsewhere(lambda: spin(0.3))
+    if ours is None:
+        pytest.skip("no /proc here")
+    assert result > 0 and ours < 0.5
+    child = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 3\nwhile time.time() < end: pass"])
+    try:
+        time.sleep(0.2)
+        _, theirs = cores_used_elsewhere(lambda: time.sleep(0.5))
+    finally:
+        child.kill()
+        child.wait()
+    assert theirs > 0.5

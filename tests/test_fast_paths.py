@@ -245,7 +245,8 @@ def test_prompt_path_is_the_faster_one(monkeypatch, bf16_s, float32_s, expected)
 
 def test_prompt_path_kept_overridden_and_refused(tmp_path, monkeypatch):
     """The verdict is kept beside the kernels and read back without measuring; not kept when the
-    machine is busier than its cores, nor trusted when damaged; LLAMA_PROMPT_PATH overrides it."""
+    machine is busier than its cores or other processes used a fifth of a core while it measured,
+    nor trusted when damaged; LLAMA_PROMPT_PATH overrides it."""
     from llama import fast
 
     fake_cpu(monkeypatch, 0.6, 0.1)
@@ -257,6 +258,12 @@ def test_prompt_path_kept_overridden_and_refused(tmp_path, monkeypatch):
     assert fast.prompt_compute_dtype() == torch.float32
     assert not folder.exists()  # measured on a busy machine: used, not kept
     monkeypatch.setattr(fast.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    real = fast.cores_used_elsewhere
+    monkeypatch.setattr(fast, "cores_used_elsewhere", lambda fn: (fn(), 0.5))  # half a core used by others meanwhile
+    fast._cached_prompt_path.cache_clear()
+    assert fast.prompt_compute_dtype() == torch.float32
+    assert not folder.exists()  # a quiet load average, but someone else worked during the probe
+    monkeypatch.setattr(fast, "cores_used_elsewhere", real)
     fast._cached_prompt_path.cache_clear()
     assert fast.prompt_compute_dtype() == torch.float32
     (kept,) = folder.glob("prompt-path-*.json")
