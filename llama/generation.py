@@ -7,6 +7,7 @@ prints; other ranks compute the same thing silently (``Llama.is_main_process``).
 
 import codecs
 import numbers
+import os
 import sys
 import time
 from pathlib import Path
@@ -125,6 +126,10 @@ class Llama:
             check_int("model_parallel_size", model_parallel_size, 1)
         if verify not in (None, True, False):
             raise TypeError(f"verify must be None (auto), True or False, got {verify!r}")
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile must be True or False, got {compile!r}")
+        if not isinstance(ckpt_dir, (str, os.PathLike)):
+            raise TypeError(f"ckpt_dir must be a checkpoint folder's path (str or Path), got {ckpt_dir!r}")
         device = check_device(device) if device is not None else default_device()  # names the devices here
         rank, world_size, local_rank = setup_model_parallel(model_parallel_size, device.type)
         if device.type == "cuda" and device.index is None:
@@ -140,6 +145,9 @@ class Llama:
         if quantize == "int4" and (why := int4_unsupported(device)) is not None:
             raise ValueError(f"quantize='int4' cannot run on {device}: {why}; quantize='int8' runs everywhere")
 
+        if Path(ckpt_dir).is_file():  # a .pth or a .gguf given where the folder goes
+            how = "; import a GGUF with python -m llama.gguf import" if str(ckpt_dir).endswith(".gguf") else ""
+            raise ValueError(f"{ckpt_dir} is a file: give its folder (params.json + consolidated.NN.pth){how}")
         if not Path(ckpt_dir).is_dir():  # before the tokenizer, whose default path is inside it
             raise FileNotFoundError(f"checkpoint folder not found: {ckpt_dir}")
         folder = Path(ckpt_dir)
@@ -158,9 +166,10 @@ class Llama:
                 f"{tokenizer_file} has {tokenizer.n_words} tokens: is it the tokenizer of this checkpoint?"
             )
         if not 2 <= max_seq_len <= args.max_context:
+            llama30 = not args.use_scaled_rope and tokenizer.n_words == 128256  # not the demo model, not Llama 2
             raise ValueError(
                 f"max_seq_len={max_seq_len} must be between 2 and the model's context of {args.max_context} tokens"
-                + ("" if args.use_scaled_rope else " (Llama 3.0; 3.1 checkpoints with use_scaled_rope allow 131072)")
+                + (" (Llama 3.0; 3.1 checkpoints with use_scaled_rope allow 131072)" if llama30 else "")
             )
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} must be at least 1")
@@ -248,6 +257,11 @@ class Llama:
             print(message, file=sys.stderr, flush=True)
 
     def _check_request(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len: int, temperature: float, top_p: float) -> None:
+        if isinstance(prompt_tokens, (str, bytes, dict)) or not hasattr(prompt_tokens, "__len__"):
+            raise TypeError(
+                f"prompt_tokens must be a list of prompts, each a list of token ids, got a {type(prompt_tokens).__name__}: "
+                f"{prompt_tokens!r:.60} (text goes to text_completion, or tokenizer.encode first)"
+            )
         bsz, limits = len(prompt_tokens), (self.model.max_batch_size, self.model.max_seq_len)
         if bsz == 0:
             raise ValueError("empty batch: give at least one prompt")

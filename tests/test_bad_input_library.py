@@ -320,10 +320,28 @@ def test_17_generation_argument_types(llm, kwargs, error, message):
         ({"model_parallel_size": 0}, ValueError, r"model_parallel_size=0 must be at least 1"),
         ({"max_batch_size": 0}, ValueError, r"max_batch_size=0 must be at least 1"),
         ({"verify": "yes"}, TypeError, r"verify must be None \(auto\), True or False, got 'yes'"),
+        ({"compile": "yes"}, TypeError, r"compile must be True or False, got 'yes'"),
     ],
 )
 def test_17_build_argument_types(ckpt, kwargs, error, message):
     refused(ckpt, error, rf"^{message}$", **kwargs)
+
+
+def test_17_the_folder_argument(ckpt):
+    """None, a shard file or a GGUF file where the folder goes: named, with what to give instead."""
+    with pytest.raises(TypeError, match=r"^ckpt_dir must be a checkpoint folder's path \(str or Path\), got None$"):
+        Llama.build(None, None, SEQ, BATCH, device="cpu")
+    with pytest.raises(ValueError, match=r"consolidated\.00\.pth is a file: give its folder \(params\.json \+ consolidated\.NN\.pth\)$"):
+        Llama.build(str(ckpt / "consolidated.00.pth"), None, SEQ, BATCH, device="cpu")
+    gguf = ckpt.parent / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(ValueError, match=r"model\.gguf is a file: .*import a GGUF with python -m llama\.gguf import$"):
+        Llama.build(str(gguf), None, SEQ, BATCH, device="cpu")
+
+
+def test_17_text_given_to_generate(llm):
+    with pytest.raises(TypeError, match=r"^prompt_tokens must be a list of prompts, each a list of token ids, got a str: 'abc' \(text goes to text_completion"):
+        llm.generate("abc", max_gen_len=4)
 
 
 # ---------------------------------------------------------------------------------------------
