@@ -359,7 +359,7 @@ def test_19_wrong_ckpt_dir_prompt_too_long_and_debug_traceback(ckpt, tmp_path):
     user_error(result, 1, "checkpoint folder not found", str(tmp_path / "nope"))
     assert len(result.stderr.strip().splitlines()) == 2  # the error and the hint
     result = run(["example_text_completion.py", "--ckpt_dir", str(ckpt), "--max_seq_len", "8", "--device", "cpu"])
-    user_error(result, 1, "prompt 0 has", "max_seq_len=8")
+    user_error(result, 1, "prompt 0 has", "--max_seq_len 8", "use --max_seq_len 16")  # every prompt checked first
     debug = run(["example_text_completion.py", "--ckpt_dir", str(tmp_path / "nope")], LLAMA_DEBUG="1")
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "FileNotFoundError" in debug.stderr
 
