@@ -68,6 +68,11 @@ def main(
         ckpt_dir = str(default_checkpoint())
     generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, 1, device=device, dtype=dtype, quantize=quantize)
     start: Dialog = [{"role": "system", "content": system}] if system else []
+    if start and (n := len(generator.formatter.encode_dialog_prompt(start))) + 16 >= max_seq_len:
+        raise ValueError(  # else every message would be refused as too long, the system prompt never named
+            f"the system prompt takes {n} of --max_seq_len {max_seq_len} tokens, leaving no room for a message "
+            f"and its answer: use --max_seq_len {n + 512} or more, or a shorter --system"
+        )
     dialog: Dialog = list(start)
     interactive = sys.stdin.isatty()
     print("Type a message; /reset starts over, /exit quits. Ctrl-C stops a reply.", file=sys.stderr)

@@ -610,3 +610,13 @@ def test_a_hugging_face_folder_is_named_as_one(hf):
     """--ckpt_dir given a transformers folder: said so, with the two ways out, not "tokenizer.model not found"."""
     result = run(["example_text_completion.py", "--ckpt_dir", str(hf), "--device", "cpu"])
     user_error(result, 1, "is a Hugging Face folder", "original/", "llama.convert hf-to-meta")
+
+
+@pytest.mark.slow  # a child process: seconds
+def test_chat_names_a_system_prompt_that_fills_the_context(ckpt):
+    """Before: every message was refused as "message too long"; the system prompt was the cause."""
+    proc = subprocess.run(
+        [PY, "-m", "llama.chat", "--ckpt_dir", str(ckpt), "--device", "cpu", "--max_seq_len", "64", "--system", "word " * 100],
+        cwd=REPO, input="hello\n/exit\n", capture_output=True, text=True, timeout=300, env=child_env(OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    user_error(proc, 1, "the system prompt takes", "--max_seq_len 64", "a shorter --system")
