@@ -100,6 +100,7 @@ def test_runnable_elsewhere_reads_proc_loadavg(tmp_path, monkeypatch):
 def test_cores_used_elsewhere_counts_another_process_not_ours():
     """A busy child process during the measurement shows as about one core used elsewhere; our own
     busy loop does not count."""
+    import os
     import subprocess
     import sys
 
@@ -111,10 +112,13 @@ def test_cores_used_elsewhere_counts_another_process_not_ours():
             n += 1
         return n
 
-    result, ours = cores_used_elsewhere(lambda: spin(0.3))
-    if ours is None:
+    _, before = cores_used_elsewhere(lambda: time.sleep(0.3))  # what the rest of this machine does now
+    if before is None:
         pytest.skip("no /proc here")
-    assert result > 0 and ours < 0.5
+    if before > 0.5 * ((os.cpu_count() or 1) - 1):
+        pytest.skip(f"this machine is busy ({before:.1f} cores used by other processes): the test could not tell")
+    result, ours = cores_used_elsewhere(lambda: spin(0.3))
+    assert result > 0 and ours < before + 0.5
     child = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 3\nwhile time.time() < end: pass"])
     try:
         time.sleep(0.2)
@@ -122,4 +126,4 @@ def test_cores_used_elsewhere_counts_another_process_not_ours():
     finally:
         child.kill()
         child.wait()
-    assert theirs > 0.5
+    assert theirs > before + 0.5
