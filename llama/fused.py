@@ -315,7 +315,8 @@ class FusedTransformer(Transformer):
                 fused = self._layers() if step_input(h, cos, start_pos) and cos.is_contiguous() else None
                 # Not while a hook waits on a module the call skips (llama.hooks): the final norm and
                 # output are looked up each step, as _head does (either may have been swapped).
-                if fused is not None and bsz <= fused[2] and not hooked(fused[3] + hook_dicts((self.norm, self.output))):
+                hooks = fused is not None and (hooked(fused[3]) or hooked(hook_dicts((self.norm, self.output))))  # ~7 us
+                if fused is not None and bsz <= fused[2] and not hooks:
                     start = start_pos * cos.stride(0) * cos.element_size()  # the position's row of angles
                     angles = (cos.data_ptr() + start, sin.data_ptr() + start)
                     head, head_rows = self._head()
