@@ -363,7 +363,7 @@ class Llama:
                 if token_logprobs is not None:
                     # Log-probability of each next token under the logits that predicted it.
                     targets = tokens[:, prev + 1 : cur + 1]
-                    token_logprobs[:, prev + 1 : cur + 1] = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None])[..., 0]
+                    token_logprobs[:, prev + 1 : cur + 1] = sampling.token_logprobs(logits, targets)
                 is_new = [lengths[r] <= cur < limits[r] and not stopped[r] for r in range(bsz)]
                 stopped_now = [is_new[r] and values[r] in stop_tokens for r in range(bsz)]
                 stopped = [a or b for a, b in zip(stopped, stopped_now)]
@@ -438,7 +438,7 @@ class Llama:
         if not all_finite(logits):
             raise NonFiniteLogitsError(nonfinite_logits_message(self.model, tokens, 0, total, self.ckpt_dir))
         lps = torch.zeros((len(rows), total), dtype=torch.float32, device=self.device)
-        lps[:, 1:] = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, tokens[:, 1:, None])[..., 0]
+        lps[:, 1:] = sampling.token_logprobs(logits[:, :-1], tokens[:, 1:])
         return rows, [lp[: len(p)] for lp, p in zip(lps.tolist(), rows)]
 
     def generate_stream(

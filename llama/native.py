@@ -230,9 +230,7 @@ def int8_variant(has_avx512: bool, has_avx512_bf16: bool = False) -> str:
     the CPU's bf16 dot product on weights made bf16 (exact), one row or float32 rows as "avx512";
     ``llama.fast.int8_loop`` switches to it where a probe measures it faster.
     """
-    if os.environ.get("LLAMA_INT8_KERNEL") == "avx512bf16" and not has_avx512_bf16:
-        raise ValueError("LLAMA_INT8_KERNEL='avx512bf16' needs a CPU with AVX512-BF16")
-    return _variant("LLAMA_INT8_KERNEL", has_avx512, "avx2")
+    return _variant("LLAMA_INT8_KERNEL", has_avx512, has_avx512_bf16)
 
 
 def bf16_variant(has_avx512: bool, has_avx512_bf16: bool = False) -> str:
@@ -253,19 +251,18 @@ def bf16_variant(has_avx512: bool, has_avx512_bf16: bool = False) -> str:
     one thread) it was not reliably faster: one row within 2%, 3-4 rows 3-6% slower, 5-8 rows
     0-12% faster (rows that torch's native bf16 path takes on that CPU). So it is not the default.
     """
-    if os.environ.get("LLAMA_BF16_KERNEL") == "avx512bf16" and not has_avx512_bf16:
-        raise ValueError("LLAMA_BF16_KERNEL='avx512bf16' needs a CPU with AVX512-BF16")
-    return _variant("LLAMA_BF16_KERNEL", has_avx512, "avx2")
+    return _variant("LLAMA_BF16_KERNEL", has_avx512, has_avx512_bf16)
 
 
-def _variant(env: str, has_avx512: bool, default: str) -> str:
-    """The kernel variant ``env`` names (one of ``VARIANTS``; avx512 only where the CPU has it), else ``default``."""
+def _variant(env: str, has_avx512: bool, has_avx512_bf16: bool) -> str:
+    """The kernel variant ``env`` names (one of ``VARIANTS``, each only where the CPU has it), else "avx2"."""
     forced = os.environ.get(env)
     if forced is None:
-        return default
-    names = ("avx2", "avx512", "avx512bf16")  # avx512bf16 checked by the callers (it needs more than AVX-512)
-    if forced not in names or (forced == "avx512" and not has_avx512):
-        raise ValueError(f"{env}={forced!r}: use one of {list(names)} (avx512 needs an AVX-512 CPU)")
+        return "avx2"
+    if forced == "avx512bf16" and not has_avx512_bf16:
+        raise ValueError(f"{env}='avx512bf16' needs a CPU with AVX512-BF16")
+    if forced not in VARIANTS or (forced == "avx512" and not has_avx512):
+        raise ValueError(f"{env}={forced!r}: use one of {list(VARIANTS)} (avx512 needs an AVX-512 CPU)")
     return forced
 
 

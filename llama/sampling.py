@@ -81,6 +81,12 @@ def all_finite(logits: torch.Tensor) -> bool:
     return bool(lo.isfinite() & hi.isfinite())
 
 
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(targets) under logits [B, S, V] (targets [B, S] long): [B, S] float32, whatever the
+    logits' dtype (Meta's CPU code sets bf16 as torch's default)."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None])[..., 0]
+
+
 def _numpy(logits: torch.Tensor) -> Optional[np.ndarray]:
     """numpy's view of float32/float64 CPU logits (no copy); None for others (bf16, a GPU, autograd)."""
     if logits.device.type == "cpu" and logits.dtype in NUMPY_FLOATS and not logits.requires_grad:

@@ -234,17 +234,22 @@ def test_quantized_model_close_to_float_model_and_formula(tmp_path):
     assert rel < 0.03, rel
 
 
-@needs_kernels
-@torch.no_grad()
-def test_fast_paths_use_the_int8_kernel_for_decode(tmp_path):
+def int8_model_and_plain_logits(folder, dtype: torch.dtype) -> tuple[torch.nn.Module, torch.Tensor, list[torch.Tensor]]:
+    """A tiny int8 model in ``dtype`` (no fast paths yet), 11 tokens, and its last logits after a
+    10-token prompt and after one more step, computed by torch alone."""
     args = tiny_args()
-    write_random_checkpoint(tmp_path, args, seed=4, dtype=torch.bfloat16)
-    model = load_transformer(tmp_path, "cpu", torch.bfloat16)
+    write_random_checkpoint(folder, args, seed=4, dtype=torch.bfloat16)
+    model = load_transformer(folder, "cpu", dtype)
     quantize_model(model)
     model.setup_cache(1, 16)
     tokens = torch.randint(0, args.vocab_size, (1, 11), generator=torch.Generator().manual_seed(0))
-    plain = [model(tokens[:, :10], 0)[:, -1]]
-    plain.append(model(tokens[:, 10:11], 10)[:, -1])
+    return model, tokens, [model(tokens[:, :10], 0)[:, -1], model(tokens[:, 10:11], 10)[:, -1]]
+
+
+@needs_kernels
+@torch.no_grad()
+def test_fast_paths_use_the_int8_kernel_for_decode(tmp_path):
+    model, tokens, plain = int8_model_and_plain_logits(tmp_path, torch.bfloat16)
     speed_up(model)
     wq = model.layers[0].attention.wq
     # native.kernels() now: other tests clear its cache, so compare with the current kernels
@@ -265,19 +270,13 @@ def test_fast_paths_use_the_int8_kernel_for_decode(tmp_path):
 def test_a_float16_int8_model_on_the_cpu_decodes_in_torch(tmp_path):
     """The int8 kernel takes float32 or bf16 rows: a float16 model (--dtype fp16 --quantize int8 on
     a CPU) keeps torch's widening product instead of failing at its first decode step."""
-    args = tiny_args()
-    write_random_checkpoint(tmp_path, args, seed=4, dtype=torch.bfloat16)
-    model = load_transformer(tmp_path, "cpu", torch.float16)
-    quantize_model(model)
-    model.setup_cache(1, 16)
-    tokens = torch.randint(0, args.vocab_size, (1, 11), generator=torch.Generator().manual_seed(0))
-    plain = model(tokens[:, 10:11], 10)[:, -1]
+    model, tokens, plain = int8_model_and_plain_logits(tmp_path, torch.float16)
     speed_up(model)
     int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
     assert int8 and all(m.matvec is None for m in int8)
-    model(tokens[:, :10], 0)
-    step = model(tokens[:, 10:11], 10)[:, -1]
-    assert torch.isfinite(step).all() and step.dtype == torch.float32 and step.shape == plain.shape
+    fast = [model(tokens[:, :10], 0)[:, -1], model(tokens[:, 10:11], 10)[:, -1]]
+    for a, b in zip(plain, fast):  # torch's product both times; only the fast paths around it differ
+        assert torch.isfinite(b).all() and (a - b).abs().max() / a.abs().max() < 2e-2
 
 
 @needs_kernels
